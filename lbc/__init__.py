@@ -1,0 +1,50 @@
+"""lbc: a declarative load-balancer compiler.
+
+    >>> import lbc
+    >>> cluster = lbc.load("examples/hostnames.toml")          # doctest: +SKIP
+    >>> print(lbc.compile(cluster, backend="iptables").text())  # doctest: +SKIP
+
+`load` validates cluster.toml (raising `ConfigError` with every problem), `lower`
+turns it into the backend-neutral IR, and `compile` renders the IR with a backend
+plugin. Nothing here prints or exits; errors are `lbc.errors.LbcError` subclasses.
+"""
+
+from lbc.api import backend_names, backends, compile
+from lbc.backends.base import Artifact, Backend, Feature
+from lbc.compiler.load import load, loads
+from lbc.compiler.lower import lower
+from lbc.compiler.model import Cluster
+from lbc.errors import (
+    ApplyError,
+    ConfigError,
+    LbcError,
+    PluginError,
+    Problem,
+    Unsupported,
+    UnsupportedError,
+)
+from lbc.ir.nodes import Program
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApplyError",
+    "Artifact",
+    "Backend",
+    "Cluster",
+    "ConfigError",
+    "Feature",
+    "LbcError",
+    "PluginError",
+    "Problem",
+    "Program",
+    "Unsupported",
+    "UnsupportedError",
+    "__version__",
+    "backend_names",
+    "backends",
+    "compile",
+    "load",
+    "loads",
+    "lower",
+]

@@ -1,0 +1,113 @@
+"""What a backend is: capability flags, a pure `render`, and the artifact it returns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from lbc.errors import Unsupported, UnsupportedError
+from lbc.ir.nodes import Kind, Masquerade, Program, Proto, Scheduler
+
+
+class Feature(StrEnum):
+    """Something a program may need that a backend may or may not express."""
+
+    IPV6 = "ipv6"
+    SCTP = "sctp"
+    WEIGHTS = "weights"
+    AFFINITY = "affinity"
+    EXTERNAL_IP = "external-ip"
+    LOAD_BALANCER = "load-balancer"
+    NODE_PORT = "node-port"
+    SOURCE_RANGES = "source-ranges"
+    LOCAL_POLICY = "local-traffic-policy"
+
+
+_KIND_FEATURE = {
+    Kind.EXTERNAL_IP: Feature.EXTERNAL_IP,
+    Kind.LOAD_BALANCER: Feature.LOAD_BALANCER,
+    Kind.NODE_PORT: Feature.NODE_PORT,
+}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A backend's output: canonical text (the golden file) and other formats."""
+
+    backend: str
+    formats: Mapping[str, str]
+    data: Any = field(default=None, compare=False)
+
+    def text(self, fmt: str = "text") -> str:
+        """The artifact in format `fmt` ("text" is the canonical, reviewable form)."""
+        try:
+            return self.formats[fmt]
+        except KeyError:
+            known = ", ".join(sorted(self.formats))
+            raise UnsupportedError(
+                self.backend, [Unsupported(self.backend, "output", "format", f"{fmt!r} is not "
+                               f"one of {known}")]
+            ) from None
+
+
+class Backend:
+    """Base class of backends: a table of capability flags plus a pure renderer."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    features: ClassVar[frozenset[Feature]] = frozenset()
+    schedulers: ClassVar[frozenset[Scheduler]] = frozenset({Scheduler.DEFAULT})
+
+    def render(self, program: Program) -> Artifact:
+        """Turn `program` into this backend's artifact (pure, deterministic)."""
+        raise NotImplementedError
+
+    def check(self, program: Program) -> None:
+        """Raise `UnsupportedError` listing everything in `program` this backend lacks."""
+        missing = [
+            Unsupported(self.name, subject, str(feature), reason)
+            for feature, subject, reason in requirements(program)
+            if isinstance(feature, Feature) and feature not in self.features
+            or isinstance(feature, Scheduler) and feature not in self.schedulers
+        ]
+        if missing:
+            unique = list(dict.fromkeys(missing))
+            raise UnsupportedError(self.name, unique)
+
+    def compile(self, program: Program) -> Artifact:
+        """`check` then `render`."""
+        self.check(program)
+        return self.render(program)
+
+
+def requirements(program: Program) -> Iterator[tuple[Feature | Scheduler, str, str]]:
+    """Every (feature, subject, reason) the program needs, in canonical order."""
+    for pool in program.pools:
+        who = f"{pool.service}/{pool.proto} ipv{pool.family}"
+        if pool.family == 6:
+            yield Feature.IPV6, who, "IPv6 service"
+        if pool.proto is Proto.SCTP:
+            yield Feature.SCTP, who, "SCTP port"
+        if len({b.weight for b in pool.active}) > 1:
+            yield Feature.WEIGHTS, who, "endpoints with different weights"
+        if pool.affinity_timeout is not None:
+            yield Feature.AFFINITY, who, "session affinity ClientIP"
+        if pool.local_only:
+            yield Feature.LOCAL_POLICY, who, "traffic policy Local"
+        yield pool.scheduler, who, f"scheduler {pool.scheduler!s}"
+    for f in program.frontends:
+        who = f"{f.service}/{f.proto} ipv{f.family}"
+        if f.kind in _KIND_FEATURE:
+            yield _KIND_FEATURE[f.kind], who, f"{f.kind} frontend {f.address}:{f.port}"
+        if f.source_ranges:
+            yield Feature.SOURCE_RANGES, who, "load_balancer_source_ranges"
+        if f.internal_pool or f.masquerade is Masquerade.NEVER:
+            yield Feature.LOCAL_POLICY, who, "external traffic policy Local"
+
+
+def dumps_json(value: Any) -> str:
+    """Canonical JSON: sorted keys, two-space indent, trailing newline."""
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,35 @@
+"""The iptables backend: kube-proxy's nat-table layout under lbc's own chain names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lbc.backends.base import Artifact, Backend, Feature
+from lbc.backends.iptables.render import render_family
+from lbc.hookspecs import hookimpl
+from lbc.ir.nodes import Program, Scheduler
+
+RESTORE_COMMAND = {4: "iptables-restore", 6: "ip6tables-restore"}
+
+
+class IptablesBackend(Backend):
+    """iptables-restore documents per family; endpoint choice by `statistic` probabilities."""
+
+    name = "iptables"
+    description = "kube-proxy-style iptables rules (iptables-restore format, IPv4 and IPv6)"
+    features = frozenset(Feature)
+    schedulers = frozenset({Scheduler.DEFAULT, Scheduler.RANDOM})
+
+    def render(self, program: Program) -> Artifact:
+        """One restore document per family, joined under `# ipvN:` headers."""
+        docs = {family: render_family(program, family) for family in program.families()}
+        parts = [f"# lbc iptables rules for node {program.node.name}; generated, do not edit\n"]
+        for family, doc in docs.items():
+            parts.append(f"# ipv{family}: {RESTORE_COMMAND[family]}\n{doc}")
+        return Artifact(self.name, {"text": "".join(parts)}, data=docs)
+
+
+@hookimpl
+def lbc_register_backends(register: Callable[[Backend], None]) -> None:
+    """Register the iptables backend."""
+    register(IptablesBackend())

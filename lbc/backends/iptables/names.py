@@ -1,0 +1,17 @@
+"""Names of lbc's iptables chains, and how per-service chain names are made."""
+
+PREFIX = "LBC-"
+SERVICES = "LBC-SERVICES"
+NODEPORTS = "LBC-NODEPORTS"
+POSTROUTING = "LBC-POSTROUTING"
+MARK_MASQ = "LBC-MARK-MASQ"
+FORWARD = "LBC-FORWARD"
+
+SVC = "LBC-SVC-"  # the cluster-wide pool of a service port
+SVL = "LBC-SVL-"  # its local-endpoints pool (traffic policy Local)
+SEP = "LBC-SEP-"  # one endpoint
+EXT = "LBC-EXT-"  # external traffic of a service port (masquerade, policy)
+FW = "LBC-FW-"  # load-balancer source ranges
+
+PORTALS_COMMENT = "lbc service portals"
+MAX_CHAIN = 28  # the kernel's limit (XT_EXTENSION_MAXNAMELEN - 1 = 28 usable)

@@ -1,0 +1,272 @@
+"""IR -> iptables-restore text, in kube-proxy's layout with lbc's own chain names.
+
+Pure: no kernel, no files. One restore document per address family, each with a
+`filter` table (REJECT/DROP for frontends without usable backends, forwarding
+accept) and a `nat` table (dispatch, per-pool chains, per-endpoint DNAT chains,
+masquerade). Rules that hook lbc's chains into the built-in chains are part of the
+document so it loads as-is in an empty namespace; the apply engine inserts those
+idempotently instead of restoring them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lbc.backends.iptables import names as n
+from lbc.ir.names import digest, hostport
+from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program
+
+# Enough digits that each endpoint's share, multiplied out, is exact to 1e-9 for
+# pools of up to about a thousand endpoints (the kernel then rounds to 2**-31).
+PROBABILITY_DIGITS = 12
+BUILTIN_HOOKS = {
+    "filter": (
+        ("INPUT", f"-m conntrack --ctstate NEW -m comment --comment \"{n.PORTALS_COMMENT}\" "
+                  f"-j {n.SERVICES}"),
+        ("FORWARD", f"-m conntrack --ctstate NEW -m comment --comment \"{n.PORTALS_COMMENT}\" "
+                    f"-j {n.SERVICES}"),
+        ("OUTPUT", f"-m conntrack --ctstate NEW -m comment --comment \"{n.PORTALS_COMMENT}\" "
+                   f"-j {n.SERVICES}"),
+        ("FORWARD", f"-m comment --comment \"lbc forwarding rules\" -j {n.FORWARD}"),
+    ),
+    "nat": (
+        ("PREROUTING", f"-m comment --comment \"{n.PORTALS_COMMENT}\" -j {n.SERVICES}"),
+        ("OUTPUT", f"-m comment --comment \"{n.PORTALS_COMMENT}\" -j {n.SERVICES}"),
+        ("POSTROUTING", f"-m comment --comment \"lbc postrouting rules\" -j {n.POSTROUTING}"),
+    ),
+}
+
+
+@dataclass
+class _Table:
+    chains: list[str] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+
+    def add(self, chain: str, rule: str) -> None:
+        self.rules.append(f"-A {chain} {rule}")
+
+
+def comment(text: str) -> str:
+    """A `-m comment` match; quotes and backslashes are escaped for iptables-restore."""
+    safe = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'-m comment --comment "{safe}"'
+
+
+def probability(weight: int, remaining: int) -> str:
+    """`weight / remaining`, the chance that this rule fires given earlier ones did not."""
+    return f"{weight / remaining:.{PROBABILITY_DIGITS}f}"
+
+
+def render_family(program: Program, family: int) -> str:
+    """The iptables-restore document for one family (4 or 6)."""
+    return _FamilyRenderer(program, family).render()
+
+
+class _FamilyRenderer:
+    def __init__(self, program: Program, family: int) -> None:
+        self.program = program
+        self.family = family
+        self.node = program.node
+        self.host = "/32" if family == 4 else "/128"
+        self.reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+        self.pod_cidr = program.node.pod_cidr(family)
+        self.pools = program.pool_index()
+        self.filter = _Table()
+        self.nat = _Table()
+
+    # --- whole document -----------------------------------------------------------
+    def render(self) -> str:
+        mark = f"{self.node.masquerade_mark:#x}"
+        self.filter.chains += [n.SERVICES, n.FORWARD]
+        for hook, rule in BUILTIN_HOOKS["filter"]:
+            self.filter.add(hook, rule)
+        fwd = comment("lbc forwarding rules")
+        self.filter.add(n.FORWARD, "-m conntrack --ctstate INVALID -j DROP")
+        self.filter.add(n.FORWARD, f"{fwd} -m mark --mark {mark}/{mark} -j ACCEPT")
+        self.filter.add(n.FORWARD, f"{fwd} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+
+        self.nat.chains += [n.SERVICES, n.NODEPORTS, n.POSTROUTING, n.MARK_MASQ]
+        for hook, rule in BUILTIN_HOOKS["nat"]:
+            self.nat.add(hook, rule)
+        self.nat.add(n.MARK_MASQ, f"-j MARK --or-mark {mark}")
+        self.nat.add(n.POSTROUTING, f"-m mark ! --mark {mark}/{mark} -j RETURN")
+        self.nat.add(n.POSTROUTING, f"-j MARK --xor-mark {mark}")
+        self.nat.add(
+            n.POSTROUTING,
+            f"{comment('lbc service traffic requiring SNAT')} -j MASQUERADE --random-fully",
+        )
+
+        frontends = [f for f in self.program.frontends if f.family == self.family]
+        for f in frontends:
+            self.dispatch(f)
+        node_addresses = sorted({f.address for f in frontends if f.kind is Kind.NODE_PORT})
+        for address in node_addresses:
+            self.nat.add(
+                n.SERVICES,
+                f"-d {address}{self.host} {comment('lbc service nodeports')} -j {n.NODEPORTS}",
+            )
+        emitted: set[str] = set()
+        for pool in self.program.pools:
+            if pool.family == self.family:
+                self.pool_chain(pool, frontends)
+        for f in frontends:
+            self.external_chains(f, emitted)
+        return "\n".join([*self.table("filter", self.filter), *self.table("nat", self.nat)]) + "\n"
+
+    @staticmethod
+    def table(name: str, table: _Table) -> list[str]:
+        return [
+            f"*{name}",
+            *(f":{c} - [0:0]" for c in table.chains),
+            *table.rules,
+            "COMMIT",
+        ]
+
+    # --- frontends ------------------------------------------------------------------
+    def match(self, f: Frontend, address: bool = True) -> str:
+        dest = f"-d {f.address}{self.host} " if address else ""
+        return f"{dest}-p {f.proto} -m {f.proto} --dport {f.port}"
+
+    def label(self, f: Frontend) -> str:
+        return f"{f.service} {f.kind.replace('-', ' ')}".replace("cluster ip", "cluster IP")
+
+    def target(self, f: Frontend) -> str | None:
+        """The nat chain a frontend's packets jump to, or None when nothing can serve them."""
+        pool = self.pools[f.pool]
+        if f.kind is Kind.CLUSTER_IP:
+            return self.pool_name(pool) if pool.active else None
+        if not pool.active and f.internal_pool is None and f.masquerade is Masquerade.NEVER:
+            return None
+        if not pool.active and f.internal_pool is None:
+            return None
+        chain = self.ext_name(f)
+        return self.fw_name(f) if f.source_ranges else chain
+
+    def dispatch(self, f: Frontend) -> None:
+        pool = self.pools[f.pool]
+        what = comment(self.label(f))
+        jump = self.target(f)
+        if jump is not None:
+            if f.kind is Kind.NODE_PORT:
+                self.nat.add(n.NODEPORTS, f"-d {f.address}{self.host} {what} "
+                             f"{self.match(f, address=False)} -j {jump}")
+            else:
+                self.nat.add(n.SERVICES, f"{what} {self.match(f)} -j {jump}")
+        if f.source_ranges:
+            self.filter.add(
+                n.SERVICES,
+                f"{comment(f'{f.service} traffic not accepted by {self.fw_name(f)}')} "
+                f"{self.match(f)} -j DROP",
+            )
+        if not pool.active:
+            # Only packets that nothing DNATed still carry the frontend's address here.
+            verdict = (
+                f"-j REJECT --reject-with {self.reject}"
+                if pool.when_empty is Empty.REJECT
+                else "-j DROP"
+            )
+            reason = "has no local endpoints" if pool.local_only else "has no endpoints"
+            self.filter.add(n.SERVICES, f"{comment(f'{f.service} {reason}')} "
+                            f"{self.match(f)} {verdict}")
+
+    # --- per-pool and per-endpoint chains ------------------------------------------
+    def pool_name(self, pool: Pool) -> str:
+        return (n.SVL if pool.local_only else n.SVC) + pool.id
+
+    def ext_name(self, f: Frontend) -> str:
+        return n.EXT + digest(f"{f.pool}/{f.masquerade}/{f.internal_pool}")
+
+    def fw_name(self, f: Frontend) -> str:
+        return n.FW + digest(f"{f.service}/{f.proto}/{f.address}/{f.port}/firewall")
+
+    def pool_chain(self, pool: Pool, frontends: list[Frontend]) -> None:
+        active = pool.active
+        if not active:
+            return
+        name = self.pool_name(pool)
+        self.nat.chains.append(name)
+        for f in frontends:
+            if f.kind is Kind.CLUSTER_IP and f.pool == pool.id:
+                self.cluster_masquerade(name, f)
+        what = pool.service
+        if pool.affinity_timeout is not None:
+            for b in active:
+                sep = n.SEP + b.id
+                self.nat.add(
+                    name,
+                    f"{comment(f'{what} -> {hostport(b.address, b.port)}')} -m recent "
+                    f"--name {sep} --mask {self.mask()} --rsource --rcheck --seconds "
+                    f"{pool.affinity_timeout} --reap -j {sep}",
+                )
+        remaining = sum(b.weight for b in active)
+        for i, b in enumerate(active):
+            sep = n.SEP + b.id
+            chance = ""
+            if i < len(active) - 1:
+                chance = f" -m statistic --mode random --probability {probability(b.weight, remaining)}"
+            remaining -= b.weight
+            self.nat.add(
+                name,
+                f"{comment(f'{what} -> {hostport(b.address, b.port)}')}{chance} -j {sep}",
+            )
+        for b in active:
+            sep = n.SEP + b.id
+            self.nat.chains.append(sep)
+            self.nat.add(sep, f"-s {b.address}{self.host} {comment(what)} -j {n.MARK_MASQ}")
+            if pool.affinity_timeout is not None:
+                self.nat.add(
+                    sep, f"-p {pool.proto} {comment(what)} -m recent --set --name {sep} "
+                    f"--mask {self.mask()} --rsource -m {pool.proto} -j DNAT "
+                    f"--to-destination {hostport(b.address, b.port)}"
+                )
+            else:
+                self.nat.add(
+                    sep, f"-p {pool.proto} {comment(what)} -m {pool.proto} -j DNAT "
+                    f"--to-destination {hostport(b.address, b.port)}"
+                )
+
+    def mask(self) -> str:
+        return "255.255.255.255" if self.family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+
+    def cluster_masquerade(self, chain: str, f: Frontend) -> None:
+        what = comment(f"{f.service} cluster IP")
+        if f.masquerade is Masquerade.ALWAYS:
+            self.nat.add(chain, f"{what} {self.match(f)} -j {n.MARK_MASQ}")
+        elif f.masquerade is Masquerade.OFF_CLUSTER and self.pod_cidr:
+            self.nat.add(chain, f"! -s {self.pod_cidr} {what} {self.match(f)} -j {n.MARK_MASQ}")
+
+    def external_chains(self, f: Frontend, emitted: set[str]) -> None:
+        if f.kind is Kind.CLUSTER_IP or self.target(f) is None:
+            return
+        pool = self.pools[f.pool]
+        ext = self.ext_name(f)
+        if f.source_ranges:
+            fw = self.fw_name(f)
+            if fw not in emitted:
+                emitted.add(fw)
+                self.nat.chains.append(fw)
+                for cidr in f.source_ranges:
+                    self.nat.add(fw, f"-s {cidr} {comment(f'{f.service} loadbalancer IP')} "
+                                 f"-j {ext}")
+        if ext in emitted:
+            return
+        emitted.add(ext)
+        self.nat.chains.append(ext)
+        what = f.service
+        if f.internal_pool is not None:
+            internal = self.pools[f.internal_pool]
+            if internal.active:
+                to_internal = self.pool_name(internal)
+                if self.pod_cidr:
+                    self.nat.add(ext, f"-s {self.pod_cidr} "
+                                 f"{comment(f'pod traffic for {what} external destinations')} "
+                                 f"-j {to_internal}")
+                local = comment(f"masquerade LOCAL traffic for {what} external destinations")
+                self.nat.add(ext, f"{local} -m addrtype --src-type LOCAL -j {n.MARK_MASQ}")
+                route = comment(f"route LOCAL traffic for {what} external destinations")
+                self.nat.add(ext, f"{route} -m addrtype --src-type LOCAL -j {to_internal}")
+        elif f.masquerade is Masquerade.ALWAYS:
+            self.nat.add(ext, f"{comment(f'masquerade traffic for {what} external destinations')} "
+                         f"-j {n.MARK_MASQ}")
+        if pool.active:
+            self.nat.add(ext, f"-j {self.pool_name(pool)}")

@@ -1,0 +1,161 @@
+"""Lowering: the validated config model becomes an `ir.Program`.
+
+All Kubernetes Service semantics are decided here, once, so that every backend
+implements the same decisions: which endpoints are usable (ready, else serving and
+terminating), which pool each frontend uses under the traffic policies, when a
+packet is masqueraded, and what an empty pool does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from lbc.compiler.model import Cluster, Endpoint, Service, ServicePort
+from lbc.ir.names import digest, hostport, service_port_name
+from lbc.ir.nodes import (
+    Backend,
+    Empty,
+    Frontend,
+    Kind,
+    Masquerade,
+    NodeInfo,
+    Pool,
+    Program,
+    Proto,
+    Scheduler,
+)
+
+_KIND_ORDER = {k: n for n, k in enumerate(Kind)}
+
+
+def lower(cluster: Cluster) -> Program:
+    """Lower a validated cluster to its IR program (pure; canonical order)."""
+    node = cluster.node
+    info = NodeInfo(
+        name=node.name,
+        addresses=tuple(str(a) for a in sorted(node.addresses, key=_ip_key)),
+        pod_cidrs=tuple(str(c) for c in sorted(node.pod_cidrs, key=lambda c: c.version)),
+        masquerade_mark=int(node.masquerade_mark),
+        masquerade_all=node.masquerade_all,
+    )
+    pools: list[Pool] = []
+    frontends: list[Frontend] = []
+    for svc in sorted(cluster.services, key=lambda s: (s.namespace, s.name)):
+        for port in svc.ports:
+            for family in sorted({ip.version for ip in svc.cluster_ips}):
+                _lower_port(info, svc, port, family, pools, frontends)
+    pools.sort(key=lambda p: (p.service, p.family, p.proto, p.local_only))
+    frontends.sort(key=_frontend_key)
+    return Program(node=info, pools=tuple(pools), frontends=tuple(frontends))
+
+
+def _lower_port(
+    node: NodeInfo,
+    svc: Service,
+    port: ServicePort,
+    family: int,
+    pools: list[Pool],
+    frontends: list[Frontend],
+) -> None:
+    spn = service_port_name(svc.namespace, svc.name, port.name)
+    proto = Proto(port.protocol.lower())
+    target = port.target_port or port.port
+    endpoints = sorted((e for e in svc.endpoints if e.ip.version == family), key=_ep_key)
+    everywhere = _usable(endpoints)
+    local = _usable([e for e in endpoints if e.node == node.name])
+    scheduler = Scheduler(svc.scheduler) if svc.scheduler else Scheduler.DEFAULT
+    affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else None
+
+    def pool(chosen: list[Endpoint], local_only: bool) -> Pool:
+        variant = "local" if local_only else "cluster"
+        # An empty local pool of a service that has endpoints elsewhere drops (as
+        # kube-proxy does); a service with no endpoints at all rejects.
+        when_empty = Empty.DROP if local_only and everywhere else Empty.REJECT
+        made = Pool(
+            id=digest(f"{spn}/{proto}/ipv{family}/{variant}"),
+            service=spn,
+            family=family,
+            proto=proto,
+            backends=tuple(_backend(spn, proto, e, target, node.name) for e in chosen),
+            scheduler=scheduler,
+            affinity_timeout=affinity,
+            when_empty=when_empty,
+            local_only=local_only,
+        )
+        pools.append(made)
+        return made
+
+    cluster_pool = pool(everywhere, local_only=False)
+    internal = cluster_pool
+    if svc.internal_traffic_policy == "Local":
+        internal = pool(local, local_only=True)
+    external, ext_masq, ext_internal = cluster_pool, Masquerade.ALWAYS, None
+    has_external = bool(svc.external_ips or svc.load_balancer_ips or port.node_port)
+    if svc.external_traffic_policy == "Local" and has_external:
+        external = internal if internal.local_only else pool(local, local_only=True)
+        ext_masq, ext_internal = Masquerade.NEVER, cluster_pool.id
+
+    def add(kind: Kind, address: str, number: int, target_pool: Pool, **extra: object) -> None:
+        frontends.append(
+            Frontend(
+                kind=kind,
+                family=family,
+                address=address,
+                proto=proto,
+                port=number,
+                service=spn,
+                pool=target_pool.id,
+                **extra,  # type: ignore[arg-type]
+            )
+        )
+
+    cluster_masq = Masquerade.ALWAYS if node.masquerade_all else Masquerade.OFF_CLUSTER
+    for ip in svc.cluster_ips:
+        if ip.version == family:
+            add(Kind.CLUSTER_IP, str(ip), port.port, internal, masquerade=cluster_masq)
+    for ip in svc.external_ips:
+        if ip.version == family:
+            add(Kind.EXTERNAL_IP, str(ip), port.port, external, masquerade=ext_masq,
+                internal_pool=ext_internal)
+    ranges = tuple(str(r) for r in svc.load_balancer_source_ranges if r.version == family)
+    for ip in svc.load_balancer_ips:
+        if ip.version == family:
+            add(Kind.LOAD_BALANCER, str(ip), port.port, external, masquerade=ext_masq,
+                internal_pool=ext_internal, source_ranges=ranges)
+    if port.node_port is not None:
+        for address in node.addresses:
+            if ipaddress.ip_address(address).version == family:
+                add(Kind.NODE_PORT, address, port.node_port, external, masquerade=ext_masq,
+                    internal_pool=ext_internal)
+
+
+def _usable(endpoints: list[Endpoint]) -> list[Endpoint]:
+    """Ready endpoints; when there are none, serving terminating ones (kube-proxy's rule)."""
+    ready = [e for e in endpoints if e.ready and not e.terminating]
+    if ready:
+        return ready
+    return [e for e in endpoints if e.terminating and (e.ready if e.serving is None else e.serving)]
+
+
+def _backend(spn: str, proto: Proto, ep: Endpoint, port: int, node: str) -> Backend:
+    address = str(ep.ip)
+    return Backend(
+        id=digest(f"{spn}/{proto}/{hostport(address, port)}"),
+        address=address,
+        port=port,
+        weight=ep.weight,
+        local=ep.node == node,
+        terminating=ep.terminating,
+    )
+
+
+def _ep_key(ep: Endpoint) -> tuple[int, int]:
+    return _ip_key(ep.ip)
+
+
+def _ip_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:
+    return (ip.version, int(ip))
+
+
+def _frontend_key(f: Frontend) -> tuple[int, int, int, str, int]:
+    return (f.family, _KIND_ORDER[f.kind], int(ipaddress.ip_address(f.address)), f.proto, f.port)

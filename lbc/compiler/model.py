@@ -1,0 +1,153 @@
+"""The cluster.toml schema: pydantic models used only at the input boundary."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# RFC 1123 DNS label, as Kubernetes requires for namespaces and Service names. Keeping
+# names this strict is also what makes them safe inside rule comments.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+PORT_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _address(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    return value
+
+
+def _network(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a CIDR network ({exc})") from None
+    return value
+
+
+def _protocol(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+Address = Annotated[IPAddress, BeforeValidator(_address)]
+Network = Annotated[IPNetwork, BeforeValidator(_network)]
+ProtocolName = Annotated[Literal["TCP", "UDP", "SCTP"], BeforeValidator(_protocol)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Node(_Strict):
+    """The node lbc compiles for: its name, addresses, pod CIDRs and NAT settings."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        description="Node name; endpoints whose `node` equals it are local."
+    )
+    addresses: list[Address] = Field(
+        default_factory=list, description="The node's own addresses (NodePort listens on them)."
+    )
+    pod_cidrs: list[Network] = Field(
+        default_factory=list,
+        description="Pod CIDRs, at most one per IP family; traffic from outside them is "
+        "masqueraded when it reaches a cluster IP.",
+    )
+    masquerade_mark: int | str = Field(
+        default=0x4000,
+        description="The single firewall-mark bit meaning 'masquerade this packet' "
+        "(an integer or a hex string such as \"0x4000\").",
+    )
+    masquerade_all: bool = Field(
+        default=False, description="Masquerade all traffic to service IPs, as kube-proxy's flag."
+    )
+
+    @field_validator("masquerade_mark")
+    @classmethod
+    def _single_bit(cls, value: int | str) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value, 0)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an integer such as 0x4000") from None
+        if value <= 0 or value >= 1 << 32 or value & (value - 1):
+            raise ValueError(f"{value:#x} must be a single bit of a 32-bit mark, such as 0x4000")
+        return value
+
+
+class ServicePort(_Strict):
+    """One port of a Service."""
+
+    name: Annotated[str, Field(max_length=63, pattern=PORT_NAME)] = Field(
+        default="", description="Port name (required to be unique when a service has several)."
+    )
+    protocol: ProtocolName = Field(default="TCP", description="TCP, UDP or SCTP.")
+    port: Port = Field(description="The port on the service's IPs.")
+    target_port: Port | None = Field(
+        default=None, description="The port on the endpoints (defaults to `port`)."
+    )
+    node_port: Port | None = Field(
+        default=None, description="The node port (types NodePort and LoadBalancer)."
+    )
+
+
+class Endpoint(_Strict):
+    """One backend of a Service, as an EndpointSlice endpoint describes it."""
+
+    ip: Address = Field(description="The endpoint's address.")
+    node: str | None = Field(default=None, description="The node it runs on.")
+    zone: str | None = Field(default=None, description="Its topology zone.")
+    weight: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=1, description="Relative share of new connections; 0 takes none."
+    )
+    ready: bool = Field(default=True, description="Ready to receive traffic.")
+    serving: bool | None = Field(
+        default=None, description="Serving (defaults to `ready`); used while terminating."
+    )
+    terminating: bool = Field(default=False, description="The endpoint is shutting down.")
+
+
+class Service(_Strict):
+    """A Kubernetes-style Service with its endpoints."""
+
+    namespace: Annotated[str, Field(max_length=63, pattern=DNS_LABEL)] = "default"
+    name: Annotated[str, Field(max_length=63, pattern=DNS_LABEL)]
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    cluster_ips: Annotated[list[Address], Field(min_length=1, max_length=2)] = Field(
+        description="One cluster IP, or one per family for a dual-stack service."
+    )
+    ports: Annotated[list[ServicePort], Field(min_length=1)]
+    external_ips: list[Address] = Field(default_factory=list)
+    load_balancer_ips: list[Address] = Field(
+        default_factory=list, description="Load-balancer ingress IPs (type LoadBalancer)."
+    )
+    load_balancer_source_ranges: list[Network] = Field(
+        default_factory=list,
+        description="Only these sources may reach the load-balancer IPs (type LoadBalancer).",
+    )
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    session_affinity_timeout: Annotated[int, Field(ge=1, le=86400)] = 10800
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    internal_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    scheduler: Literal["random", "rr", "wrr", "lc", "wlc", "sh", "mh"] | None = Field(
+        default=None,
+        description="Endpoint choice; unset means the backend's own default "
+        "(weighted random for iptables and nftables, rr/wrr for IPVS).",
+    )
+    endpoints: list[Endpoint] = Field(default_factory=list)
+
+
+class Cluster(_Strict):
+    """The whole of cluster.toml."""
+
+    node: Node
+    services: list[Service] = Field(default_factory=list)

@@ -1,0 +1,138 @@
+"""IR node types: what the dataplane must do, decided once, for every backend.
+
+Lowering has already applied the Kubernetes rules (endpoint readiness, traffic
+policies, masquerade decisions), so a backend only translates these nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Proto(StrEnum):
+    """Transport protocol of a frontend."""
+
+    TCP = "tcp"
+    UDP = "udp"
+    SCTP = "sctp"
+
+
+class Kind(StrEnum):
+    """How traffic reaches a frontend."""
+
+    CLUSTER_IP = "cluster-ip"
+    EXTERNAL_IP = "external-ip"
+    LOAD_BALANCER = "load-balancer"
+    NODE_PORT = "node-port"
+
+
+class Masquerade(StrEnum):
+    """When a packet entering a frontend gets the masquerade mark."""
+
+    ALWAYS = "always"
+    OFF_CLUSTER = "off-cluster"  # unless its source is in the pod CIDR of its family
+    NEVER = "never"
+
+
+class Empty(StrEnum):
+    """What a pool with no usable backend does with a new connection."""
+
+    REJECT = "reject"
+    DROP = "drop"
+
+
+class Scheduler(StrEnum):
+    """How a pool picks a backend for a new connection."""
+
+    DEFAULT = "default"  # the backend's native weighted choice
+    RANDOM = "random"
+    ROUND_ROBIN = "rr"
+    WEIGHTED_ROUND_ROBIN = "wrr"
+    LEAST_CONN = "lc"
+    WEIGHTED_LEAST_CONN = "wlc"
+    SOURCE_HASH = "sh"
+    MAGLEV = "mh"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One destination of a pool: a real server that answers for the service."""
+
+    id: str
+    address: str
+    port: int
+    weight: int
+    local: bool
+    terminating: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A weighted set of backends for one service port in one address family."""
+
+    id: str
+    service: str  # "namespace/name:port-name", the readable name
+    family: int
+    proto: Proto
+    backends: tuple[Backend, ...]
+    scheduler: Scheduler
+    affinity_timeout: int | None
+    when_empty: Empty
+    local_only: bool  # the local-endpoints pool of a traffic policy "Local"
+
+    @property
+    def active(self) -> tuple[Backend, ...]:
+        """Backends that receive new connections (weight above zero)."""
+        return tuple(b for b in self.backends if b.weight > 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """An address, protocol and port whose traffic goes to a pool."""
+
+    kind: Kind
+    family: int
+    address: str
+    proto: Proto
+    port: int
+    service: str
+    pool: str
+    masquerade: Masquerade
+    # Packets from pods or from the node itself go here instead (externalTrafficPolicy
+    # Local sends only outside traffic to the local-only pool).
+    internal_pool: str | None = None
+    source_ranges: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """The node the program is for."""
+
+    name: str
+    addresses: tuple[str, ...]
+    pod_cidrs: tuple[str, ...]
+    masquerade_mark: int
+    masquerade_all: bool
+
+    def pod_cidr(self, family: int) -> str | None:
+        """The pod CIDR of `family` (4 or 6), if there is one."""
+        sep = ":" if family == 6 else "."
+        return next((c for c in self.pod_cidrs if sep in c), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A whole compiled cluster: node facts, pools and frontends in canonical order."""
+
+    node: NodeInfo
+    pools: tuple[Pool, ...]
+    frontends: tuple[Frontend, ...]
+
+    def pool_index(self) -> dict[str, Pool]:
+        """Pools by id (build once per render; the program itself stays a plain tuple)."""
+        return {p.id: p for p in self.pools}
+
+    def families(self) -> tuple[int, ...]:
+        """The address families that have frontends, in order."""
+        return tuple(sorted({f.family for f in self.frontends}))
