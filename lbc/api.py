@@ -12,9 +12,7 @@ from lbc.compiler.model import Cluster
 from lbc.ir.nodes import Program
 
 
-def compile(
-    source: Cluster | Program, backend: str | Backend = "iptables"
-) -> Artifact:
+def compile(source: Cluster | Program, backend: str | Backend = "iptables") -> Artifact:
     """Compile a loaded cluster (or an already lowered program) with `backend`.
 
     Raises `UnsupportedError` listing everything the backend cannot express, and

@@ -35,12 +35,27 @@ def main() -> None:
 
 @main.command("compile")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-b", "--backend", default="iptables", show_default=True,
-              help="Backend to render with (`lbc backends` lists them).")
-@click.option("-f", "--format", "fmt", default="text", show_default=True,
-              help="Output format: text (canonical, reviewable) or one the backend offers.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write to this file instead of standard output.")
+@click.option(
+    "-b",
+    "--backend",
+    default="iptables",
+    show_default=True,
+    help="Backend to render with (`lbc backends` lists them).",
+)
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    default="text",
+    show_default=True,
+    help="Output format: text (canonical, reviewable) or one the backend offers.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of standard output.",
+)
 def compile_cmd(file: Path, backend: str, fmt: str, output: Path | None) -> None:
     """Compile FILE (cluster.toml) with a backend; no root and no kernel needed."""
     try:

@@ -48,8 +48,8 @@ class Artifact:
         except KeyError:
             known = ", ".join(sorted(self.formats))
             raise UnsupportedError(
-                self.backend, [Unsupported(self.backend, "output", "format", f"{fmt!r} is not "
-                               f"one of {known}")]
+                self.backend,
+                [Unsupported(self.backend, "output", "format", f"{fmt!r} is not one of {known}")],
             ) from None
 
 
@@ -58,6 +58,7 @@ class Backend:
 
     name: ClassVar[str]
     description: ClassVar[str]
+    extension: ClassVar[str] = "txt"  # golden file: golden/<case>/<name>.<extension>
     features: ClassVar[frozenset[Feature]] = frozenset()
     schedulers: ClassVar[frozenset[Scheduler]] = frozenset({Scheduler.DEFAULT})
 
@@ -70,8 +71,8 @@ class Backend:
         missing = [
             Unsupported(self.name, subject, str(feature), reason)
             for feature, subject, reason in requirements(program)
-            if isinstance(feature, Feature) and feature not in self.features
-            or isinstance(feature, Scheduler) and feature not in self.schedulers
+            if (isinstance(feature, Feature) and feature not in self.features)
+            or (isinstance(feature, Scheduler) and feature not in self.schedulers)
         ]
         if missing:
             unique = list(dict.fromkeys(missing))

@@ -40,8 +40,10 @@ def _services_unique(cluster: Cluster) -> Iterator[Found]:
     for i, svc in enumerate(cluster.services):
         key = (svc.namespace, svc.name)
         if key in names:
-            yield (("services", i, "name"), f"duplicate service {svc.namespace}/{svc.name} "
-                   f"(also services[{names[key]}])")
+            yield (
+                ("services", i, "name"),
+                f"duplicate service {svc.namespace}/{svc.name} (also services[{names[key]}])",
+            )
         else:
             names[key] = i
         who = f"{svc.namespace}/{svc.name}"
@@ -78,8 +80,11 @@ def _service(cluster: Cluster, at: Path, svc: Service) -> Iterator[Found]:
     families: dict[int, int] = {}
     for j, ip in enumerate(svc.cluster_ips):
         if ip.version in families:
-            yield ((*at, "cluster_ips", j), f"two IPv{ip.version} cluster IPs; a dual-stack "
-                   "service has one IPv4 and one IPv6 address")
+            yield (
+                (*at, "cluster_ips", j),
+                f"two IPv{ip.version} cluster IPs; a dual-stack "
+                "service has one IPv4 and one IPv6 address",
+            )
         families[ip.version] = j
         for cidr in cluster.node.pod_cidrs:
             if ip.version == cidr.version and ip in cidr:
@@ -87,13 +92,17 @@ def _service(cluster: Cluster, at: Path, svc: Service) -> Iterator[Found]:
     for key in ("external_ips", "load_balancer_ips"):
         for j, ip in enumerate(getattr(svc, key)):
             if ip.version not in families:
-                yield ((*at, key, j), f"{ip} is IPv{ip.version} but the service has no "
-                       f"IPv{ip.version} cluster IP")
+                yield (
+                    (*at, key, j),
+                    f"{ip} is IPv{ip.version} but the service has no IPv{ip.version} cluster IP",
+                )
     if svc.load_balancer_ips and svc.type != "LoadBalancer":
-        yield ((*at, "load_balancer_ips"), "load_balancer_ips needs type = \"LoadBalancer\"")
+        yield ((*at, "load_balancer_ips"), 'load_balancer_ips needs type = "LoadBalancer"')
     if svc.load_balancer_source_ranges and svc.type != "LoadBalancer":
-        yield ((*at, "load_balancer_source_ranges"),
-               "load_balancer_source_ranges needs type = \"LoadBalancer\"")
+        yield (
+            (*at, "load_balancer_source_ranges"),
+            'load_balancer_source_ranges needs type = "LoadBalancer"',
+        )
     yield from _ports(at, svc)
     yield from _endpoints(at, svc, families)
 
@@ -112,8 +121,7 @@ def _ports(at: Path, svc: Service) -> Iterator[Found]:
             yield ((*where, "port"), f"port {port.port}/{port.protocol.lower()} appears twice")
         seen.add((port.protocol, port.port))
         if port.node_port is not None and svc.type == "ClusterIP":
-            yield ((*where, "node_port"), "node_port needs type = \"NodePort\" or "
-                   "\"LoadBalancer\"")
+            yield ((*where, "node_port"), 'node_port needs type = "NodePort" or "LoadBalancer"')
 
 
 def _endpoints(at: Path, svc: Service, families: dict[int, int]) -> Iterator[Found]:
@@ -122,8 +130,10 @@ def _endpoints(at: Path, svc: Service, families: dict[int, int]) -> Iterator[Fou
         where = (*at, "endpoints", j)
         if ep.ip.version not in families:
             have = "/".join(f"IPv{v}" for v in sorted(families))
-            yield ((*where, "ip"), f"endpoint {ep.ip} is IPv{ep.ip.version} but the service's "
-                   f"cluster IPs are {have}")
+            yield (
+                (*where, "ip"),
+                f"endpoint {ep.ip} is IPv{ep.ip.version} but the service's cluster IPs are {have}",
+            )
         if ep.ip in seen:
             yield ((*where, "ip"), f"duplicate endpoint {ep.ip} (also endpoints[{seen[ep.ip]}])")
         else:

@@ -66,34 +66,44 @@ def _lower_port(
     scheduler = Scheduler(svc.scheduler) if svc.scheduler else Scheduler.DEFAULT
     affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else None
 
-    def pool(chosen: list[Endpoint], local_only: bool) -> Pool:
-        variant = "local" if local_only else "cluster"
-        # An empty local pool of a service that has endpoints elsewhere drops (as
-        # kube-proxy does); a service with no endpoints at all rejects.
-        when_empty = Empty.DROP if local_only and everywhere else Empty.REJECT
-        made = Pool(
-            id=digest(f"{spn}/{proto}/ipv{family}/{variant}"),
-            service=spn,
-            family=family,
-            proto=proto,
-            backends=tuple(_backend(spn, proto, e, target, node.name) for e in chosen),
-            scheduler=scheduler,
-            affinity_timeout=affinity,
-            when_empty=when_empty,
-            local_only=local_only,
-        )
-        pools.append(made)
-        return made
+    made: dict[bool, Pool] = {}
 
-    cluster_pool = pool(everywhere, local_only=False)
-    internal = cluster_pool
-    if svc.internal_traffic_policy == "Local":
-        internal = pool(local, local_only=True)
-    external, ext_masq, ext_internal = cluster_pool, Masquerade.ALWAYS, None
-    has_external = bool(svc.external_ips or svc.load_balancer_ips or port.node_port)
-    if svc.external_traffic_policy == "Local" and has_external:
-        external = internal if internal.local_only else pool(local, local_only=True)
-        ext_masq, ext_internal = Masquerade.NEVER, cluster_pool.id
+    def pool(local_only: bool) -> Pool:
+        """The cluster-wide or the local-only pool, created on first use."""
+        if local_only not in made:
+            variant = "local" if local_only else "cluster"
+            # An empty local pool of a service that has endpoints elsewhere drops (as
+            # kube-proxy does); a service with no endpoints at all rejects.
+            when_empty = Empty.DROP if local_only and everywhere else Empty.REJECT
+            chosen = local if local_only else everywhere
+            made[local_only] = Pool(
+                id=digest(f"{spn}/{proto}/ipv{family}/{variant}"),
+                service=spn,
+                family=family,
+                proto=proto,
+                backends=tuple(_backend(spn, proto, e, target, node.name) for e in chosen),
+                scheduler=scheduler,
+                affinity_timeout=affinity,
+                when_empty=when_empty,
+                local_only=local_only,
+            )
+            pools.append(made[local_only])
+        return made[local_only]
+
+    internal = pool(local_only=svc.internal_traffic_policy == "Local")
+    external_ips = [str(ip) for ip in svc.external_ips if ip.version == family]
+    lb_ips = [str(ip) for ip in svc.load_balancer_ips if ip.version == family]
+    node_ips = [a for a in node.addresses if (":" in a) == (family == 6)]
+    if port.node_port is None:
+        node_ips = []
+    has_external = bool(external_ips or lb_ips or node_ips)
+    external = internal  # replaced below whenever an external frontend exists
+    ext_masq, ext_internal = Masquerade.ALWAYS, None
+    if has_external:
+        external_local = svc.external_traffic_policy == "Local"
+        external = pool(local_only=external_local)
+        if external_local:
+            ext_masq, ext_internal = Masquerade.NEVER, pool(local_only=False).id
 
     def add(kind: Kind, address: str, number: int, target_pool: Pool, **extra: object) -> None:
         frontends.append(
@@ -113,20 +123,35 @@ def _lower_port(
     for ip in svc.cluster_ips:
         if ip.version == family:
             add(Kind.CLUSTER_IP, str(ip), port.port, internal, masquerade=cluster_masq)
-    for ip in svc.external_ips:
-        if ip.version == family:
-            add(Kind.EXTERNAL_IP, str(ip), port.port, external, masquerade=ext_masq,
-                internal_pool=ext_internal)
+    for address in external_ips:
+        add(
+            Kind.EXTERNAL_IP,
+            address,
+            port.port,
+            external,
+            masquerade=ext_masq,
+            internal_pool=ext_internal,
+        )
     ranges = tuple(str(r) for r in svc.load_balancer_source_ranges if r.version == family)
-    for ip in svc.load_balancer_ips:
-        if ip.version == family:
-            add(Kind.LOAD_BALANCER, str(ip), port.port, external, masquerade=ext_masq,
-                internal_pool=ext_internal, source_ranges=ranges)
-    if port.node_port is not None:
-        for address in node.addresses:
-            if ipaddress.ip_address(address).version == family:
-                add(Kind.NODE_PORT, address, port.node_port, external, masquerade=ext_masq,
-                    internal_pool=ext_internal)
+    for address in lb_ips:
+        add(
+            Kind.LOAD_BALANCER,
+            address,
+            port.port,
+            external,
+            masquerade=ext_masq,
+            internal_pool=ext_internal,
+            source_ranges=ranges,
+        )
+    for address in node_ips:
+        add(
+            Kind.NODE_PORT,
+            address,
+            port.node_port or 0,
+            external,
+            masquerade=ext_masq,
+            internal_pool=ext_internal,
+        )
 
 
 def _usable(endpoints: list[Endpoint]) -> list[Endpoint]:

@@ -65,7 +65,7 @@ class Node(_Strict):
     masquerade_mark: int | str = Field(
         default=0x4000,
         description="The single firewall-mark bit meaning 'masquerade this packet' "
-        "(an integer or a hex string such as \"0x4000\").",
+        '(an integer or a hex string such as "0x4000").',
     )
     masquerade_all: bool = Field(
         default=False, description="Masquerade all traffic to service IPs, as kube-proxy's flag."

@@ -16,6 +16,7 @@ class IptablesBackend(Backend):
     """iptables-restore documents per family; endpoint choice by `statistic` probabilities."""
 
     name = "iptables"
+    extension = "rules"
     description = "kube-proxy-style iptables rules (iptables-restore format, IPv4 and IPv6)"
     features = frozenset(Feature)
     schedulers = frozenset({Scheduler.DEFAULT, Scheduler.RANDOM})

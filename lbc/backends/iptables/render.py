@@ -19,31 +19,64 @@ from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program
 # Enough digits that each endpoint's share, multiplied out, is exact to 1e-9 for
 # pools of up to about a thousand endpoints (the kernel then rounds to 2**-31).
 PROBABILITY_DIGITS = 12
+_KIND_LABEL = {
+    Kind.CLUSTER_IP: "cluster IP",
+    Kind.EXTERNAL_IP: "external IP",
+    Kind.LOAD_BALANCER: "load-balancer IP",
+    Kind.NODE_PORT: "node port",
+}
 BUILTIN_HOOKS = {
     "filter": (
-        ("INPUT", f"-m conntrack --ctstate NEW -m comment --comment \"{n.PORTALS_COMMENT}\" "
-                  f"-j {n.SERVICES}"),
-        ("FORWARD", f"-m conntrack --ctstate NEW -m comment --comment \"{n.PORTALS_COMMENT}\" "
-                    f"-j {n.SERVICES}"),
-        ("OUTPUT", f"-m conntrack --ctstate NEW -m comment --comment \"{n.PORTALS_COMMENT}\" "
-                   f"-j {n.SERVICES}"),
-        ("FORWARD", f"-m comment --comment \"lbc forwarding rules\" -j {n.FORWARD}"),
+        (
+            "INPUT",
+            f'-m conntrack --ctstate NEW -m comment --comment "{n.PORTALS_COMMENT}" '
+            f"-j {n.SERVICES}",
+        ),
+        (
+            "FORWARD",
+            f'-m conntrack --ctstate NEW -m comment --comment "{n.PORTALS_COMMENT}" '
+            f"-j {n.SERVICES}",
+        ),
+        (
+            "OUTPUT",
+            f'-m conntrack --ctstate NEW -m comment --comment "{n.PORTALS_COMMENT}" '
+            f"-j {n.SERVICES}",
+        ),
+        ("FORWARD", f'-m comment --comment "lbc forwarding rules" -j {n.FORWARD}'),
     ),
     "nat": (
-        ("PREROUTING", f"-m comment --comment \"{n.PORTALS_COMMENT}\" -j {n.SERVICES}"),
-        ("OUTPUT", f"-m comment --comment \"{n.PORTALS_COMMENT}\" -j {n.SERVICES}"),
-        ("POSTROUTING", f"-m comment --comment \"lbc postrouting rules\" -j {n.POSTROUTING}"),
+        ("PREROUTING", f'-m comment --comment "{n.PORTALS_COMMENT}" -j {n.SERVICES}'),
+        ("OUTPUT", f'-m comment --comment "{n.PORTALS_COMMENT}" -j {n.SERVICES}'),
+        ("POSTROUTING", f'-m comment --comment "lbc postrouting rules" -j {n.POSTROUTING}'),
     ),
 }
 
 
 @dataclass
 class _Table:
-    chains: list[str] = field(default_factory=list)
-    rules: list[str] = field(default_factory=list)
+    """One table: lbc's chains (declared, in order) and the rules of every chain."""
+
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    hooks: list[str] = field(default_factory=list)
+
+    def declare(self, chain: str) -> bool:
+        """Declare `chain`; False if it already was (shared endpoint chains)."""
+        if chain in self.chains:
+            return False
+        self.chains[chain] = []
+        return True
 
     def add(self, chain: str, rule: str) -> None:
-        self.rules.append(f"-A {chain} {rule}")
+        if chain in self.chains:
+            self.chains[chain].append(f"-A {chain} {rule}")
+        else:  # a built-in chain
+            self.hooks.append(f"-A {chain} {rule}")
+
+    def lines(self, name: str) -> list[str]:
+        out = [f"*{name}", *(f":{c} - [0:0]" for c in self.chains), *self.hooks]
+        for rules in self.chains.values():
+            out += rules
+        return [*out, "COMMIT"]
 
 
 def comment(text: str) -> str:
@@ -77,7 +110,8 @@ class _FamilyRenderer:
     # --- whole document -----------------------------------------------------------
     def render(self) -> str:
         mark = f"{self.node.masquerade_mark:#x}"
-        self.filter.chains += [n.SERVICES, n.FORWARD]
+        for chain in (n.SERVICES, n.FORWARD):
+            self.filter.declare(chain)
         for hook, rule in BUILTIN_HOOKS["filter"]:
             self.filter.add(hook, rule)
         fwd = comment("lbc forwarding rules")
@@ -85,7 +119,8 @@ class _FamilyRenderer:
         self.filter.add(n.FORWARD, f"{fwd} -m mark --mark {mark}/{mark} -j ACCEPT")
         self.filter.add(n.FORWARD, f"{fwd} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
 
-        self.nat.chains += [n.SERVICES, n.NODEPORTS, n.POSTROUTING, n.MARK_MASQ]
+        for chain in (n.SERVICES, n.NODEPORTS, n.POSTROUTING, n.MARK_MASQ):
+            self.nat.declare(chain)
         for hook, rule in BUILTIN_HOOKS["nat"]:
             self.nat.add(hook, rule)
         self.nat.add(n.MARK_MASQ, f"-j MARK --or-mark {mark}")
@@ -105,22 +140,12 @@ class _FamilyRenderer:
                 n.SERVICES,
                 f"-d {address}{self.host} {comment('lbc service nodeports')} -j {n.NODEPORTS}",
             )
-        emitted: set[str] = set()
         for pool in self.program.pools:
             if pool.family == self.family:
                 self.pool_chain(pool, frontends)
         for f in frontends:
-            self.external_chains(f, emitted)
-        return "\n".join([*self.table("filter", self.filter), *self.table("nat", self.nat)]) + "\n"
-
-    @staticmethod
-    def table(name: str, table: _Table) -> list[str]:
-        return [
-            f"*{name}",
-            *(f":{c} - [0:0]" for c in table.chains),
-            *table.rules,
-            "COMMIT",
-        ]
+            self.external_chains(f)
+        return "\n".join([*self.filter.lines("filter"), *self.nat.lines("nat")]) + "\n"
 
     # --- frontends ------------------------------------------------------------------
     def match(self, f: Frontend, address: bool = True) -> str:
@@ -128,15 +153,13 @@ class _FamilyRenderer:
         return f"{dest}-p {f.proto} -m {f.proto} --dport {f.port}"
 
     def label(self, f: Frontend) -> str:
-        return f"{f.service} {f.kind.replace('-', ' ')}".replace("cluster ip", "cluster IP")
+        return f"{f.service} {_KIND_LABEL[f.kind]}"
 
     def target(self, f: Frontend) -> str | None:
         """The nat chain a frontend's packets jump to, or None when nothing can serve them."""
         pool = self.pools[f.pool]
         if f.kind is Kind.CLUSTER_IP:
             return self.pool_name(pool) if pool.active else None
-        if not pool.active and f.internal_pool is None and f.masquerade is Masquerade.NEVER:
-            return None
         if not pool.active and f.internal_pool is None:
             return None
         chain = self.ext_name(f)
@@ -148,8 +171,10 @@ class _FamilyRenderer:
         jump = self.target(f)
         if jump is not None:
             if f.kind is Kind.NODE_PORT:
-                self.nat.add(n.NODEPORTS, f"-d {f.address}{self.host} {what} "
-                             f"{self.match(f, address=False)} -j {jump}")
+                self.nat.add(
+                    n.NODEPORTS,
+                    f"-d {f.address}{self.host} {what} {self.match(f, address=False)} -j {jump}",
+                )
             else:
                 self.nat.add(n.SERVICES, f"{what} {self.match(f)} -j {jump}")
         if f.source_ranges:
@@ -166,8 +191,9 @@ class _FamilyRenderer:
                 else "-j DROP"
             )
             reason = "has no local endpoints" if pool.local_only else "has no endpoints"
-            self.filter.add(n.SERVICES, f"{comment(f'{f.service} {reason}')} "
-                            f"{self.match(f)} {verdict}")
+            self.filter.add(
+                n.SERVICES, f"{comment(f'{f.service} {reason}')} {self.match(f)} {verdict}"
+            )
 
     # --- per-pool and per-endpoint chains ------------------------------------------
     def pool_name(self, pool: Pool) -> str:
@@ -184,7 +210,7 @@ class _FamilyRenderer:
         if not active:
             return
         name = self.pool_name(pool)
-        self.nat.chains.append(name)
+        self.nat.declare(name)
         for f in frontends:
             if f.kind is Kind.CLUSTER_IP and f.pool == pool.id:
                 self.cluster_masquerade(name, f)
@@ -203,7 +229,8 @@ class _FamilyRenderer:
             sep = n.SEP + b.id
             chance = ""
             if i < len(active) - 1:
-                chance = f" -m statistic --mode random --probability {probability(b.weight, remaining)}"
+                p = probability(b.weight, remaining)
+                chance = f" -m statistic --mode random --probability {p}"
             remaining -= b.weight
             self.nat.add(
                 name,
@@ -211,18 +238,21 @@ class _FamilyRenderer:
             )
         for b in active:
             sep = n.SEP + b.id
-            self.nat.chains.append(sep)
+            if not self.nat.declare(sep):
+                continue  # the same endpoint in a cluster and a local pool
             self.nat.add(sep, f"-s {b.address}{self.host} {comment(what)} -j {n.MARK_MASQ}")
             if pool.affinity_timeout is not None:
                 self.nat.add(
-                    sep, f"-p {pool.proto} {comment(what)} -m recent --set --name {sep} "
+                    sep,
+                    f"-p {pool.proto} {comment(what)} -m recent --set --name {sep} "
                     f"--mask {self.mask()} --rsource -m {pool.proto} -j DNAT "
-                    f"--to-destination {hostport(b.address, b.port)}"
+                    f"--to-destination {hostport(b.address, b.port)}",
                 )
             else:
                 self.nat.add(
-                    sep, f"-p {pool.proto} {comment(what)} -m {pool.proto} -j DNAT "
-                    f"--to-destination {hostport(b.address, b.port)}"
+                    sep,
+                    f"-p {pool.proto} {comment(what)} -m {pool.proto} -j DNAT "
+                    f"--to-destination {hostport(b.address, b.port)}",
                 )
 
     def mask(self) -> str:
@@ -235,38 +265,41 @@ class _FamilyRenderer:
         elif f.masquerade is Masquerade.OFF_CLUSTER and self.pod_cidr:
             self.nat.add(chain, f"! -s {self.pod_cidr} {what} {self.match(f)} -j {n.MARK_MASQ}")
 
-    def external_chains(self, f: Frontend, emitted: set[str]) -> None:
+    def external_chains(self, f: Frontend) -> None:
         if f.kind is Kind.CLUSTER_IP or self.target(f) is None:
             return
         pool = self.pools[f.pool]
         ext = self.ext_name(f)
         if f.source_ranges:
             fw = self.fw_name(f)
-            if fw not in emitted:
-                emitted.add(fw)
-                self.nat.chains.append(fw)
+            if self.nat.declare(fw):
                 for cidr in f.source_ranges:
-                    self.nat.add(fw, f"-s {cidr} {comment(f'{f.service} loadbalancer IP')} "
-                                 f"-j {ext}")
-        if ext in emitted:
+                    self.nat.add(
+                        fw, f"-s {cidr} {comment(f'{f.service} loadbalancer IP')} -j {ext}"
+                    )
+        if not self.nat.declare(ext):
             return
-        emitted.add(ext)
-        self.nat.chains.append(ext)
         what = f.service
         if f.internal_pool is not None:
             internal = self.pools[f.internal_pool]
             if internal.active:
                 to_internal = self.pool_name(internal)
                 if self.pod_cidr:
-                    self.nat.add(ext, f"-s {self.pod_cidr} "
-                                 f"{comment(f'pod traffic for {what} external destinations')} "
-                                 f"-j {to_internal}")
+                    self.nat.add(
+                        ext,
+                        f"-s {self.pod_cidr} "
+                        f"{comment(f'pod traffic for {what} external destinations')} "
+                        f"-j {to_internal}",
+                    )
                 local = comment(f"masquerade LOCAL traffic for {what} external destinations")
                 self.nat.add(ext, f"{local} -m addrtype --src-type LOCAL -j {n.MARK_MASQ}")
                 route = comment(f"route LOCAL traffic for {what} external destinations")
                 self.nat.add(ext, f"{route} -m addrtype --src-type LOCAL -j {to_internal}")
         elif f.masquerade is Masquerade.ALWAYS:
-            self.nat.add(ext, f"{comment(f'masquerade traffic for {what} external destinations')} "
-                         f"-j {n.MARK_MASQ}")
+            self.nat.add(
+                ext,
+                f"{comment(f'masquerade traffic for {what} external destinations')} "
+                f"-j {n.MARK_MASQ}",
+            )
         if pool.active:
             self.nat.add(ext, f"-j {self.pool_name(pool)}")

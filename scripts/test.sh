@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command: installs what a fresh Debian machine lacks (Debian packages when run
+# as root, Python packages in .venv), then runs lint (ruff), types (mypy) and the tests,
+# kernel tests in network namespaces and the IPVS suite in a VM included.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k golden`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+  nftables libnftables1 iptables ipset ipvsadm conntrack iproute2
+)
+if [ "$(id -u)" = 0 ]; then
+  missing=()
+  for pkg in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+      || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  fi
+else
+  echo "test.sh: not root: Debian packages not installed; kernel tests will skip" >&2
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+export PATH="$PWD/.venv/bin:$PATH"
+
+ruff check .
+ruff format --check .
+mypy
+python -m pytest "$@"
