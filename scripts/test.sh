@@ -26,6 +26,8 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# An outside package that adds a backend through the `lbc` entry point group.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e tests/plugin_pkg
 export PATH="$PWD/.venv/bin:$PATH"
 
 ruff check .

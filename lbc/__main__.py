@@ -1,0 +1,5 @@
+"""`python -m lbc` is the `lbc` command."""
+
+from lbc.cli import main
+
+main()

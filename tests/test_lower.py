@@ -1,0 +1,193 @@
+"""Lowering decides Service semantics once, for every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+import lbc
+from lbc.ir import Empty, Kind, Masquerade, Program
+
+NODE = """
+[node]
+name = "node-1"
+addresses = ["192.168.49.2", "fd00:49::2"]
+pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
+"""
+
+
+def program(services: str, node: str = NODE) -> Program:
+    return lbc.lower(lbc.loads(node + services))
+
+
+def svc(extra: str = "", endpoints: str = "") -> str:
+    return f"""
+[[services]]
+name = "s"
+cluster_ips = ["10.0.0.10"]
+ports = [{{ name = "p", port = 80, target_port = 8080, node_port = 30080 }}]
+type = "NodePort"
+{extra}
+endpoints = [{endpoints}]
+"""
+
+
+def addresses(p: Program, pool_id: str) -> list[str]:
+    return [b.address for b in p.pool_index()[pool_id].active]
+
+
+def frontend(p: Program, kind: Kind) -> lbc.ir.Frontend:
+    (f,) = [f for f in p.frontends if f.kind is kind]
+    return f
+
+
+def test_ready_endpoints_win_over_terminating_ones() -> None:
+    p = program(
+        svc(
+            endpoints="""
+        { ip = "10.244.1.1" },
+        { ip = "10.244.1.2", ready = false, serving = true, terminating = true },
+        { ip = "10.244.1.3", ready = false },
+    """
+        )
+    )
+    assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.1"]
+
+
+def test_serving_terminating_endpoints_are_the_fallback() -> None:
+    p = program(
+        svc(
+            endpoints="""
+        { ip = "10.244.1.2", ready = false, serving = true, terminating = true },
+        { ip = "10.244.1.4", ready = false, serving = false, terminating = true },
+        { ip = "10.244.1.3", ready = false },
+    """
+        )
+    )
+    pool = p.pool_index()[frontend(p, Kind.CLUSTER_IP).pool]
+    assert [b.address for b in pool.backends] == ["10.244.1.2"]
+    assert pool.backends[0].terminating
+
+
+def test_weight_zero_endpoints_take_no_new_connections() -> None:
+    p = program(svc(endpoints='{ ip = "10.244.1.1", weight = 0 }, { ip = "10.244.1.2" }'))
+    pool = p.pool_index()[frontend(p, Kind.CLUSTER_IP).pool]
+    assert len(pool.backends) == 2
+    assert [b.address for b in pool.active] == ["10.244.1.2"]
+
+
+def test_no_endpoints_rejects_everywhere() -> None:
+    p = program(svc())
+    for f in p.frontends:
+        assert p.pool_index()[f.pool].when_empty is Empty.REJECT
+        assert not p.pool_index()[f.pool].backends
+
+
+def test_internal_traffic_policy_local_uses_only_local_endpoints_and_drops() -> None:
+    here = program(
+        svc(
+            'internal_traffic_policy = "Local"',
+            '{ ip = "10.244.1.1", node = "node-1" }, { ip = "10.244.2.1" }',
+        )
+    )
+    f = frontend(here, Kind.CLUSTER_IP)
+    assert addresses(here, f.pool) == ["10.244.1.1"]
+    elsewhere = program(svc('internal_traffic_policy = "Local"', '{ ip = "10.244.2.1" }'))
+    pool = elsewhere.pool_index()[frontend(elsewhere, Kind.CLUSTER_IP).pool]
+    assert pool.local_only and not pool.backends and pool.when_empty is Empty.DROP
+    # External traffic still reaches every endpoint under externalTrafficPolicy Cluster.
+    node_port = frontend(elsewhere, Kind.NODE_PORT)
+    assert addresses(elsewhere, node_port.pool) == ["10.244.2.1"]
+
+
+def test_external_traffic_policy_local_keeps_source_and_short_circuits_internal() -> None:
+    p = program(
+        svc(
+            'external_traffic_policy = "Local"',
+            '{ ip = "10.244.1.1", node = "node-1" }, { ip = "10.244.2.1", node = "n2" }',
+        )
+    )
+    np = frontend(p, Kind.NODE_PORT)
+    assert np.masquerade is Masquerade.NEVER
+    assert addresses(p, np.pool) == ["10.244.1.1"]
+    assert np.internal_pool is not None
+    assert addresses(p, np.internal_pool) == ["10.244.1.1", "10.244.2.1"]
+    cluster = frontend(p, Kind.CLUSTER_IP)
+    assert cluster.masquerade is Masquerade.OFF_CLUSTER and cluster.internal_pool is None
+    assert addresses(p, cluster.pool) == ["10.244.1.1", "10.244.2.1"]
+
+
+def test_external_traffic_policy_cluster_masquerades_external_traffic() -> None:
+    p = program(svc(endpoints='{ ip = "10.244.1.1" }'))
+    assert frontend(p, Kind.NODE_PORT).masquerade is Masquerade.ALWAYS
+    assert frontend(p, Kind.CLUSTER_IP).masquerade is Masquerade.OFF_CLUSTER
+
+
+def test_masquerade_all_masquerades_cluster_ip_traffic_from_pods_too() -> None:
+    node = NODE + "masquerade_all = true\n"
+    p = program(svc(endpoints='{ ip = "10.244.1.1" }'), node=node)
+    assert frontend(p, Kind.CLUSTER_IP).masquerade is Masquerade.ALWAYS
+
+
+def test_node_ports_listen_on_node_addresses_of_the_family() -> None:
+    p = program(svc(endpoints='{ ip = "10.244.1.1" }'))
+    assert [(f.address, f.port) for f in p.frontends if f.kind is Kind.NODE_PORT] == [
+        ("192.168.49.2", 30080)
+    ]
+
+
+def test_dual_stack_splits_endpoints_by_family() -> None:
+    p = program("""
+[[services]]
+name = "d"
+cluster_ips = ["10.0.0.10", "fd00:10::10"]
+ports = [{ port = 80 }]
+endpoints = [{ ip = "10.244.1.1" }, { ip = "fd00:244::1" }]
+""")
+    by_family = {f.family: addresses(p, f.pool) for f in p.frontends}
+    assert by_family == {4: ["10.244.1.1"], 6: ["fd00:244::1"]}
+
+
+def test_unused_pools_are_not_emitted() -> None:
+    p = program(
+        svc('internal_traffic_policy = "Local"\ntype = "ClusterIP"', '{ ip = "10.244.1.1" }')
+        .replace('type = "NodePort"\n', "")
+        .replace(", node_port = 30080", "")
+    )
+    assert [pool.local_only for pool in p.pools] == [True]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_program_does_not_depend_on_config_order(reverse: bool) -> None:
+    services = [
+        svc(endpoints=f'{{ ip = "10.244.1.{i}" }}, {{ ip = "10.244.2.{i}" }}')
+        .replace('"s"', f'"s{i}"')
+        .replace("10.0.0.10", f"10.0.0.{i + 10}")
+        .replace("30080", str(30080 + i))
+        for i in range(4)
+    ]
+    forward = program("".join(services))
+    flipped_eps = [s.replace('{ ip = "10.244.1.', '{ ip = "10.244.9.') for s in services]
+    assert forward != program("".join(flipped_eps))  # the comparison can fail
+    ordered = services[::-1] if reverse else services
+    ordered = [
+        s.replace(
+            f'{{ ip = "10.244.1.{i}" }}, {{ ip = "10.244.2.{i}" }}',
+            f'{{ ip = "10.244.2.{i}" }}, {{ ip = "10.244.1.{i}" }}',
+        )
+        for i, s in zip(range(3, -1, -1) if reverse else range(4), ordered, strict=True)
+    ]
+    assert program("".join(ordered)) == forward
+
+
+def test_names_come_from_content_not_positions() -> None:
+    one = program(svc(endpoints='{ ip = "10.244.1.1" }'))
+    two = program(
+        svc(endpoints='{ ip = "10.244.1.1" }')
+        + svc(endpoints='{ ip = "10.244.1.2" }')
+        .replace('"s"', '"a"')
+        .replace("10.0.0.10", "10.0.0.11")
+        .replace("30080", "30081")
+    )
+    ids_one = {p.id for p in one.pools} | {b.id for p in one.pools for b in p.backends}
+    ids_two = {p.id for p in two.pools} | {b.id for p in two.pools for b in p.backends}
+    assert ids_one < ids_two
