@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ import click
 
 from lbc import api
 from lbc.compiler.load import load
+from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster
 from lbc.errors import ConfigError, LbcError, PluginError, UnsupportedError
+from lbc.ir.trace import Origin, trace
 
 EXIT_CONFIG = 2  # bad input: nothing was compiled, written or applied
 EXIT_UNSUPPORTED = 3  # the chosen backend cannot express the config
@@ -103,3 +106,45 @@ def backends_cmd() -> None:
         schedulers = ", ".join(sorted(backend.schedulers))
         click.echo(f"{'':<{width}}  features: {features}")
         click.echo(f"{'':<{width}}  schedulers: {schedulers}")
+
+
+@main.command("explain")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--from", "source", required=True, help="Source address of the packet.")
+@click.option("--to", "dest", required=True, help="Destination ADDRESS:PORT ([v6]:port).")
+@click.option(
+    "--proto",
+    default="tcp",
+    show_default=True,
+    type=click.Choice(["tcp", "udp", "sctp"], case_sensitive=False),
+)
+@click.option(
+    "--origin",
+    type=click.Choice([o.value for o in Origin]),
+    help="Override where the packet comes from (default: from its address).",
+)
+def explain_cmd(file: Path, source: str, dest: str, proto: str, origin: str | None) -> None:
+    """Explain where a new connection goes: frontend, pool, backends, masquerade."""
+    try:
+        address, port = _split_hostport(dest)
+        ipaddress.ip_address(source)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    try:
+        program = lower(load(file))
+    except LbcError as exc:
+        _fail(exc)
+    result = trace(
+        program, source, address, port, proto.lower(), Origin(origin) if origin else None
+    )
+    for step in result.steps:
+        click.echo(step)
+    click.echo(f"verdict: {result.verdict}")
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{text!r} is not ADDRESS:PORT")
+    host = host.removeprefix("[").removesuffix("]")
+    return str(ipaddress.ip_address(host)), int(port)

@@ -1,0 +1,93 @@
+"""The packet-flow matrix through the IR tracer, and `lbc explain`."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import lbc
+from lbc.cli import main
+from lbc.ir import Program
+from lbc.ir.trace import Origin, Verdict, trace
+from tests.flows import FLOWS, Flow
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+@cache
+def program(case: str) -> Program:
+    return lbc.lower(lbc.load(GOLDEN / case / "cluster.toml"))
+
+
+@pytest.mark.parametrize("flow", FLOWS, ids=[f.name for f in FLOWS])
+def test_flow_through_the_ir(flow: Flow) -> None:
+    result = trace(program(flow.case), flow.source, flow.dest, flow.port, flow.proto)
+    if isinstance(flow.expect, str):
+        assert result.verdict == flow.expect.lower(), result.steps
+        assert not result.choices
+        return
+    assert result.verdict is Verdict.FORWARD, result.steps
+    assert {c.address for c in result.choices} == flow.expect
+    for choice in result.choices:
+        hairpin = choice.address == flow.source
+        assert choice.masquerade == (flow.masquerade or hairpin), (choice, result.steps)
+    assert sum(c.share for c in result.choices) == pytest.approx(1.0)
+
+
+def test_matrix_is_large_and_covers_every_golden_case_with_endpoints() -> None:
+    assert len(FLOWS) >= 40
+    assert len({f.name for f in FLOWS}) == len(FLOWS)
+    covered = {f.case for f in FLOWS}
+    cases = {p.name for p in GOLDEN.iterdir() if (p / "cluster.toml").exists()}
+    assert covered == cases
+    assert {str(f.expect) for f in FLOWS if isinstance(f.expect, str)} == {"REJECT", "DROP", "PASS"}
+
+
+def test_weighted_shares_follow_weights() -> None:
+    result = trace(program("weighted"), "10.244.9.9", "10.0.1.176", 80)
+    shares = {c.address: c.share for c in result.choices}
+    assert shares == pytest.approx({"10.244.1.7": 1 / 6, "10.244.2.3": 2 / 6, "10.244.3.6": 3 / 6})
+
+
+def test_origin_can_be_overridden() -> None:
+    p = program("external-traffic-local")
+    as_pod = trace(p, "10.9.9.9", "198.51.100.20", 80, origin=Origin.POD)
+    assert {c.address for c in as_pod.choices} == {"10.244.1.7", "10.244.2.3"}
+
+
+def test_explain_prints_the_path() -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(GOLDEN / "load-balancer" / "cluster.toml"),
+            "--from",
+            "198.18.0.5",
+            "--to",
+            "198.51.100.10:443",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "matches load-balancer frontend of default/public:https" in result.output
+    assert "source not in 203.0.113.0/24: dropped" in result.output
+    assert result.output.rstrip().endswith("verdict: drop")
+
+
+def test_explain_rejects_a_bad_destination_without_traceback() -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(GOLDEN / "hostnames" / "cluster.toml"),
+            "--from",
+            "1.2.3.4",
+            "--to",
+            "10.0.1.175",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "is not ADDRESS:PORT" in result.output
+    assert "Traceback" not in result.output
