@@ -9,7 +9,8 @@ turns it into the backend-neutral IR, and `compile` renders the IR with a backen
 plugin. Nothing here prints or exits; errors are `lbc.errors.LbcError` subclasses.
 """
 
-from lbc.api import backend_names, backends, compile
+from lbc.api import apply, backend_names, backends, compile, delete, diff, plan, verify
+from lbc.apply import ApplyResult, FakeKernel, KernelAdapter, Plan
 from lbc.backends.base import Artifact, Backend, Feature
 from lbc.compiler.load import load, loads
 from lbc.compiler.lower import lower
@@ -29,22 +30,31 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApplyError",
+    "ApplyResult",
     "Artifact",
     "Backend",
     "Cluster",
     "ConfigError",
+    "FakeKernel",
     "Feature",
+    "KernelAdapter",
     "LbcError",
+    "Plan",
     "PluginError",
     "Problem",
     "Program",
     "Unsupported",
     "UnsupportedError",
     "__version__",
+    "apply",
     "backend_names",
     "backends",
     "compile",
+    "delete",
+    "diff",
     "load",
     "loads",
     "lower",
+    "plan",
+    "verify",
 ]

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import builtins
+import difflib
 from collections.abc import Mapping
+from pathlib import Path
 
 from lbc import plugins
+from lbc.apply.adapter import KernelAdapter
+from lbc.apply.engine import ApplyResult, Engine
+from lbc.apply.lock import DEFAULT_LOCK
+from lbc.apply.state import Plan
 from lbc.backends.base import Artifact, Backend
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster
@@ -31,3 +37,80 @@ def backends() -> Mapping[str, Backend]:
 def backend_names() -> builtins.list[str]:
     """The names of every available backend, sorted."""
     return sorted(backends())
+
+
+def _engine(
+    backend: str | Backend,
+    netns: str | None,
+    kernel: KernelAdapter | None,
+    lock_path: Path,
+    lock_timeout: float,
+) -> Engine:
+    chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
+    return Engine(chosen, kernel or chosen.kernel(netns), lock_path, lock_timeout)
+
+
+def plan(
+    source: Cluster | Program,
+    backend: str | Backend = "iptables",
+    *,
+    netns: str | None = None,
+    kernel: KernelAdapter | None = None,
+) -> Plan:
+    """What `apply` would change in the kernel (reads only)."""
+    engine = _engine(backend, netns, kernel, DEFAULT_LOCK, 0)
+    return engine.plan(compile(source, engine.backend))
+
+
+def verify(
+    source: Cluster | Program,
+    backend: str | Backend = "iptables",
+    *,
+    netns: str | None = None,
+    kernel: KernelAdapter | None = None,
+) -> Plan:
+    """Drift between the kernel and `source`; `.in_sync` is True when there is none."""
+    engine = _engine(backend, netns, kernel, DEFAULT_LOCK, 0)
+    return engine.verify(compile(source, engine.backend))
+
+
+def apply(
+    source: Cluster | Program,
+    backend: str | Backend = "iptables",
+    *,
+    netns: str | None = None,
+    dry_run: bool = False,
+    kernel: KernelAdapter | None = None,
+    lock_path: Path = DEFAULT_LOCK,
+    lock_timeout: float = 30.0,
+) -> ApplyResult:
+    """Make the kernel match `source` atomically; raises `ApplyError` with nothing changed."""
+    engine = _engine(backend, netns, kernel, lock_path, lock_timeout)
+    return engine.apply(compile(source, engine.backend), dry_run=dry_run)
+
+
+def delete(
+    backend: str | Backend = "iptables",
+    *,
+    netns: str | None = None,
+    dry_run: bool = False,
+    kernel: KernelAdapter | None = None,
+    lock_path: Path = DEFAULT_LOCK,
+    lock_timeout: float = 30.0,
+) -> ApplyResult:
+    """Remove every kernel object lbc owns for `backend`, and nothing else."""
+    return _engine(backend, netns, kernel, lock_path, lock_timeout).delete(dry_run=dry_run)
+
+
+def diff(
+    old: Cluster | Program,
+    new: Cluster | Program,
+    backend: str | Backend = "iptables",
+    *,
+    old_name: str = "old",
+    new_name: str = "new",
+) -> str:
+    """The unified diff of the rules two configs compile to (no kernel needed)."""
+    before = compile(old, backend).text().splitlines(keepends=True)
+    after = compile(new, backend).text().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(before, after, fromfile=old_name, tofile=new_name))

@@ -5,20 +5,27 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from lbc import api
+from lbc.apply.lock import DEFAULT_LOCK
+from lbc.apply.state import Action, Plan
 from lbc.compiler.load import load
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster
 from lbc.errors import ConfigError, LbcError, PluginError, UnsupportedError
 from lbc.ir.trace import Origin, trace
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+EXIT_PENDING = 1  # plan/verify/diff: there are differences
 EXIT_CONFIG = 2  # bad input: nothing was compiled, written or applied
 EXIT_UNSUPPORTED = 3  # the chosen backend cannot express the config
+EXIT_KERNEL = 4  # the kernel refused; the previous state was kept or restored
 
 
 def _fail(exc: LbcError) -> NoReturn:
@@ -27,7 +34,7 @@ def _fail(exc: LbcError) -> NoReturn:
         sys.exit(EXIT_UNSUPPORTED)
     if isinstance(exc, ConfigError | PluginError):
         sys.exit(EXIT_CONFIG)
-    sys.exit(1)
+    sys.exit(EXIT_KERNEL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -148,3 +155,150 @@ def _split_hostport(text: str) -> tuple[str, int]:
         raise ValueError(f"{text!r} is not ADDRESS:PORT")
     host = host.removeprefix("[").removesuffix("]")
     return str(ipaddress.ip_address(host)), int(port)
+
+
+_ACTION_STYLE = {
+    Action.ADD: ("+", "green"),
+    Action.CHANGE: ("~", "yellow"),
+    Action.REMOVE: ("-", "red"),
+}
+
+
+def _show_plan(plan: Plan, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+        return
+    for change in plan.changes:
+        mark, colour = _ACTION_STYLE[change.action]
+        click.secho(f"{mark} {change.action} {change.key}", fg=colour, bold=True)
+        for line in change.diff():
+            fg = "green" if line.startswith("+") else "red" if line.startswith("-") else None
+            click.secho(f"    {line}", fg=fg)
+    click.echo(f"{plan.backend}: {plan.summary()}")
+
+
+def _kernel_options(fn: _F) -> _F:
+    fn = click.option("--netns", metavar="NAME", help="Act inside this named network namespace.")(
+        fn
+    )
+    fn = click.option(
+        "-b",
+        "--backend",
+        default="iptables",
+        show_default=True,
+        help="Backend whose kernel objects to manage.",
+    )(fn)
+    return fn
+
+
+def _lock_options(fn: _F) -> _F:
+    fn = click.option(
+        "--lock-file",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_LOCK,
+        show_default=True,
+        help="Host-wide lock serialising applies.",
+    )(fn)
+    fn = click.option(
+        "--lock-timeout",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Seconds to wait for another apply to finish.",
+    )(fn)
+    return fn
+
+
+@main.command("plan")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_kernel_options
+@click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def plan_cmd(file: Path, backend: str, netns: str | None, fmt: str) -> None:
+    """Show what apply would change (exit 0 in sync, 1 changes pending)."""
+    try:
+        plan = api.plan(load(file), backend, netns=netns)
+    except LbcError as exc:
+        _fail(exc)
+    _show_plan(plan, fmt)
+    sys.exit(0 if plan.in_sync else EXIT_PENDING)
+
+
+@main.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_kernel_options
+@_lock_options
+@click.option("--dry-run", is_flag=True, help="Plan and print, change nothing.")
+def apply_cmd(
+    file: Path, backend: str, netns: str | None, lock_file: Path, lock_timeout: float, dry_run: bool
+) -> None:
+    """Apply FILE to the kernel atomically (root)."""
+    try:
+        result = api.apply(
+            load(file),
+            backend,
+            netns=netns,
+            dry_run=dry_run,
+            lock_path=lock_file,
+            lock_timeout=lock_timeout,
+        )
+    except LbcError as exc:
+        _fail(exc)
+    if dry_run:
+        _show_plan(result.plan, "text")
+    click.echo(result.summary())
+
+
+@main.command("verify")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_kernel_options
+def verify_cmd(file: Path, backend: str, netns: str | None) -> None:
+    """Detect drift: exit 1 and show it when the kernel differs from FILE."""
+    try:
+        drift = api.verify(load(file), backend, netns=netns)
+    except LbcError as exc:
+        _fail(exc)
+    if drift.in_sync:
+        click.echo(f"{backend}: kernel matches {file}")
+        return
+    _show_plan(drift, "text")
+    click.echo(f"{backend}: drift detected; `lbc apply` restores {file}", err=True)
+    sys.exit(EXIT_PENDING)
+
+
+@main.command("delete")
+@_kernel_options
+@_lock_options
+@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
+def delete_cmd(
+    backend: str, netns: str | None, lock_file: Path, lock_timeout: float, dry_run: bool
+) -> None:
+    """Remove every kernel object lbc owns for the backend, nothing else."""
+    try:
+        result = api.delete(
+            backend, netns=netns, dry_run=dry_run, lock_path=lock_file, lock_timeout=lock_timeout
+        )
+    except LbcError as exc:
+        _fail(exc)
+    if dry_run:
+        _show_plan(result.plan, "text")
+    click.echo(result.summary())
+
+
+@main.command("diff")
+@click.argument("old", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("new", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-b", "--backend", default="iptables", show_default=True)
+def diff_cmd(old: Path, new: Path, backend: str) -> None:
+    """The rule-level diff between two configs, without a kernel (exit 1 if they differ)."""
+    try:
+        text = api.diff(load(old), load(new), backend, old_name=str(old), new_name=str(new))
+    except LbcError as exc:
+        _fail(exc)
+    for line in text.splitlines():
+        fg = None
+        if line.startswith("+") and not line.startswith("+++"):
+            fg = "green"
+        elif line.startswith("-") and not line.startswith("---"):
+            fg = "red"
+        click.secho(line, fg=fg)
+    sys.exit(EXIT_PENDING if text else 0)

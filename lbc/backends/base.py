@@ -6,10 +6,13 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lbc.errors import Unsupported, UnsupportedError
 from lbc.ir.nodes import Kind, Masquerade, Program, Proto, Scheduler
+
+if TYPE_CHECKING:
+    from lbc.apply.adapter import KernelAdapter
 
 
 class Feature(StrEnum):
@@ -82,6 +85,13 @@ class Backend:
         """`check` then `render`."""
         self.check(program)
         return self.render(program)
+
+    def kernel(self, netns: str | None = None) -> KernelAdapter:
+        """The adapter that reads and writes this backend's objects in the kernel."""
+        raise UnsupportedError(
+            self.name,
+            [Unsupported(self.name, "kernel", "apply", "this backend only compiles")],
+        )
 
 
 def requirements(program: Program) -> Iterator[tuple[Feature | Scheduler, str, str]]:

@@ -1,0 +1,93 @@
+"""The apply engine: lock, snapshot, plan, atomic commit, verify, roll back on failure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lbc.apply.adapter import KernelAdapter
+from lbc.apply.lock import DEFAULT_LOCK, host_lock
+from lbc.apply.state import Plan, State, plan_between
+from lbc.backends.base import Artifact, Backend
+from lbc.errors import ApplyError
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What an apply did: the plan it carried out, whether it wrote, how long it took."""
+
+    plan: Plan
+    applied: bool
+    seconds: float
+
+    def summary(self) -> str:
+        """One line for people."""
+        if self.plan.in_sync:
+            return f"{self.plan.backend}: already in sync, nothing written"
+        verb = "applied" if self.applied else "would apply (dry run)"
+        c = self.plan.counts()
+        return (
+            f"{self.plan.backend}: {verb}: {c['add']} added, {c['change']} changed, "
+            f"{c['remove']} removed in {self.seconds:.3f}s"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """Runs plan/apply/verify/delete for one backend against one kernel adapter."""
+
+    backend: Backend
+    kernel: KernelAdapter
+    lock_path: Path = DEFAULT_LOCK
+    lock_timeout: float = 30.0
+
+    def plan(self, artifact: Artifact) -> Plan:
+        """What apply would change (reads the kernel, writes nothing)."""
+        return plan_between(
+            self.backend.name, self.kernel.snapshot(), self.kernel.desired(artifact)
+        )
+
+    def verify(self, artifact: Artifact) -> Plan:
+        """Drift between the kernel and `artifact`; an in-sync plan means no drift."""
+        return self.plan(artifact)
+
+    def apply(self, artifact: Artifact, dry_run: bool = False) -> ApplyResult:
+        """Make the kernel match `artifact` atomically; a no-op when already in sync."""
+        start = time.perf_counter()
+        with host_lock(self.lock_path, self.lock_timeout):
+            desired = self.kernel.desired(artifact)
+            return self._converge(desired, dry_run, start)
+
+    def delete(self, dry_run: bool = False) -> ApplyResult:
+        """Remove every object lbc owns, and nothing else."""
+        start = time.perf_counter()
+        with host_lock(self.lock_path, self.lock_timeout):
+            return self._converge(State({}), dry_run, start)
+
+    def _converge(self, desired: State, dry_run: bool, start: float) -> ApplyResult:
+        live = self.kernel.snapshot()
+        plan = plan_between(self.backend.name, live, desired)
+        if plan.in_sync or dry_run:
+            return ApplyResult(plan, False, time.perf_counter() - start)
+        self.kernel.commit(live, desired, plan)
+        after = self.kernel.snapshot()
+        drift = plan_between(self.backend.name, after, desired)
+        if not drift.in_sync:
+            self._roll_back(after, live, drift)
+        return ApplyResult(plan, True, time.perf_counter() - start)
+
+    def _roll_back(self, now: State, previous: State, drift: Plan) -> None:
+        back = plan_between(self.backend.name, now, previous)
+        try:
+            self.kernel.commit(now, previous, back)
+        except ApplyError as exc:
+            raise ApplyError(
+                f"{self.backend.name}: the kernel does not hold what was committed "
+                f"({drift.summary()}), and rolling back failed too: {exc}"
+            ) from exc
+        keys = ", ".join(c.key for c in drift.changes[:5])
+        raise ApplyError(
+            f"{self.backend.name}: read-back after commit differs from the plan "
+            f"({drift.summary()}: {keys}); rolled back to the previous state"
+        )

@@ -1,0 +1,99 @@
+"""Kernel state as lbc sees it: owned objects keyed by name, and plans between two states."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """The objects lbc owns (live or desired): object key -> its canonical lines."""
+
+    objects: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+
+class Action(StrEnum):
+    """What a plan does to one object."""
+
+    ADD = "add"
+    CHANGE = "change"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One object that differs between live and desired state."""
+
+    key: str
+    action: Action
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+    def diff(self) -> list[str]:
+        """Unified diff lines (without file headers) of this object."""
+        return list(difflib.unified_diff(self.before, self.after, lineterm="", n=1))[2:]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The changes that turn the live state into the desired one."""
+
+    backend: str
+    changes: tuple[Change, ...]
+
+    @property
+    def in_sync(self) -> bool:
+        """True when nothing would change."""
+        return not self.changes
+
+    def counts(self) -> dict[str, int]:
+        """Objects added, changed and removed."""
+        return {a.value: sum(1 for c in self.changes if c.action is a) for a in Action}
+
+    def summary(self) -> str:
+        """`3 to add, 1 to change, 0 to remove` or `in sync`."""
+        if self.in_sync:
+            return "in sync"
+        c = self.counts()
+        return f"{c['add']} to add, {c['change']} to change, {c['remove']} to remove"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready description for machines (`--format json`)."""
+        return {
+            "backend": self.backend,
+            "in_sync": self.in_sync,
+            "counts": self.counts(),
+            "changes": [
+                {
+                    "object": c.key,
+                    "action": c.action.value,
+                    "before": list(c.before),
+                    "after": list(c.after),
+                }
+                for c in self.changes
+            ],
+        }
+
+
+def plan_between(backend: str, live: State, desired: State) -> Plan:
+    """Every object to add, change or remove, in a stable order (by key)."""
+    changes: list[Change] = []
+    for key in sorted(live.objects.keys() | desired.objects.keys()):
+        before = live.objects.get(key)
+        after = desired.objects.get(key)
+        if before == after:
+            continue
+        if before is None:
+            changes.append(Change(key, Action.ADD, (), after or ()))
+        elif after is None:
+            changes.append(Change(key, Action.REMOVE, before, ()))
+        else:
+            changes.append(Change(key, Action.CHANGE, before, after))
+    return Plan(backend, tuple(changes))

@@ -1,0 +1,168 @@
+"""The apply engine against the in-memory kernel: plans, no-ops, atomicity, rollback, lock."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import lbc
+from lbc.apply import Action, Engine, FakeKernel, State, host_lock
+from lbc.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTNAMES = ROOT / "golden" / "hostnames" / "cluster.toml"
+WEIGHTED = ROOT / "golden" / "weighted" / "cluster.toml"
+MANY = ROOT / "golden" / "many-services" / "cluster.toml"
+
+
+@pytest.fixture
+def lock(tmp_path: Path) -> Path:
+    return tmp_path / "lbc.lock"
+
+
+def apply(cluster: Path, kernel: FakeKernel, lock: Path, **kw: object) -> lbc.ApplyResult:
+    return lbc.apply(lbc.load(cluster), "ir", kernel=kernel, lock_path=lock, **kw)  # type: ignore[arg-type]
+
+
+def test_first_apply_adds_then_reapply_is_a_no_op(lock: Path) -> None:
+    kernel = FakeKernel()
+    first = apply(MANY, kernel, lock)
+    assert first.applied and first.plan.counts()["add"] == len(kernel.objects) > 20
+    assert kernel.commits == 1
+    second = apply(MANY, kernel, lock)
+    assert second.plan.in_sync and not second.applied
+    assert kernel.commits == 1, "a re-apply of the same config must not write"
+    assert lbc.plan(lbc.load(MANY), "ir", kernel=kernel).in_sync
+
+
+def test_plan_reads_only_and_names_each_change(lock: Path) -> None:
+    kernel = FakeKernel()
+    apply(HOSTNAMES, kernel, lock)
+    before = dict(kernel.objects)
+    plan = lbc.plan(lbc.load(WEIGHTED), "ir", kernel=kernel)
+    assert kernel.objects == before
+    actions = {c.key.split()[1]: c.action for c in plan.changes if c.key.startswith("service")}
+    assert actions == {
+        "default/hostnames:default": Action.REMOVE,
+        "default/weighted:http": Action.ADD,
+    }
+    assert plan.summary() == "1 to add, 0 to change, 1 to remove"
+
+
+def test_a_failed_transaction_leaves_the_kernel_byte_identical(lock: Path) -> None:
+    kernel = FakeKernel()
+    apply(HOSTNAMES, kernel, lock)
+    before = dict(kernel.objects)
+    target = next(iter(lbc.plan(lbc.load(WEIGHTED), "ir", kernel=kernel).changes)).key
+    kernel.fail_on = target
+    with pytest.raises(lbc.ApplyError, match="refused"):
+        apply(WEIGHTED, kernel, lock)
+    assert kernel.objects == before
+
+
+def test_drift_is_detected_and_apply_repairs_it(lock: Path) -> None:
+    kernel = FakeKernel()
+    apply(HOSTNAMES, kernel, lock)
+    key = next(k for k in kernel.objects if k.startswith("service"))
+    kernel.objects[key] = kernel.objects[key][:-1]  # someone deleted a backend
+    drift = lbc.verify(lbc.load(HOSTNAMES), "ir", kernel=kernel)
+    assert [(c.key, c.action) for c in drift.changes] == [(key, Action.CHANGE)]
+    assert any(line.startswith("+") and "backend" in line for line in drift.changes[0].diff())
+    assert apply(HOSTNAMES, kernel, lock).plan.counts() == {"add": 0, "change": 1, "remove": 0}
+    assert lbc.verify(lbc.load(HOSTNAMES), "ir", kernel=kernel).in_sync
+
+
+def test_delete_removes_everything_it_planned(lock: Path) -> None:
+    kernel = FakeKernel()
+    apply(MANY, kernel, lock)
+    result = lbc.delete("ir", kernel=kernel, lock_path=lock)
+    assert result.plan.counts()["remove"] > 20 and kernel.objects == {}
+
+
+def test_dry_run_writes_nothing(lock: Path) -> None:
+    kernel = FakeKernel()
+    result = apply(HOSTNAMES, kernel, lock, dry_run=True)
+    assert not result.applied and result.plan.counts()["add"] > 0
+    assert kernel.objects == {} and kernel.commits == 0
+
+
+class _LyingKernel(FakeKernel):
+    """Accepts a commit but reads back something else once: the engine must roll back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lie = False
+
+    def snapshot(self) -> State:
+        state = super().snapshot()
+        if self.lie and self.commits == 2:
+            objects = dict(state.objects)
+            objects["phantom"] = ("left behind",)
+            return State(objects)
+        return state
+
+
+def test_read_back_mismatch_rolls_back_to_the_previous_state(lock: Path) -> None:
+    kernel = _LyingKernel()
+    apply(HOSTNAMES, kernel, lock)
+    before = dict(kernel.objects)
+    kernel.lie = True
+    with pytest.raises(lbc.ApplyError, match="rolled back"):
+        apply(WEIGHTED, kernel, lock)
+    assert kernel.objects == before
+
+
+def test_a_second_apply_waits_for_the_lock_then_fails_clearly(lock: Path) -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with host_lock(lock):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        held.wait(5)
+        kernel = FakeKernel()
+        with pytest.raises(lbc.ApplyError, match="another lbc apply holds"):
+            apply(HOSTNAMES, kernel, lock, lock_timeout=0.3)
+        assert kernel.commits == 0
+    finally:
+        release.set()
+        thread.join()
+    assert apply(HOSTNAMES, FakeKernel(), lock, lock_timeout=0.3).applied
+
+
+def test_engine_is_usable_directly_with_a_backend_instance(lock: Path) -> None:
+    kernel = FakeKernel()
+    engine = Engine(lbc.backends()["ir"], kernel, lock)
+    artifact = lbc.compile(lbc.load(HOSTNAMES), "ir")
+    assert not engine.plan(artifact).in_sync
+    engine.apply(artifact)
+    assert engine.verify(artifact).in_sync
+
+
+def test_compile_only_backends_refuse_to_apply() -> None:
+    with pytest.raises(lbc.UnsupportedError, match="only compiles"):
+        lbc.plan(lbc.load(HOSTNAMES), "ir")
+
+
+def test_diff_command_shows_only_the_changed_rules(tmp_path: Path) -> None:
+    new = tmp_path / "new.toml"
+    new.write_text(
+        HOSTNAMES.read_text().replace('ip = "10.244.2.3"', 'ip = "10.244.2.4"'), encoding="utf-8"
+    )
+    result = CliRunner().invoke(main, ["diff", str(HOSTNAMES), str(new), "-b", "iptables"])
+    assert result.exit_code == 1, result.output
+    changed = [
+        line
+        for line in result.output.splitlines()
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert changed and all("10.244.2." in line or "LBC-SEP-" in line for line in changed)
+    same = CliRunner().invoke(main, ["diff", str(HOSTNAMES), str(HOSTNAMES)])
+    assert same.exit_code == 0 and same.output == ""
