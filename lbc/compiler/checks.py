@@ -1,144 +1,219 @@
-"""Semantic checks over a schema-valid cluster: conflicts the schema alone cannot see."""
+"""Semantic checks over schema-valid parts of a cluster: conflicts the schema cannot see."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from lbc.compiler.locate import Path
-from lbc.compiler.model import Cluster, Service
+from lbc.compiler.locate import Path, format_path
+from lbc.compiler.model import Node, Service
 
 Found = tuple[Path, str]
+Indexed = Sequence[tuple[int, Service]]
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Keys of a service that hold the addresses it answers on, in the order they are checked.
+_ADDRESS_KEYS = ("cluster_ips", "external_ips", "load_balancer_ips")
+_LABEL = {"cluster_ips": "cluster IP", "external_ips": "external IP", "load_balancer_ips": "LB IP"}
 
 
-def check(cluster: Cluster) -> list[Found]:
-    """Return every semantic problem as `(key path, message)`, in config order."""
+def check(node: Node | None, services: Indexed) -> list[Found]:
+    """Every semantic problem as `(key path, message)`.
+
+    `node` is None when it failed schema validation, and `services` holds only the
+    services that passed it, with their index in the file; checks that need a part
+    which is missing are skipped, so a schema error never causes a false report here.
+    """
     found: list[Found] = []
-    found += _node(cluster)
-    found += _services_unique(cluster)
-    for i, svc in enumerate(cluster.services):
-        found += _service(cluster, ("services", i), svc)
+    if node is not None:
+        found += _node(node)
+    found += _across_services(services)
+    for i, svc in services:
+        at: Path = ("services", i)
+        found += _addresses(at, svc)
+        found += _types(at, svc)
+        found += _ports(at, svc)
+        found += _endpoints(at, svc)
+        if node is not None:
+            found += _against_node(at, svc, node)
     return found
 
 
-def _node(cluster: Cluster) -> Iterator[Found]:
-    by_family: dict[int, int] = {}
-    for i, cidr in enumerate(cluster.node.pod_cidrs):
-        if cidr.version in by_family:
+def _node(node: Node) -> Iterator[Found]:
+    families: set[int] = set()
+    for i, cidr in enumerate(node.pod_cidrs):
+        if cidr.version in families:
             yield (
                 ("node", "pod_cidrs", i),
-                f"a second IPv{cidr.version} pod CIDR; give at most one per IP family "
-                "(as kube-proxy's --cluster-cidr)",
+                f"a second IPv{cidr.version} pod CIDR; give at most one per IP family",
             )
-        by_family[cidr.version] = i
+        families.add(cidr.version)
+    seen: dict[IP, int] = {}
+    for i, ip in enumerate(node.addresses):
+        if ip in seen:
+            yield (("node", "addresses", i), f"{ip} is listed twice (also addresses[{seen[ip]}])")
+        seen.setdefault(ip, i)
 
 
-def _services_unique(cluster: Cluster) -> Iterator[Found]:
+def _across_services(services: Indexed) -> Iterator[Found]:
     names: dict[tuple[str, str], int] = {}
-    frontends: dict[tuple[str, str, int], str] = {}
-    node_ports: dict[tuple[str, int], str] = {}
-    for i, svc in enumerate(cluster.services):
+    cluster_ips: dict[IP, str] = {}
+    for i, svc in services:
         key = (svc.namespace, svc.name)
         if key in names:
             yield (
                 ("services", i, "name"),
-                f"duplicate service {svc.namespace}/{svc.name} (also services[{names[key]}])",
+                f"duplicate service {_who(svc)} (also services[{names[key]}])",
             )
-        else:
-            names[key] = i
-        who = f"{svc.namespace}/{svc.name}"
-        addresses = [
-            *((("cluster_ips", j), ip) for j, ip in enumerate(svc.cluster_ips)),
-            *((("external_ips", j), ip) for j, ip in enumerate(svc.external_ips)),
-            *((("load_balancer_ips", j), ip) for j, ip in enumerate(svc.load_balancer_ips)),
-        ]
-        for where, ip in addresses:
-            for k, port in enumerate(svc.ports):
-                fkey = (str(ip), port.protocol, port.port)
-                other = frontends.get(fkey)
-                if other is not None and other != who:
-                    yield (
-                        ("services", i, *where),
-                        f"{_hostport(ip, port.port)}/{port.protocol.lower()} is already used "
-                        f"by {other}",
-                    )
-                else:
-                    frontends[fkey] = who
-                if port.node_port is not None and where == ("cluster_ips", 0):
-                    nkey = (port.protocol, port.node_port)
-                    if nkey in node_ports:
+        names.setdefault(key, i)
+        for j, ip in enumerate(svc.cluster_ips):
+            owner = cluster_ips.setdefault(ip, _who(svc))
+            if owner != _who(svc):
+                yield (
+                    ("services", i, "cluster_ips", j),
+                    f"cluster IP {ip} is already used by {owner}",
+                )
+    yield from _frontends(services, cluster_ips)
+    yield from _node_ports(services)
+
+
+def _frontends(services: Indexed, cluster_ips: dict[IP, str]) -> Iterator[Found]:
+    """External and LB IPs: not another service's cluster IP, and no address:port/proto twice."""
+    taken: dict[tuple[IP, str, int], str] = {}
+    for i, svc in services:
+        for key in ("external_ips", "load_balancer_ips"):
+            for j, ip in enumerate(getattr(svc, key)):
+                where = ("services", i, key, j)
+                owner = cluster_ips.get(ip)
+                if owner is not None and owner != _who(svc):
+                    yield (where, f"{_LABEL[key]} {ip} is the cluster IP of {owner}")
+                    continue
+                for port in svc.ports:
+                    fkey = (ip, port.protocol, port.port)
+                    other = taken.setdefault(fkey, _who(svc))
+                    if other != _who(svc):
                         yield (
-                            ("services", i, "ports", k, "node_port"),
-                            f"node port {port.node_port}/{port.protocol.lower()} is already "
-                            f"used by {node_ports[nkey]}",
+                            where,
+                            f"{_hostport(ip, port.port)}/{port.protocol.lower()} is already "
+                            f"used by {other}",
                         )
-                    else:
-                        node_ports[nkey] = f"{who}:{port.name or port.port}"
 
 
-def _service(cluster: Cluster, at: Path, svc: Service) -> Iterator[Found]:
-    families: dict[int, int] = {}
+def _node_ports(services: Indexed) -> Iterator[Found]:
+    taken: dict[tuple[str, int], str] = {}
+    for i, svc in services:
+        for k, port in enumerate(svc.ports):
+            if port.node_port is None:
+                continue
+            mine = f"{_who(svc)}:{port.name or port.port}"
+            other = taken.setdefault((port.protocol, port.node_port), mine)
+            if other != mine:
+                yield (
+                    ("services", i, "ports", k, "node_port"),
+                    f"node port {port.node_port}/{port.protocol.lower()} is already used by "
+                    f"{other}",
+                )
+
+
+def _addresses(at: Path, svc: Service) -> Iterator[Found]:
+    families: set[int] = set()
     for j, ip in enumerate(svc.cluster_ips):
         if ip.version in families:
             yield (
                 (*at, "cluster_ips", j),
-                f"two IPv{ip.version} cluster IPs; a dual-stack "
-                "service has one IPv4 and one IPv6 address",
+                f"two IPv{ip.version} cluster IPs; a dual-stack service has one IPv4 "
+                "and one IPv6 address",
             )
-        families[ip.version] = j
-        for cidr in cluster.node.pod_cidrs:
-            if ip.version == cidr.version and ip in cidr:
-                yield ((*at, "cluster_ips", j), f"cluster IP {ip} is inside the pod CIDR {cidr}")
-    for key in ("external_ips", "load_balancer_ips"):
+        families.add(ip.version)
+    seen: dict[IP, Path] = {}
+    for key in _ADDRESS_KEYS:
         for j, ip in enumerate(getattr(svc, key)):
-            if ip.version not in families:
+            where = (*at, key, j)
+            if ip in seen:
+                yield (where, f"{ip} is already listed at {format_path(seen[ip])}")
+                continue
+            seen[ip] = (key, j)
+            if key != "cluster_ips" and ip.version not in families:
                 yield (
-                    (*at, key, j),
-                    f"{ip} is IPv{ip.version} but the service has no IPv{ip.version} cluster IP",
+                    where,
+                    f"{_LABEL[key]} {ip} is IPv{ip.version} but the service has no "
+                    f"IPv{ip.version} cluster IP",
                 )
-    if svc.load_balancer_ips and svc.type != "LoadBalancer":
-        yield ((*at, "load_balancer_ips"), 'load_balancer_ips needs type = "LoadBalancer"')
-    if svc.load_balancer_source_ranges and svc.type != "LoadBalancer":
-        yield (
-            (*at, "load_balancer_source_ranges"),
-            'load_balancer_source_ranges needs type = "LoadBalancer"',
-        )
-    yield from _ports(at, svc)
-    yield from _endpoints(at, svc, families)
+
+
+def _types(at: Path, svc: Service) -> Iterator[Found]:
+    if svc.type == "LoadBalancer":
+        return
+    for key in ("load_balancer_ips", "load_balancer_source_ranges"):
+        if getattr(svc, key):
+            yield ((*at, key), f'{key} needs type = "LoadBalancer" (the type is {svc.type!r})')
 
 
 def _ports(at: Path, svc: Service) -> Iterator[Found]:
-    names: set[str] = set()
-    seen: set[tuple[str, int]] = set()
+    names: dict[str, int] = {}
+    seen: dict[tuple[str, int], int] = {}
     for k, port in enumerate(svc.ports):
         where = (*at, "ports", k)
         if len(svc.ports) > 1 and not port.name:
             yield ((*where, "name"), "a service with several ports must name each of them")
         elif port.name in names:
-            yield ((*where, "name"), f"duplicate port name {port.name!r}")
-        names.add(port.name)
-        if (port.protocol, port.port) in seen:
-            yield ((*where, "port"), f"port {port.port}/{port.protocol.lower()} appears twice")
-        seen.add((port.protocol, port.port))
+            yield (
+                (*where, "name"),
+                f"duplicate port name {port.name!r} (also ports[{names[port.name]}])",
+            )
+        names.setdefault(port.name, k)
+        pkey = (port.protocol, port.port)
+        if pkey in seen:
+            yield (
+                (*where, "port"),
+                f"port {port.port}/{port.protocol.lower()} is already ports[{seen[pkey]}]",
+            )
+        seen.setdefault(pkey, k)
         if port.node_port is not None and svc.type == "ClusterIP":
             yield ((*where, "node_port"), 'node_port needs type = "NodePort" or "LoadBalancer"')
+        if port.node_port is None and svc.type == "NodePort":
+            # Kubernetes would allocate one; lbc has no allocator, and silently leaving the
+            # port off the nodes would surprise whoever asked for a NodePort service.
+            yield (where, 'type = "NodePort" needs a node_port on every port')
 
 
-def _endpoints(at: Path, svc: Service, families: dict[int, int]) -> Iterator[Found]:
-    seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, int] = {}
+def _endpoints(at: Path, svc: Service) -> Iterator[Found]:
+    families = sorted({ip.version for ip in svc.cluster_ips})
+    seen: dict[IP, int] = {}
     for j, ep in enumerate(svc.endpoints):
-        where = (*at, "endpoints", j)
+        where = (*at, "endpoints", j, "ip")
         if ep.ip.version not in families:
-            have = "/".join(f"IPv{v}" for v in sorted(families))
-            yield (
-                (*where, "ip"),
-                f"endpoint {ep.ip} is IPv{ep.ip.version} but the service's cluster IPs are {have}",
-            )
+            have = " and ".join(f"IPv{v}" for v in families)
+            yield (where, f"endpoint {ep.ip} is IPv{ep.ip.version} but the service is {have} only")
         if ep.ip in seen:
-            yield ((*where, "ip"), f"duplicate endpoint {ep.ip} (also endpoints[{seen[ep.ip]}])")
-        else:
-            seen[ep.ip] = j
+            yield (where, f"duplicate endpoint {ep.ip} (also endpoints[{seen[ep.ip]}])")
+        seen.setdefault(ep.ip, j)
 
 
-def _hostport(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+def _against_node(at: Path, svc: Service, node: Node) -> Iterator[Found]:
+    for j, ip in enumerate(svc.cluster_ips):
+        where = (*at, "cluster_ips", j)
+        for cidr in node.pod_cidrs:
+            if ip.version == cidr.version and ip in cidr:
+                yield (where, f"cluster IP {ip} is inside the pod CIDR {cidr}")
+        if ip in node.addresses:
+            yield (where, f"cluster IP {ip} is the node's own address")
+    node_ports = [(k, p.node_port) for k, p in enumerate(svc.ports) if p.node_port is not None]
+    if svc.type == "ClusterIP" or not node_ports:
+        return
+    families = {ip.version for ip in svc.cluster_ips}
+    if not families & {a.version for a in node.addresses}:
+        k, number = node_ports[0]
+        need = " or ".join(f"IPv{v}" for v in sorted(families))
+        yield (
+            (*at, "ports", k, "node_port"),
+            f"node port {number} needs an {need} address in node.addresses",
+        )
+
+
+def _who(svc: Service) -> str:
+    return f"{svc.namespace}/{svc.name}"
+
+
+def _hostport(ip: IP, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+import datetime
 import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, TypeVar
 
 import tomli
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from lbc.compiler.checks import check
+from lbc.compiler import model
+from lbc.compiler.checks import Found, check
 from lbc.compiler.locate import Path, format_path, key_lines, line_of
-from lbc.compiler.model import Cluster
+from lbc.compiler.model import Cluster, Node, Service
 from lbc.errors import ConfigError, Problem
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def load(source: str | os.PathLike[str]) -> Cluster:
     """Load a cluster from a path (`Path` or a one-line string) or from TOML text."""
     if isinstance(source, os.PathLike) or "\n" not in source:
-        path = FsPath(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([Problem(str(path), "", None, f"cannot read file: {exc}")]) from None
-        return loads(text, filename=str(path))
+        return loads(_read(FsPath(source)), filename=str(source))
     return loads(source)
 
 
@@ -33,86 +35,283 @@ def loads(text: str, filename: str = "<string>") -> Cluster:
     try:
         data = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        message = getattr(exc, "msg", str(exc))
-        raise ConfigError([Problem(filename, "", line, f"malformed TOML: {message}")]) from None
+        raise ConfigError([_toml_problem(exc, filename)]) from None
     try:
         cluster = Cluster.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(text, filename, _schema_problems(exc, data)) from None
-    found = check(cluster)
+        # Report the schema errors together with what the semantic checks find in
+        # the parts that are valid, so that one run shows every problem.
+        found, unknown = _schema_problems(exc, data)
+        found += check(*_valid_parts(_without(data, unknown)))
+        raise _config_error(text, filename, found) from None
+    found = check(cluster.node, list(enumerate(cluster.services)))
     if found:
         raise _config_error(text, filename, found)
     return cluster
 
 
-def _config_error(text: str, filename: str, found: list[tuple[Path, str]]) -> ConfigError:
+def _read(path: FsPath) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError([Problem(str(path), "", None, f"cannot read file: {reason}")]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        byte = raw[exc.start]
+        message = f"not UTF-8 text (byte {byte:#04x}); save the file as UTF-8"
+        raise ConfigError([Problem(str(path), "", line, message)]) from None
+
+
+def _toml_problem(exc: tomli.TOMLDecodeError, filename: str) -> Problem:
+    message = str(getattr(exc, "msg", exc))
+    if message == "Illegal character '\\n'":
+        message = "a string is not closed before the end of its line"
+    elif message == "Cannot overwrite a value":
+        message = "this key is already set; a key may be given only once"
+    elif message.startswith("Cannot declare ("):
+        # tomli names the table as a Python tuple; say it as the header the user wrote.
+        table = message.removeprefix("Cannot declare ").removesuffix(" twice")
+        parts = [p.strip(" '\"") for p in table.strip("(),").split(",") if p.strip()]
+        message = f"table [{'.'.join(parts)}] is declared twice"
+    column = getattr(exc, "colno", None)
+    where = f" (column {column})" if column else ""
+    return Problem(filename, "", getattr(exc, "lineno", None), f"malformed TOML{where}: {message}")
+
+
+def _config_error(text: str, filename: str, found: list[Found]) -> ConfigError:
     lines = key_lines(text)
     problems = [Problem(filename, format_path(p), line_of(lines, p), msg) for p, msg in found]
-    problems.sort(key=lambda p: (p.line or 0, p.path))
+    problems.sort(key=lambda p: p.line or 0)  # stable: same-line problems keep their order
     return ConfigError(problems)
 
 
-def _schema_problems(exc: ValidationError, data: dict[str, Any]) -> list[tuple[Path, str]]:
-    out: list[tuple[Path, str]] = []
+def _valid_parts(data: dict[str, Any]) -> tuple[Node | None, list[tuple[int, Service]]]:
+    """The node and the services that pass the schema on their own, for semantic checks."""
+    node = _try(Node, data.get("node"))
+    services: list[tuple[int, Service]] = []
+    raw = data.get("services")
+    if isinstance(raw, list):
+        for i, item in enumerate(raw):
+            svc = _try(Service, item)
+            if svc is not None:
+                services.append((i, svc))
+    return node, services
+
+
+def _without(data: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
+    """A copy of `data` without the keys at `paths` (unknown keys, already reported)."""
+    pruned = copy.deepcopy(data)
+    for path in paths:
+        parent: Any = pruned
+        for part in path[:-1]:
+            parent = parent[part] if _has(parent, part) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return pruned
+
+
+def _try(cls: type[_M], value: object) -> _M | None:
+    try:
+        return cls.model_validate(value)
+    except ValidationError:
+        return None
+
+
+# --- wording of schema errors ------------------------------------------------------
+
+
+def _schema_problems(exc: ValidationError, data: dict[str, Any]) -> tuple[list[Found], list[Path]]:
+    """The schema errors as `(path, message)`, and the paths of the unknown keys."""
+    errors = exc.errors(include_url=False)
+    locs = [_clean_loc(e["loc"], data, last_is_key=e["type"] == "missing") for e in errors]
+    unknown = [loc for e, loc in zip(errors, locs, strict=True) if e["type"] == "extra_forbidden"]
+    # A misspelt required key shows up twice: unknown `clusterIPs`, missing `cluster_ips`.
+    # The unknown key's suggestion already says it all, so drop the "missing" half.
+    guessed = {(*loc[:-1], _closest(loc[:-1], str(loc[-1]), None)) for loc in unknown}
+    out: list[Found] = []
     seen: set[Path] = set()
-    for err in exc.errors(include_url=False):
-        loc = _clean_loc(err["loc"])
-        if err["type"] == "extra_forbidden":
-            message = f"unknown key {str(loc[-1])!r}" + _suggest(loc)
-        elif err["type"] == "missing":
-            message = "missing required key"
-        elif err["type"] in ("literal_error", "enum"):
-            expected = err.get("ctx", {}).get("expected", "")
-            message = f"must be one of {expected}, not {err['input']!r}"
-        else:
-            message = _message(err)
+    for err, loc in zip(errors, locs, strict=True):
+        if err["type"] == "missing" and loc in guessed:
+            continue
         if loc in seen and err["type"] not in ("missing", "extra_forbidden"):
-            continue  # a union reports one failure per member; one line is enough
+            continue  # a union reports one failure per member; one is enough
         seen.add(loc)
-        out.append((loc, message))
-    return out
+        out.append((loc, _message(err, loc)))
+    return out, unknown
 
 
-def _clean_loc(loc: tuple[int | str, ...]) -> Path:
-    # pydantic inserts union member and validator tags into `loc`; keep only real keys.
+def _clean_loc(loc: tuple[int | str, ...], data: object, last_is_key: bool) -> Path:
+    """Keep the parts of pydantic's `loc` that are keys in the data (not union tags)."""
     keep: list[str | int] = []
-    for part in loc:
-        if isinstance(part, str) and ("[" in part or part.startswith("function-")):
+    node = data
+    for n, part in enumerate(loc):
+        if _has(node, part):
+            node = node[part]  # type: ignore[index]
+        elif not (last_is_key and n == len(loc) - 1):
             continue
         keep.append(part)
     return tuple(keep)
 
 
-def _message(err: Any) -> str:
-    msg = str(err["msg"])
-    msg = msg.removeprefix("Value error, ")
-    if err["type"] == "string_pattern_mismatch" and "a-z0-9" in str(err.get("ctx", {})):
-        return f"{err['input']!r} is not a DNS label (lower-case letters, digits and '-')"
-    return f"{msg} (got {err['input']!r})" if not isinstance(err["input"], dict | list) else msg
+def _has(node: object, part: int | str) -> bool:
+    if isinstance(node, Mapping):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
-def _suggest(loc: Path) -> str:
-    model = _model_at(loc[:-1])
-    if model is None:
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+_TYPES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "an array",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "dict_type": "a table",
+}
+
+_LABEL_RULE = "a DNS label (lower-case letters, digits and '-', not at either end)"
+_PATTERNS = {
+    model.DNS_LABEL: _LABEL_RULE,
+    model.PORT_NAME: _LABEL_RULE,
+    model.DNS_SUBDOMAIN: "a DNS name (DNS labels joined by '.')",
+    model.LABEL_VALUE: "a label value (letters, digits, '-', '_' and '.', not at either end)",
+}
+
+
+def _message(err: Any, loc: Path) -> str:
+    kind: str = err["type"]
+    value = err["input"]
+    ctx: dict[str, Any] = err.get("ctx") or {}
+    name = str(loc[-1]) if loc and isinstance(loc[-1], str) else "value"
+    if kind == "missing":
+        return f"missing required key {name!r}"
+    if kind == "extra_forbidden":
+        return f"unknown key {name!r}" + _suggest(loc[:-1], name, None)
+    if kind in _TYPES:
+        return f"expected {_TYPES[kind]}, got {_describe(value)}"
+    if kind == "wrong_type":
+        return f"expected {ctx['expected']}, got {_describe(value)}"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        return _out_of_range(loc, name, value)
+    if kind == "literal_error":
+        if not isinstance(value, str):
+            return f"expected one of {ctx['expected']}, got {_describe(value)}"
+        options = [o.strip("'") for o in str(ctx["expected"]).replace(" or ", ", ").split(", ")]
+        return f"{name} {value!r} is not one of {ctx['expected']}" + _suggest(
+            loc[:-1], value, options
+        )
+    if kind == "too_short":
+        least = ctx.get("min_length", 1)
+        return f"{name} must not be empty" if least == 1 else f"{name} needs {least} or more items"
+    if kind == "too_long":
+        return f"{name} has {ctx.get('actual_length')} items; at most {ctx['max_length']} allowed"
+    if kind == "string_too_short":
+        return f"{name} must not be empty"
+    if kind == "string_too_long":
+        return f"{name} is {len(value)} characters long; at most {ctx['max_length']} allowed"
+    if kind == "string_pattern_mismatch":
+        rule = _PATTERNS.get(str(ctx.get("pattern")), f"matching {ctx.get('pattern')}")
+        return f"{name} {value!r} is not {rule}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if kind == "value_error":
+        return msg
+    return f"{msg} (got {_describe(value)})"
+
+
+def _describe(value: object) -> str:
+    """A TOML value as a user would name it: `the string '80'`, `an array`, ..."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the {'integer' if isinstance(value, int) else 'float'} {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return "a date/time"
+    return type(value).__name__
+
+
+def _out_of_range(loc: Path, name: str, value: object) -> str:
+    low, high = _bounds(_field_at(loc))
+    if low is not None and high is not None:
+        return f"{name} {value} is out of range {low}-{high}"
+    if low is not None:
+        return f"{name} {value} must be at least {low}"
+    if high is not None:
+        return f"{name} {value} must be at most {high}"
+    return f"{name} {value} is out of range"
+
+
+def _bounds(field: FieldInfo | None) -> tuple[int | None, int | None]:
+    """The `ge`/`le` limits of a field, also when they sit inside `Annotated[...] | None`."""
+    low: int | None = None
+    high: int | None = None
+    stack: list[Any] = [field]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            continue
+        low = getattr(item, "ge", None) if low is None else low
+        high = getattr(item, "le", None) if high is None else high
+        stack += getattr(item, "metadata", None) or []
+        stack += getattr(item, "__metadata__", ())
+        stack += getattr(item, "__args__", ())
+        if isinstance(item, FieldInfo):
+            stack.append(item.annotation)
+    return low, high
+
+
+def _suggest(table: Path, word: str, options: list[str] | None) -> str:
+    """`; did you mean 'x'?` for a close option, or nothing."""
+    close = _closest(table, word, options)
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def _closest(table: Path, word: str, options: list[str] | None) -> str | None:
+    """The option closest to `word`, compared case- and `_`-insensitively.
+
+    `options` defaults to the keys of the table at `table`.
+    """
+    if options is None:
+        found = _model_at(table)
+        options = list(found.model_fields) if found is not None else []
+    by_norm = {_norm(o): o for o in options}
+    close = difflib.get_close_matches(_norm(word), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[close[0]] if close else None
+
+
+def _norm(word: str) -> str:
+    # `clusterIPs` and `targetPort` (Kubernetes' spelling) should find their snake_case keys.
+    return word.lower().replace("_", "").replace("-", "")
+
+
+def _field_at(loc: Path) -> FieldInfo | None:
+    parent = _model_at(loc[:-1])
+    return None if parent is None or not loc else parent.model_fields.get(str(loc[-1]))
 
 
 def _model_at(loc: Path) -> type[BaseModel] | None:
-    model: type[BaseModel] = Cluster
+    found: type[BaseModel] = Cluster
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        inner = _inner_model(field.annotation)
+        field = found.model_fields.get(part)
+        inner = _inner_model(field.annotation) if field is not None else None
         if inner is None:
             return None
-        model = inner
-    return model
+        found = inner
+    return found
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:

@@ -2,16 +2,25 @@
 
 tomli returns plain dicts without positions, so this module re-reads text that
 tomli has already accepted and records the line of every key, array element and
-table header. It only needs to understand valid TOML.
+table header. It only needs to understand valid TOML (1.0, plus the 1.1 forms
+tomli accepts: newlines and trailing commas in inline tables).
+
+    >>> key_lines('[node]\\nname = "n"\\n[[services]]\\nports = [\\n  { port = 80 },\\n]\\n')
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {('node',): 1, ('node', 'name'): 2, ('services',): 3, ('services', 0): 3,
+     ('services', 0, 'ports'): 4, ('services', 0, 'ports', 0): 5,
+     ('services', 0, 'ports', 0, 'port'): 5}
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import tomli
 
 Path = tuple[str | int, ...]
 
 _BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# Characters that end a bare value (number, boolean, date-time) inside its line.
+_VALUE_END = frozenset(",]}\n#")
 
 
 class _Reader:
@@ -25,128 +34,151 @@ class _Reader:
         self.array_tables: dict[Path, int] = {}
 
     # --- low level -----------------------------------------------------------------
-    def peek(self, k: int = 0) -> str:
-        j = self.i + k
-        return self.s[j] if j < len(self.s) else ""
+    def peek(self) -> str:
+        return self.s[self.i] if self.i < len(self.s) else ""
 
-    def advance(self, n: int = 1) -> None:
-        chunk = self.s[self.i : self.i + n]
-        self.line += chunk.count("\n")
-        self.i += n
+    def advance_to(self, j: int) -> None:
+        if j <= self.i:  # every step must move forward, or a locator bug would hang
+            raise ValueError(f"locator stuck at offset {self.i}")
+        self.line += self.s.count("\n", self.i, j)
+        self.i = j
+
+    def expect(self, token: str) -> None:
+        if not self.s.startswith(token, self.i):
+            raise ValueError(f"expected {token!r} at offset {self.i}")
+        self.advance_to(self.i + len(token))
 
     def skip_ws(self, newlines: bool) -> None:
+        """Skip blanks and comments (and newlines, where TOML allows them)."""
         while self.i < len(self.s):
             c = self.s[self.i]
             if c in " \t\r" or (newlines and c == "\n"):
-                self.advance()
+                self.advance_to(self.i + 1)
             elif c == "#":
                 end = self.s.find("\n", self.i)
-                self.advance((len(self.s) if end < 0 else end) - self.i)
+                self.advance_to(len(self.s) if end < 0 else end)
             else:
                 return
 
-    def record(self, path: Path) -> None:
-        self.lines.setdefault(path, self.line)
+    def record(self, path: Path, line: int | None = None) -> None:
+        self.lines.setdefault(path, self.line if line is None else line)
+
+    # --- strings -------------------------------------------------------------------
+    def string(self) -> str:
+        """Consume any of the four string forms and return its raw source text."""
+        start = self.i
+        q = self.peek()
+        if self.s.startswith(q * 3, self.i):
+            j = self.i + 3
+            while True:
+                if q == '"' and self.s[j] == "\\":
+                    j += 2
+                elif self.s.startswith(q * 3, j):
+                    # Up to two quotes right before the closing three belong to the string.
+                    run = 3
+                    while run < 5 and j + run < len(self.s) and self.s[j + run] == q:
+                        run += 1
+                    j += run
+                    break
+                else:
+                    j += 1
+        else:
+            j = self.i + 1
+            while self.s[j] != q:
+                j += 2 if q == '"' and self.s[j] == "\\" else 1
+            j += 1
+        self.advance_to(j)
+        return self.s[start:j]
 
     # --- keys and values -----------------------------------------------------------
     def key(self) -> list[str]:
+        """A dotted key: its parts with quoted parts decoded."""
         parts: list[str] = []
         while True:
             self.skip_ws(False)
-            c = self.peek()
-            if c in "\"'":
-                parts.append(self.string())
+            if self.peek() in ("'", '"'):
+                raw = self.string()
+                # A quoted key may hold escapes; tomli already accepted it, so let it decode.
+                parts.append(tomli.loads(f"k = {raw}")["k"] if "\\" in raw else raw[1:-1])
             else:
-                start = self.i
-                while self.peek() and self.peek() in _BARE:
-                    self.advance()
-                parts.append(self.s[start : self.i])
+                j = self.i
+                while j < len(self.s) and self.s[j] in _BARE:
+                    j += 1
+                parts.append(self.s[self.i : j])
+                self.advance_to(j)
             self.skip_ws(False)
             if self.peek() != ".":
                 return parts
-            self.advance()
-
-    def string(self) -> str:
-        q = self.peek()
-        if self.s.startswith(q * 3, self.i):
-            end = self.s.find(q * 3, self.i + 3)
-            while self.s.startswith(q, end + 3):  # up to two quotes may close a string
-                end += 1
-            text = self.s[self.i + 3 : end]
-            self.advance(end + 3 - self.i)
-            return text
-        self.advance()
-        out: list[str] = []
-        while self.peek() and self.peek() != q:
-            if q == '"' and self.peek() == "\\":
-                out.append(self.s[self.i : self.i + 2])
-                self.advance(2)
-            else:
-                out.append(self.peek())
-                self.advance()
-        self.advance()
-        return "".join(out)
+            self.expect(".")
 
     def value(self, path: Path) -> None:
         self.record(path)
         c = self.peek()
-        if c in "\"'":
+        if c in ("'", '"'):
             self.string()
         elif c == "[":
-            self.advance()
-            index = 0
-            while True:
-                self.skip_ws(True)
-                if self.peek() == "]":
-                    self.advance()
-                    return
-                self.value((*path, index))
-                index += 1
-                self.skip_ws(True)
-                if self.peek() == ",":
-                    self.advance()
+            self.array(path)
         elif c == "{":
-            self.advance()
-            while True:
-                self.skip_ws(False)
-                if self.peek() == "}":
-                    self.advance()
-                    return
-                self.key_value(path)
-                self.skip_ws(False)
-                if self.peek() == ",":
-                    self.advance()
+            self.inline_table(path)
         else:
-            while self.peek() and self.peek() not in ",]}\n#":
-                self.advance()
+            j = self.i
+            while j < len(self.s) and self.s[j] not in _VALUE_END:
+                j += 1
+            self.advance_to(j)
+
+    def array(self, path: Path) -> None:
+        self.expect("[")
+        index = 0
+        while True:
+            self.skip_ws(True)
+            if self.peek() == "]":
+                self.expect("]")
+                return
+            self.value((*path, index))
+            index += 1
+            self.skip_ws(True)
+            if self.peek() == ",":
+                self.expect(",")
+
+    def inline_table(self, path: Path) -> None:
+        self.expect("{")
+        while True:
+            self.skip_ws(True)
+            if self.peek() == "}":
+                self.expect("}")
+                return
+            self.key_value(path)
+            self.skip_ws(True)
+            if self.peek() == ",":
+                self.expect(",")
 
     def key_value(self, table: Path) -> None:
         line = self.line
         parts = self.key()
         for n in range(1, len(parts) + 1):
-            self.lines.setdefault((*table, *parts[:n]), line)
-        self.skip_ws(False)
-        self.advance()  # '='
+            self.record((*table, *parts[:n]), line)
+        self.expect("=")
         self.skip_ws(False)
         self.value((*table, *parts))
 
     # --- document ------------------------------------------------------------------
     def header(self) -> Path:
+        """A `[table]` or `[[array.of.tables]]` header; returns the table's path."""
         array = self.s.startswith("[[", self.i)
-        self.advance(2 if array else 1)
+        self.expect("[[" if array else "[")
         parts = self.key()
-        self.advance(2 if array else 1)
+        self.expect("]]" if array else "]")
         path: list[str | int] = []
         for n, part in enumerate(parts):
             path.append(part)
             prefix = tuple(path)
-            last = n == len(parts) - 1
-            if last and array:
+            if array and n == len(parts) - 1:
                 count = self.array_tables.get(prefix, 0)
                 self.array_tables[prefix] = count + 1
                 self.record(prefix)
                 path.append(count)
             elif prefix in self.array_tables:
+                # A sub-table of an array of tables belongs to its latest element.
                 path.append(self.array_tables[prefix] - 1)
             self.record(tuple(path))
         return tuple(path)
@@ -164,11 +196,12 @@ class _Reader:
 
 
 def key_lines(text: str) -> dict[Path, int]:
-    """Return the line of every key path in `text` (valid TOML); best effort."""
+    """Return the line of every key path in `text` (TOML that tomli accepted); best effort."""
     reader = _Reader(text)
     try:
         return reader.document()
-    except (IndexError, ValueError):  # never let a locator bug hide the real error
+    except (IndexError, ValueError, tomli.TOMLDecodeError):
+        # Never let a locator bug hide the real error: keep what was found so far.
         return reader.lines
 
 
@@ -187,11 +220,13 @@ def format_path(path: Path) -> str:
     for part in path:
         if isinstance(part, int):
             out.append(f"[{part}]")
+        elif out:
+            out.append(f".{_key(part)}")
         else:
-            out.append(f".{part}" if out else part)
+            out.append(_key(part))
     return "".join(out)
 
 
-def iter_paths(lines: dict[Path, int]) -> Iterator[Path]:
-    """Every recorded path, in file order (handy for debugging the locator)."""
-    return iter(sorted(lines, key=lambda p: lines[p]))
+def _key(part: str) -> str:
+    # Quote keys that would not read back as one bare key (an unknown key may be anything).
+    return part if part and all(c in _BARE for c in part) else repr(part)

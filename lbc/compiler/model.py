@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -14,44 +15,102 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # names this strict is also what makes them safe inside rule comments.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 PORT_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+# RFC 1123 DNS subdomain, as Kubernetes requires for node names.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A Kubernetes label value, as the topology.kubernetes.io/zone label holds.
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def _wrong_type(expected: str) -> PydanticCustomError:
+    # One error instead of one per union member; load.py words it from `expected`.
+    return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
+
+
 def _address(value: object) -> object:
-    if isinstance(value, str):
+    # Strings only: pydantic would otherwise read an integer as an IPv4 address.
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    if not isinstance(value, str):
+        raise _wrong_type("an IP address string")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    _, slash, prefix = value.partition("/")
+    hint = ""
+    if slash:
         try:
-            return ipaddress.ip_address(value)
+            ipaddress.ip_interface(value)
+            hint = f" (drop the '/{prefix}')"
         except ValueError:
-            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
-    return value
+            pass
+    raise ValueError(f"{value!r} is not an IPv4 or IPv6 address{hint}")
 
 
 def _network(value: object) -> object:
-    if isinstance(value, str):
-        try:
-            return ipaddress.ip_network(value, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a CIDR network ({exc})") from None
-    return value
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise _wrong_type("a CIDR string")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR such as '10.244.0.0/16'") from None
+    raise ValueError(f"{value!r} has host bits set; did you mean '{loose}'?")
 
 
 def _protocol(value: object) -> object:
-    return value.upper() if isinstance(value, str) else value
+    if isinstance(value, str):
+        if value.upper() not in PROTOCOLS:
+            raise ValueError(f"protocol {value!r} is not TCP, UDP or SCTP")
+        return value.upper()
+    return value
+
+
+def _mark(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an integer such as 0x4000") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0 or value >= 1 << 32 or value & (value - 1):
+            raise ValueError(f"{value:#x} is not a single bit of a 32-bit mark, such as 0x4000")
+        return value
+    raise _wrong_type("an integer or a hex string")
 
 
 Address = Annotated[IPAddress, BeforeValidator(_address)]
 Network = Annotated[IPNetwork, BeforeValidator(_network)]
-ProtocolName = Annotated[Literal["TCP", "UDP", "SCTP"], BeforeValidator(_protocol)]
+ProtocolName = Annotated[
+    Literal["TCP", "UDP", "SCTP"],
+    BeforeValidator(_protocol),
+    WithJsonSchema({"enum": [*PROTOCOLS, *(p.lower() for p in PROTOCOLS)], "type": "string"}),
+]
+Mark = Annotated[
+    int,
+    BeforeValidator(_mark),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
+]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: TOML values are typed, so "80" where a port belongs is a mistake to
+    # report, not a string to coerce.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Node(_Strict):
     """The node lbc compiles for: its name, addresses, pod CIDRs and NAT settings."""
 
-    name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)] = Field(
         description="Node name; endpoints whose `node` equals it are local."
     )
     addresses: list[Address] = Field(
@@ -62,7 +121,7 @@ class Node(_Strict):
         description="Pod CIDRs, at most one per IP family; traffic from outside them is "
         "masqueraded when it reaches a cluster IP.",
     )
-    masquerade_mark: int | str = Field(
+    masquerade_mark: Mark = Field(
         default=0x4000,
         description="The single firewall-mark bit meaning 'masquerade this packet' "
         '(an integer or a hex string such as "0x4000").',
@@ -70,18 +129,6 @@ class Node(_Strict):
     masquerade_all: bool = Field(
         default=False, description="Masquerade all traffic to service IPs, as kube-proxy's flag."
     )
-
-    @field_validator("masquerade_mark")
-    @classmethod
-    def _single_bit(cls, value: int | str) -> int:
-        if isinstance(value, str):
-            try:
-                value = int(value, 0)
-            except ValueError:
-                raise ValueError(f"{value!r} is not an integer such as 0x4000") from None
-        if value <= 0 or value >= 1 << 32 or value & (value - 1):
-            raise ValueError(f"{value:#x} must be a single bit of a 32-bit mark, such as 0x4000")
-        return value
 
 
 class ServicePort(_Strict):
@@ -104,8 +151,12 @@ class Endpoint(_Strict):
     """One backend of a Service, as an EndpointSlice endpoint describes it."""
 
     ip: Address = Field(description="The endpoint's address.")
-    node: str | None = Field(default=None, description="The node it runs on.")
-    zone: str | None = Field(default=None, description="Its topology zone.")
+    node: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)] | None = Field(
+        default=None, description="The node it runs on."
+    )
+    zone: Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)] | None = Field(
+        default=None, description="Its topology zone."
+    )
     weight: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=1, description="Relative share of new connections; 0 takes none."
     )

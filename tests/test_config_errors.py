@@ -1,0 +1,153 @@
+"""Bad input: the corpus in tests/bad/ and the library's `ConfigError` contract.
+
+Each `tests/bad/<name>.toml` states, in its leading comment lines, every problem
+lbc must report for it, in order:
+
+    # expect: <line>: <key path>: <message fragment>
+
+`-` stands for "no line" or "no key path". The test fails on a missing problem, an
+unexpected extra one, a wrong line or path, or a message without the fragment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import lbc
+from lbc.compiler.model import DNS_LABEL
+
+BAD = Path(__file__).parent / "bad"
+CORPUS = sorted(BAD.glob("*.toml"))
+EXPECT = re.compile(r"^# expect: (?P<line>-|\d+): (?P<path>\S+): (?P<fragment>.+)$")
+
+Expected = tuple[int | None, str, str]
+
+VALID = """\
+[node]
+name = "n"
+[[services]]
+name = "web"
+cluster_ips = ["10.0.0.1"]
+ports = [{ name = "http", port = 80, protocol = "udp" }]
+"""
+
+
+def expectations(path: Path) -> list[Expected]:
+    """The `# expect:` lines at the top of a corpus file."""
+    out: list[Expected] = []
+    for raw in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not raw.startswith("#"):
+            break
+        m = EXPECT.match(raw)
+        if m:
+            line = None if m["line"] == "-" else int(m["line"])
+            out.append((line, "" if m["path"] == "-" else m["path"], m["fragment"]))
+    return out
+
+
+def problems_of(source: str | Path) -> tuple[lbc.Problem, ...]:
+    with pytest.raises(lbc.ConfigError) as info:
+        lbc.load(source)
+    return info.value.problems
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CORPUS) >= 30
+    for path in CORPUS:
+        assert expectations(path), f"{path.name} states no `# expect:` line"
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_bad_file_reports_exactly_what_it_states(path: Path) -> None:
+    expected = expectations(path)
+    got = problems_of(path)
+    shown = "\n".join(str(p) for p in got)
+    assert len(got) == len(expected), f"expected {len(expected)} problems, got:\n{shown}"
+    for problem, (line, key, fragment) in zip(got, expected, strict=True):
+        assert problem.file == str(path)
+        assert (problem.line, problem.path) == (line, key), f"got:\n{shown}"
+        assert fragment in problem.message, f"{fragment!r} not in {problem.message!r}"
+
+
+def test_problems_come_in_line_order() -> None:
+    for path in CORPUS:
+        lines = [p.line or 0 for p in problems_of(path)]
+        assert lines == sorted(lines), path.name
+
+
+def test_many_problems_are_reported_in_one_run() -> None:
+    got = problems_of(BAD / "many-problems.toml")
+    assert len(got) >= 5
+    # Schema errors and semantic conflicts come together, not one kind per run.
+    assert any("unknown key" in p.message for p in got)
+    assert any("already used by" in p.message for p in got)
+
+
+def test_config_error_is_an_lbc_error_with_problem_tuples() -> None:
+    with pytest.raises(lbc.LbcError) as info:
+        lbc.loads('[node]\nname = "n"\nnmae = "x"\n', filename="inline.toml")
+    err = info.value
+    assert isinstance(err, lbc.ConfigError)
+    assert isinstance(err.problems, tuple)
+    assert err.problems == (
+        lbc.Problem("inline.toml", "node.nmae", 3, "unknown key 'nmae'; did you mean 'name'?"),
+    )
+    assert str(err) == (
+        "1 problem in config:\n  inline.toml:3: node.nmae: unknown key 'nmae'; did you mean 'name'?"
+    )
+
+
+def test_loads_names_the_string_when_no_filename_is_given() -> None:
+    with pytest.raises(lbc.ConfigError) as info:
+        lbc.loads("[node]\n")
+    assert info.value.problems == (
+        lbc.Problem("<string>", "node.name", 1, "missing required key 'name'"),
+    )
+
+
+def test_unknown_key_without_a_close_match_gets_no_suggestion() -> None:
+    with pytest.raises(lbc.ConfigError) as info:
+        lbc.loads('[node]\nname = "n"\ncolour = "blue"\n')
+    (problem,) = info.value.problems
+    assert problem.message == "unknown key 'colour'"
+
+
+def test_missing_file_is_a_config_error_without_a_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.toml"
+    (problem,) = problems_of(missing)
+    assert problem == lbc.Problem(
+        str(missing), "", None, "cannot read file: No such file or directory"
+    )
+
+
+def test_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    (problem,) = problems_of(tmp_path)
+    assert problem.file == str(tmp_path)
+    assert problem.message.startswith("cannot read file:")
+
+
+def test_a_path_given_as_a_one_line_string_is_read() -> None:
+    (problem,) = problems_of(str(BAD / "port-zero.toml"))
+    assert problem.path == "services[0].ports[0].port"
+
+
+def test_a_valid_file_still_loads() -> None:
+    cluster = lbc.loads(VALID)
+    assert cluster.services[0].ports[0].protocol == "UDP"
+
+
+@pytest.mark.parametrize("name", ["Web", "a b", 'a"b', "a'b", "a\\b", "-a", "a-", "a.b", "ä", ""])
+def test_names_that_could_break_a_rule_comment_are_refused(name: str) -> None:
+    assert not re.match(DNS_LABEL, name)
+    quoted = json.dumps(name, ensure_ascii=False)  # a JSON string is a TOML basic string
+    text = VALID.replace('name = "web"', f"name = {quoted}").replace(
+        'name = "http"', f"name = {quoted}"
+    )
+    with pytest.raises(lbc.ConfigError) as info:
+        lbc.loads(text)
+    paths = [p.path for p in info.value.problems]
+    assert paths == ["services[0].name", "services[0].ports[0].name"][: 1 if not name else 2]
