@@ -1,0 +1,430 @@
+"""Network-namespace lab for kernel tests: namespaces, veth links, name-telling servers, a client.
+
+A `Lab` owns everything it creates and removes it by name when it closes, also when
+a test fails half way::
+
+    with Lab() as lab:
+        a, b = lab.namespace("a"), lab.namespace("b")
+        lab.link(a, ["10.9.0.1/24"], b, ["10.9.0.2/24"])
+        lab.serve(b, "web", "10.9.0.2", 8080)
+        result = a.request("10.9.0.2", 8080, count=10)
+        assert result.names == Counter({"web": 10})
+
+Namespaces are called `lbc-<role>-<pid>-<random>`, so parallel runs never collide,
+and veth pairs are created directly inside their namespaces, so the host's own
+interfaces are never touched. A server answers every TCP connection and UDP
+datagram with one line, `<name> <source address it saw>`, like the serve_hostname
+pods of the seed demo. A client runs N requests from ONE Python process inside a
+namespace and counts the answers and the errors (`refused`, `timeout`, ...).
+
+`seed_topology()` builds the seed demo: a client, a node that routes (the rules go
+there) and three backend pods, all with addresses from examples/hostnames.toml.
+Tests using this module are marked `netns`; `require()` skips them with the
+reason when the machine cannot run them (not root, no `ip netns`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import cache
+
+import pytest
+
+# Every command has a time limit so a wedged kernel call cannot hang the run.
+COMMAND_TIMEOUT = 20.0
+SERVER_START_TIMEOUT = 10.0
+
+SERVER = r"""
+import selectors, socket, sys
+
+name, host, ports = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+selector = selectors.DefaultSelector()
+for port in ports:
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((host, port))
+    tcp.listen(1024)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    udp.bind((host, port))
+    selector.register(tcp, selectors.EVENT_READ, "tcp")
+    selector.register(udp, selectors.EVENT_READ, "udp")
+print("ready", flush=True)
+while True:
+    for key, _ in selector.select():
+        sock = key.fileobj
+        if key.data == "udp":
+            data, peer = sock.recvfrom(2048)
+            sock.sendto(f"{name} {peer[0]}\n".encode(), peer)
+            continue
+        conn, peer = sock.accept()
+        conn.settimeout(2.0)
+        try:
+            conn.sendall(f"{name} {peer[0]}\n".encode())
+            # The client closes first, so TIME_WAIT stays on its side, where the
+            # kernel's port choice avoids it; waiting here costs one round trip.
+            conn.recv(64)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+"""
+
+CLIENT = r"""
+import errno, json, socket, sys, time
+
+host, port, count, proto, timeout, source = sys.argv[1:7]
+port, count, timeout = int(port), int(count), float(timeout)
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+replies, errors = {}, {}
+start = time.monotonic()
+for _ in range(count):
+    sock = socket.socket(family, kind)
+    sock.settimeout(timeout)
+    try:
+        if source:
+            sock.bind((source, 0))
+        sock.connect((host, port))
+        if kind == socket.SOCK_DGRAM:
+            sock.send(b"?\n")
+        data = b""
+        while not data.endswith(b"\n") and len(data) < 512:
+            chunk = sock.recv(512)
+            if not chunk:
+                break
+            data += chunk
+        line = data.decode(errors="replace").strip()
+        key, table = (line, replies) if line else ("empty", errors)
+    except ConnectionRefusedError:
+        key, table = "refused", errors
+    except ConnectionResetError:
+        key, table = "reset", errors
+    except TimeoutError:
+        key, table = "timeout", errors
+    except OSError as exc:
+        key, table = errno.errorcode.get(exc.errno or 0, str(exc)).lower(), errors
+    finally:
+        sock.close()
+    table[key] = table.get(key, 0) + 1
+print(json.dumps({"replies": replies, "errors": errors, "seconds": time.monotonic() - start}))
+"""
+
+
+class NetnsError(RuntimeError):
+    """A command in a namespace failed; the message carries the command and its stderr."""
+
+
+@cache
+def unavailable() -> str | None:
+    """Why network-namespace tests cannot run here, or None when they can."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root (network namespaces, veth, iptables)"
+    if shutil.which("ip") is None:
+        return "needs `ip` from iproute2"
+    probe = unique_name("probe")
+    made = subprocess.run(
+        ["ip", "netns", "add", probe], capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    )
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=COMMAND_TIMEOUT)
+    if made.returncode != 0:
+        return f"`ip netns add` does not work here: {made.stderr.strip()}"
+    return None
+
+
+def require(*tools: str) -> None:
+    """Skip the calling test unless namespaces work and every command in `tools` exists."""
+    reason = unavailable()
+    if reason is None:
+        missing = [t for t in tools if shutil.which(t) is None]
+        reason = f"needs {', '.join(missing)}" if missing else None
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def unique_name(role: str) -> str:
+    """`lbc-<role>-<pid>-<random>`: unique across parallel test runs."""
+    return f"lbc-{role}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def run(
+    args: Sequence[str],
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = COMMAND_TIMEOUT,
+) -> str:
+    """Run `args` (no shell) with a time limit; return stdout, raise `NetnsError` on failure."""
+    done = subprocess.run(list(args), input=input, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise NetnsError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Results:
+    """What a client's requests got back: answer lines and errors, with counts."""
+
+    replies: Counter[str]
+    errors: Counter[str]
+    seconds: float
+
+    @property
+    def names(self) -> Counter[str]:
+        """Answers by the name of the backend that gave them."""
+        out: Counter[str] = Counter()
+        for line, n in self.replies.items():
+            out[line.split()[0]] += n
+        return out
+
+    @property
+    def sources(self) -> Counter[tuple[str, str]]:
+        """Answers by (backend name, the source address the backend saw)."""
+        out: Counter[tuple[str, str]] = Counter()
+        for line, n in self.replies.items():
+            name, source = line.split()[:2]
+            out[name, source] += n
+        return out
+
+    def __str__(self) -> str:
+        names = ", ".join(f"{k}={v}" for k, v in sorted(self.names.items()))
+        errors = ", ".join(f"{k}={v}" for k, v in sorted(self.errors.items()))
+        return f"answers [{names}] errors [{errors}] in {self.seconds:.3f}s"
+
+
+@dataclass(frozen=True)
+class Netns:
+    """One network namespace, by its unique name."""
+
+    name: str
+    role: str
+
+    def exec(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> str:
+        """Run a command inside; equivalent to `ip netns exec NAME ARGS...`."""
+        cmd = ["ip", "netns", "exec", self.name, *args]
+        return run(cmd, input=input, check=check, timeout=timeout)
+
+    def ip(self, *args: str) -> str:
+        """Equivalent to `ip -n NAME ARGS...`."""
+        return run(["ip", "-n", self.name, *args])
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        """Equivalent to `ip netns exec NAME sysctl -qw KEY=VALUE`."""
+        self.exec("sysctl", "-qw", f"{key}={value}")
+
+    def request(
+        self,
+        host: str,
+        port: int,
+        count: int = 1,
+        proto: str = "tcp",
+        timeout: float = 1.0,
+        source: str | None = None,
+    ) -> Results:
+        """Make `count` requests to host:port one after another, from one process in here."""
+        if not 0 < count <= 10_000 or not 0 < timeout <= 10:
+            raise ValueError(f"count {count} or timeout {timeout} is out of range")
+        out = self.exec(
+            sys.executable,
+            "-c",
+            CLIENT,
+            host,
+            str(port),
+            str(count),
+            proto,
+            str(timeout),
+            source or "",
+            # Every request may time out; the process gets that long and a margin.
+            timeout=COMMAND_TIMEOUT + count * timeout,
+        )
+        data = json.loads(out)
+        return Results(Counter(data["replies"]), Counter(data["errors"]), data["seconds"])
+
+
+@dataclass
+class Lab:
+    """Namespaces, links and server processes of one test; `close` removes them all."""
+
+    namespaces: list[Netns] = field(default_factory=list)
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def namespace(self, role: str) -> Netns:
+        """A new namespace with `lo` up; equivalent to `ip netns add lbc-ROLE-PID-RAND`."""
+        ns = Netns(unique_name(role), role)
+        # Recorded before it exists, so a failure half way is still cleaned up.
+        self.namespaces.append(ns)
+        run(["ip", "netns", "add", ns.name])
+        ns.ip("link", "set", "lo", "up")
+        return ns
+
+    def link(
+        self,
+        a: Netns,
+        a_addresses: Sequence[str],
+        b: Netns,
+        b_addresses: Sequence[str],
+        a_name: str | None = None,
+        b_name: str | None = None,
+    ) -> tuple[str, str]:
+        """A veth pair between `a` and `b`, addressed and up; returns the two interface names.
+
+        Equivalent to `ip -n A link add A_NAME type veth peer name B_NAME netns B`, then
+        `ip addr add` and `ip link set up` on each side.
+        """
+        a_name = a_name or f"v-{b.role}"[:15]
+        b_name = b_name or f"v-{a.role}"[:15]
+        a.ip("link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name)
+        for ns, ifname, addresses in ((a, a_name, a_addresses), (b, b_name, b_addresses)):
+            for cidr in addresses:
+                # Duplicate address detection would hold IPv6 addresses back for seconds.
+                extra = ["nodad"] if ipaddress.ip_interface(cidr).version == 6 else []
+                ns.ip("addr", "add", cidr, "dev", ifname, *extra)
+            ns.ip("link", "set", ifname, "up")
+        return a_name, b_name
+
+    def serve(self, ns: Netns, name: str, address: str, *ports: int) -> subprocess.Popen[str]:
+        """Start a server in `ns` answering `name <source>` on address:port (TCP and UDP)."""
+        if not ports:
+            raise ValueError("serve needs at least one port")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns.name, sys.executable, "-c", SERVER, name, address]
+            + [str(p) for p in ports],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT)
+        line = proc.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            proc.kill()
+            _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+            raise NetnsError(f"server {name} on {address} in {ns.name} did not start: {err}")
+        return proc
+
+    def close(self) -> None:
+        """Kill every process this lab started (by pid), then delete its namespaces by name."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+            with suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=COMMAND_TIMEOUT)
+        self.processes.clear()
+        failed = []
+        for ns in reversed(self.namespaces):
+            done = subprocess.run(
+                ["ip", "netns", "del", ns.name],
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+            )
+            exists = os.path.exists(f"/run/netns/{ns.name}")
+            if done.returncode != 0 and exists:
+                failed.append(f"{ns.name}: {done.stderr.strip()}")
+        self.namespaces.clear()
+        if failed:
+            raise NetnsError("could not delete namespaces: " + "; ".join(failed))
+
+
+# --- the seed demo -------------------------------------------------------------------
+
+# The three serve_hostname pods of the seed, at the addresses of examples/hostnames.toml.
+PODS: Mapping[str, str] = {
+    "hostnames-0uton": "10.244.3.6",
+    "hostnames-yp2kp": "10.244.1.7",
+    "hostnames-bvc05": "10.244.2.3",
+}
+POD_PORT = 9376
+POD_PREFIX = 24  # each pod sits on its own /24 with the node at .1, as per-node pod ranges
+CLIENT_ADDRESS = "192.168.49.10"
+NODE_ADDRESS = "192.168.49.2"  # the node address of examples/hostnames.toml
+OUTSIDE_PREFIX = 24
+
+
+@dataclass(frozen=True)
+class Seed:
+    """The seed demo's machines: a client, a routing node and three pods running servers."""
+
+    lab: Lab
+    client: Netns
+    node: Netns
+    pods: Mapping[str, Netns]  # pod name -> its namespace
+    addresses: Mapping[str, str]  # pod name -> pod address
+    gateways: Mapping[str, str]  # pod name -> the node's address on that pod's link
+
+    def pod_named(self, address: str) -> str:
+        """The name of the pod that has `address`."""
+        return next(name for name, a in self.addresses.items() if a == address)
+
+
+@contextmanager
+def seed_topology(
+    pods: Mapping[str, str] = PODS, ports: Sequence[int] = (POD_PORT,)
+) -> Iterator[Seed]:
+    """Build the seed demo (client -- node -- pods, servers running); tear it all down after.
+
+    The client is outside the pod CIDR and reaches everything through the node. The
+    node's default route points back at the client, standing in for the upstream
+    router of a real node: a VIP without rules is then forwarded (and times out)
+    rather than failing in the routing lookup, so FORWARD-chain REJECTs are reachable.
+    The client does not forward, so such packets end there.
+    """
+    with Lab() as lab:
+        client = lab.namespace("client")
+        node = lab.namespace("node")
+        node.sysctl("net.ipv4.ip_forward", 1)
+        # A hairpin (a pod reaching itself through a VIP) leaves by the interface it came
+        # in on; a redirect would tell the pod to bypass the node and the VIP's rules.
+        node.sysctl("net.ipv4.conf.all.send_redirects", 0)
+        node.sysctl("net.ipv4.conf.default.send_redirects", 0)
+        client.sysctl("net.ipv4.ip_forward", 0)
+        lab.link(
+            node,
+            [f"{NODE_ADDRESS}/{OUTSIDE_PREFIX}"],
+            client,
+            [f"{CLIENT_ADDRESS}/{OUTSIDE_PREFIX}"],
+            b_name="eth0",
+        )
+        client.ip("route", "add", "default", "via", NODE_ADDRESS)
+        node.ip("route", "add", "default", "via", CLIENT_ADDRESS)
+        spaces, gateways = {}, {}
+        for name, address in pods.items():
+            net = ipaddress.ip_interface(f"{address}/{POD_PREFIX}").network
+            gateway = str(net[1])
+            pod = lab.namespace(name.rsplit("-", 1)[-1])
+            pod.sysctl("net.ipv4.ip_forward", 0)
+            lab.link(
+                node,
+                [f"{gateway}/{POD_PREFIX}"],
+                pod,
+                [f"{address}/{POD_PREFIX}"],
+                b_name="eth0",
+            )
+            pod.ip("route", "add", "default", "via", gateway)
+            lab.serve(pod, name, address, *ports)
+            spaces[name], gateways[name] = pod, gateway
+        yield Seed(lab, client, node, spaces, dict(pods), gateways)

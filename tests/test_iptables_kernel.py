@@ -1,0 +1,256 @@
+"""The iptables backend on this machine's kernel: the rules load, and real traffic follows them.
+
+Run with `pytest -s` to see the counts. Shares are checked against the binomial
+distribution: a count further than Z = 5 standard deviations from its mean has a
+two-sided probability below 6e-7, so a failure means the rules are wrong, not luck.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+import lbc
+from lbc.backends.iptables.render import comment
+from tests import netns
+from tests.golden import CASES, GOLDEN
+from tests.test_iptables_render import (
+    RESTORE,
+    iptables_text,
+    parse_restore,
+    sections,
+    shares,
+    worst_case_config,
+)
+
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parent.parent
+SAVE = {4: "iptables-save", 6: "ip6tables-save"}
+TOOLS = (*RESTORE.values(), *SAVE.values(), "iptables")
+Z = 5.0
+HOSTNAMES_VIP = "10.0.1.175"
+WEIGHTED_VIP = "10.0.1.176"
+EMPTY_VIP = "10.0.1.177"
+UDP_VIP = "10.0.1.187"  # golden/udp-sctp
+MASQ_ALL_VIP = "10.0.1.186"  # golden/masquerade-all
+DNS_PORT = 5353  # the target port of golden/udp-sctp
+
+
+@pytest.fixture
+def scratch() -> Iterator[netns.Netns]:
+    """An empty namespace of its own, deleted afterwards."""
+    netns.require(*TOOLS)
+    with netns.Lab() as lab:
+        yield lab.namespace("rules")
+
+
+@pytest.fixture(scope="module")
+def seed() -> Iterator[netns.Seed]:
+    """The seed demo (client, node, three pods serving on 9376 and 5353), shared by the module."""
+    netns.require(*TOOLS)
+    with netns.seed_topology(ports=(netns.POD_PORT, DNS_PORT)) as topology:
+        yield topology
+
+
+def restore(ns: netns.Netns, doc: str, family: int = 4) -> None:
+    """Replace lbc's tables in `ns`; equivalent to `ip netns exec NS iptables-restore < doc`."""
+    ns.exec(RESTORE[family], input=doc)
+
+
+def saved(ns: netns.Netns, family: int = 4) -> str:
+    """What the kernel holds; equivalent to `ip netns exec NS iptables-save`."""
+    return ns.exec(SAVE[family])
+
+
+def ipv4_rules(source: str | Path) -> str:
+    """The IPv4 restore document lbc compiles from a cluster.toml path."""
+    artifact = lbc.compile(lbc.load(source), backend="iptables")
+    doc: str = artifact.data[4]
+    return doc
+
+
+def assert_shares(label: str, counts: Counter[str], weights: Mapping[str, int]) -> None:
+    """Each name's count is within Z standard deviations of its binomial mean."""
+    n, total = sum(counts.values()), sum(weights.values())
+    assert set(counts) == {k for k, w in weights.items() if w}, f"{label}: {counts}"
+    for name, w in weights.items():
+        p = w / total
+        mean, sigma = n * p, math.sqrt(n * p * (1 - p))
+        print(f"  {label}: {name} {counts[name]}/{n} (expected {mean:.1f} ± {Z * sigma:.1f})")
+        assert abs(counts[name] - mean) <= Z * sigma, f"{label}: {name} got {counts[name]}/{n}"
+
+
+# --- the harness itself -------------------------------------------------------------
+def test_the_lab_removes_namespaces_and_servers_even_on_failure() -> None:
+    netns.require()
+    with pytest.raises(RuntimeError, match="test failed here"), netns.Lab() as lab:
+        a, b = lab.namespace("a"), lab.namespace("b")
+        lab.link(a, ["10.9.0.1/24"], b, ["10.9.0.2/24"])
+        server = lab.serve(b, "web", "10.9.0.2", 8080)
+        result = a.request("10.9.0.2", 8080, count=3)
+        assert result.sources == Counter({("web", "10.9.0.1"): 3})
+        assert a.request("10.9.0.2", 8081, count=1).errors == Counter(refused=1)
+        raise RuntimeError("test failed here")
+    assert server.poll() is not None, "the server process was not killed"
+    for ns in (a, b):
+        assert not Path("/run/netns", ns.name).exists(), f"{ns.name} was not deleted"
+
+
+# --- every generated document loads ---------------------------------------------------
+def documents() -> dict[str, str]:
+    """Every golden iptables output, and the worst-case one with the longest names."""
+    out = {
+        case: (GOLDEN / case / "iptables.rules").read_text(encoding="utf-8")
+        for case in CASES
+        if (GOLDEN / case / "iptables.rules").is_file()
+    }
+    out["worst-case"] = iptables_text(worst_case_config())
+    return out
+
+
+DOCUMENTS = documents()
+
+
+@pytest.mark.parametrize("case", sorted(DOCUMENTS))
+def test_output_loads_into_the_kernel(case: str, scratch: netns.Netns) -> None:
+    """A real restore (not --test) of every family section; the kernel then lists our chains."""
+    docs = sections(DOCUMENTS[case])
+    assert docs, f"{case} has no `# ipvN:` sections"
+    for family, doc in docs.items():
+        restore(scratch, doc, family)
+        kernel = parse_restore(saved(scratch, family))
+        for name, table in parse_restore(doc).items():
+            held = kernel[name]
+            ours = sorted(c for c in held.declared if c.startswith("LBC-"))
+            assert ours == sorted(table.declared), f"{case} ipv{family} {name}"
+            want = Counter(chain for chain, _ in table.rules)
+            assert Counter(chain for chain, _ in held.rules) == want, f"{case} ipv{family} {name}"
+
+
+def test_the_kernel_holds_exactly_the_compiled_rules(scratch: netns.Netns) -> None:
+    """`iptables -C` finds every rule of the seed demo as written, matches and targets alike."""
+    doc = ipv4_rules(ROOT / "examples" / "hostnames.toml")
+    restore(scratch, doc)
+    tables = parse_restore(doc)
+    checked = 0
+    for name, table in tables.items():
+        for chain, rule in table.rules:
+            scratch.exec("iptables", "-w", "-t", name, "-C", chain, *shlex.split(rule))
+            checked += 1
+    print(f"  {checked} rules found with iptables -C")
+    assert checked == sum(len(t.rules) for t in tables.values()) > 20
+
+
+def test_a_broken_document_fails_to_load_and_changes_nothing(scratch: netns.Netns) -> None:
+    """The load check catches a jump to an undeclared chain; the old rules stay in place."""
+    good = ipv4_rules(ROOT / "examples" / "hostnames.toml")
+    restore(scratch, good)
+    before = [line for line in saved(scratch).splitlines() if not line.startswith("#")]
+    bad = good.replace(
+        "-A LBC-MARK-MASQ -j MARK --or-mark 0x4000", "-A LBC-MARK-MASQ -j LBC-NOWHERE"
+    )
+    assert bad != good
+    with pytest.raises(netns.NetnsError, match="LBC-NOWHERE"):
+        restore(scratch, bad)
+    after = [line for line in saved(scratch).splitlines() if not line.startswith("#")]
+    assert after == before
+
+
+def test_escaped_comments_reach_the_kernel_intact(scratch: netns.Netns) -> None:
+    tricky = 'say "hi" \\o/ -j DROP'
+    doc = f"*filter\n:LBC-TEST - [0:0]\n-A LBC-TEST {comment(tricky)} -j RETURN\nCOMMIT\n"
+    restore(scratch, doc)
+    (rule,) = parse_restore(saved(scratch))["filter"].chain("LBC-TEST")
+    words = shlex.split(rule)
+    assert words[words.index("--comment") + 1] == tricky
+    assert words[-2:] == ["-j", "RETURN"]
+
+
+# --- real traffic through the node ------------------------------------------------------
+def test_seed_demo_reaches_all_three_pods(seed: netns.Seed) -> None:
+    """300 connections to 10.0.1.175:80 reach every pod about equally, masqueraded."""
+    restore(seed.node, ipv4_rules(ROOT / "examples" / "hostnames.toml"))
+    result = seed.client.request(HOSTNAMES_VIP, 80, count=300)
+    print(f"\n  hostnames, client -> {HOSTNAMES_VIP}:80 x300: {result}")
+    assert not result.errors
+    assert_shares("hostnames", result.names, dict.fromkeys(netns.PODS, 1))
+    # The client is outside the pod CIDR: each pod sees the node's address on its link.
+    for (name, source), _ in result.sources.items():
+        assert source == seed.gateways[name], (name, source)
+
+
+def test_weights_set_the_shares(seed: netns.Seed) -> None:
+    """Weights 1:2:3 give shares 1/6, 2/6, 3/6, in the kernel's copy and in real traffic."""
+    doc = ipv4_rules(GOLDEN / "weighted" / "cluster.toml")
+    restore(seed.node, doc)
+    # The kernel keeps each probability as a 31-bit fraction; multiplied out, it still
+    # gives the weights to better than 1e-9.
+    held = shares(saved(seed.node))
+    for address, weight in {"10.244.1.7": 1, "10.244.2.3": 2, "10.244.3.6": 3}.items():
+        assert abs(held[f"{address}:{netns.POD_PORT}"] - weight / 6) < 1e-9
+    result = seed.client.request(WEIGHTED_VIP, 80, count=600)
+    print(f"\n  weighted 1:2:3, client -> {WEIGHTED_VIP}:80 x600: {result}")
+    assert not result.errors
+    weights = {seed.pod_named("10.244.1.7"): 1, seed.pod_named("10.244.2.3"): 2}
+    weights[seed.pod_named("10.244.3.6")] = 3
+    assert_shares("weighted", result.names, weights)
+
+
+def test_a_service_without_endpoints_refuses_at_once(seed: netns.Seed) -> None:
+    """REJECT: the client hears "refused" within milliseconds instead of waiting for a timeout.
+
+    The node rate-limits the ICMP errors it sends to one client (a burst of 6, then one
+    a second: net.ipv4.icmp_ratelimit), so only the first few refusals are immediate;
+    later ones arrive with the SYN retransmitted a second later. Five stay in the burst.
+    """
+    restore(seed.node, ipv4_rules(ROOT / "examples" / "hostnames.toml"))
+    before = seed.client.request(EMPTY_VIP, 80, count=1, timeout=0.5)
+    print(f"\n  no rules for {EMPTY_VIP}:80 x1: {before}")
+    assert before.errors == Counter(timeout=1), "without the REJECT rule the packet is dropped"
+    restore(seed.node, ipv4_rules(GOLDEN / "no-endpoints" / "cluster.toml"))
+    result = seed.client.request(EMPTY_VIP, 80, count=5, timeout=2.0)
+    print(f"  no-endpoints, client -> {EMPTY_VIP}:80 x5: {result}")
+    assert result.errors == Counter(refused=5)
+    assert result.seconds < 0.5, "refusals must not wait for a SYN retransmission or the timeout"
+
+
+def test_pods_keep_their_source_and_hairpin_is_masqueraded(seed: netns.Seed) -> None:
+    """From a pod: other pods see the pod's own address; landing on itself, the node's."""
+    restore(seed.node, ipv4_rules(ROOT / "examples" / "hostnames.toml"))
+    me = "hostnames-yp2kp"
+    result = seed.pods[me].request(HOSTNAMES_VIP, 80, count=90)
+    print(f"\n  hostnames, pod {me} -> {HOSTNAMES_VIP}:80 x90: {result}")
+    print(f"  sources seen: {dict(result.sources)}")
+    assert not result.errors
+    # Every pod answers at least once: missing one by chance has probability < 1e-15.
+    assert set(result.names) == set(netns.PODS)
+    for (name, source), _ in result.sources.items():
+        expected = seed.gateways[me] if name == me else seed.addresses[me]
+        assert source == expected, (name, source)
+
+
+def test_masquerade_all_masquerades_pods_too(seed: netns.Seed) -> None:
+    """masquerade_all with mark 0x8000: even a pod's request arrives from the node."""
+    restore(seed.node, ipv4_rules(GOLDEN / "masquerade-all" / "cluster.toml"))
+    me = "hostnames-bvc05"
+    result = seed.pods[me].request(MASQ_ALL_VIP, 80, count=20)
+    print(f"\n  masquerade-all, pod {me} -> {MASQ_ALL_VIP}:80 x20: {result}")
+    target = seed.pod_named("10.244.1.7")
+    assert result.sources == Counter({(target, seed.gateways[target]): 20})
+
+
+def test_udp_and_tcp_ports_of_one_service(seed: netns.Seed) -> None:
+    """golden/udp-sctp: UDP datagrams and TCP connections to port 53 both reach both pods."""
+    restore(seed.node, ipv4_rules(GOLDEN / "udp-sctp" / "cluster.toml"))
+    pods = {seed.pod_named("10.244.1.7"): 1, seed.pod_named("10.244.2.3"): 1}
+    for proto in ("udp", "tcp"):
+        result = seed.client.request(UDP_VIP, 53, count=200, proto=proto)
+        print(f"\n  udp-sctp, client -> {UDP_VIP}:53/{proto} x200: {result}")
+        assert not result.errors
+        assert_shares(f"udp-sctp {proto}", result.names, pods)

@@ -1,0 +1,322 @@
+"""The iptables renderer without a kernel: probability math, chain names, jumps, escaping."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+import lbc
+from lbc.backends.iptables import names as n
+from lbc.backends.iptables.render import PROBABILITY_DIGITS, comment
+from tests.golden import CASES, GOLDEN
+
+BUILTIN_CHAINS = {
+    "filter": {"INPUT", "FORWARD", "OUTPUT"},
+    "nat": {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+}
+# Targets each table accepts; DNAT in filter or REJECT in nat would fail to load.
+BUILTIN_TARGETS = {
+    "filter": {"ACCEPT", "DROP", "RETURN", "REJECT", "MARK"},
+    "nat": {"ACCEPT", "RETURN", "DNAT", "SNAT", "MASQUERADE", "MARK"},
+}
+MAX_COMMENT = 255  # the comment match keeps 256 bytes including the terminating NUL
+HEADER = re.compile(r"^# ipv([46]): (\S+)\n", re.MULTILINE)
+RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
+NODE = '[node]\nname = "node-1"\naddresses = ["192.168.49.2"]\npod_cidrs = ["10.244.0.0/16"]\n'
+
+
+# --- helpers shared with the kernel and diff tests ------------------------------------
+@dataclass
+class Table:
+    """One table of a restore (or save) document: declared chains and rules in order."""
+
+    name: str
+    declared: list[str] = field(default_factory=list)
+    rules: list[tuple[str, str]] = field(default_factory=list)  # (chain, rest of the rule)
+
+    def chain(self, name: str) -> list[str]:
+        """The rules of chain `name`, in order."""
+        return [rule for chain, rule in self.rules if chain == name]
+
+
+def parse_restore(doc: str) -> dict[str, Table]:
+    """Parse iptables-restore / iptables-save text into tables; fail on any other line."""
+    tables: dict[str, Table] = {}
+    current: Table | None = None
+    for line in doc.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            assert current is None, f"table {line} opened inside *{current and current.name}"
+            assert line[1:] not in tables, f"table {line} appears twice"
+            current = tables[line[1:]] = Table(line[1:])
+        elif line == "COMMIT":
+            assert current is not None, "COMMIT outside a table"
+            current = None
+        elif current is not None and line.startswith(":"):
+            current.declared.append(line[1:].split()[0])
+        elif current is not None and line.startswith("-A "):
+            chain, _, rest = line[3:].partition(" ")
+            current.rules.append((chain, rest))
+        else:
+            raise AssertionError(f"unexpected line: {line!r}")
+    assert current is None, f"table *{current and current.name} is not committed"
+    return tables
+
+
+def sections(text: str) -> dict[int, str]:
+    """The per-family restore documents of an iptables artifact, split on `# ipvN:` headers."""
+    parts = HEADER.split(text)
+    out: dict[int, str] = {}
+    for family, command, doc in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
+        assert command == RESTORE[int(family)], f"ipv{family} section names {command}"
+        out[int(family)] = doc
+    return out
+
+
+def target(rule: str) -> str | None:
+    """The `-j` target of a rule, if it has one."""
+    words = shlex.split(rule)
+    return words[words.index("-j") + 1] if "-j" in words else None
+
+
+def dnat_destination(table: Table, chain: str) -> str:
+    """Where an endpoint chain DNATs to."""
+    found = [
+        m.group(1)
+        for rule in table.chain(chain)
+        if (m := re.search(r"--to-destination (\S+)", rule)) is not None
+    ]
+    assert len(found) == 1, f"{chain} has {len(found)} DNAT rules"
+    return found[0]
+
+
+def shares(doc: str) -> dict[str, float]:
+    """Each endpoint's share of new connections, multiplied out from the pool chain's rules."""
+    nat = parse_restore(doc)["nat"]
+    pools = [c for c in nat.declared if c.startswith(n.SVC)]
+    assert len(pools) == 1, f"expected one pool chain, found {pools}"
+    out: dict[str, float] = {}
+    remaining = 1.0
+    for rule in nat.chain(pools[0]):
+        jump = target(rule)
+        if jump is None or not jump.startswith(n.SEP):
+            continue  # the masquerade-mark rule falls through
+        m = re.search(r"--probability (\S+)", rule)
+        p = float(m.group(1)) if m else 1.0
+        destination = dnat_destination(nat, jump)
+        out[destination] = out.get(destination, 0.0) + remaining * p
+        remaining *= 1.0 - p
+    assert remaining == 0.0, "the last endpoint rule must match unconditionally"
+    return out
+
+
+def weighted_config(weights: list[int], vip: str = "10.0.1.176") -> str:
+    """cluster.toml for one service whose endpoints have `weights`, in address order."""
+    endpoints = ",\n".join(
+        f'  {{ ip = "10.244.{i // 200}.{i % 200 + 10}", weight = {w} }}'
+        for i, w in enumerate(weights)
+    )
+    return (
+        NODE + f'[[services]]\nname = "weighted"\ncluster_ips = ["{vip}"]\n'
+        f'ports = [{{ name = "http", port = 80, target_port = 9376 }}]\n'
+        f"endpoints = [\n{endpoints},\n]\n"
+    )
+
+
+def worst_case_config() -> str:
+    """Every kind of rule at once, with names and addresses as long as the schema allows."""
+    ns, name, port = "n" * 63, "s" * 63, "p" * 63
+    return f"""
+[node]
+name = "node-1"
+addresses = ["192.168.49.2", "fd00:49::2"]
+pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
+
+[[services]]
+namespace = "{ns}"
+name = "{name}"
+type = "LoadBalancer"
+cluster_ips = ["10.0.1.190", "fd00:10::1:190"]
+external_ips = ["198.51.100.30", "fd00:198:51:100::30"]
+load_balancer_ips = ["198.51.100.31", "fd00:198:51:100::31"]
+load_balancer_source_ranges = ["203.0.113.0/24", "fd00:203:0:113::/64"]
+external_traffic_policy = "Local"
+session_affinity = "ClientIP"
+ports = [{{ name = "{port}", port = 443, target_port = 65535, node_port = 30443 }}]
+endpoints = [
+  {{ ip = "10.244.1.7", node = "node-1" }},
+  {{ ip = "10.244.2.3", node = "node-2" }},
+  {{ ip = "fd00:244:ffff:ffff:ffff:ffff:ffff:ffff", node = "node-1" }},
+  {{ ip = "fd00:244::2:3", node = "node-2" }},
+]
+
+[[services]]
+namespace = "{ns}"
+name = "{"e" * 63}"
+cluster_ips = ["10.0.1.191", "fd00:10::1:191"]
+ports = [{{ name = "{port}", port = 80 }}]
+"""
+
+
+def iptables_text(config: str) -> str:
+    """The iptables artifact text of a cluster.toml text."""
+    return lbc.compile(lbc.loads(config), backend="iptables").text()
+
+
+def all_outputs() -> dict[str, str]:
+    """Every iptables output these tests know: golden cases and the generated configs."""
+    out = {
+        case: (GOLDEN / case / "iptables.rules").read_text(encoding="utf-8")
+        for case in CASES
+        if (GOLDEN / case / "iptables.rules").is_file()
+    }
+    out["worst-case"] = iptables_text(worst_case_config())
+    out["weights-1-2-3"] = iptables_text(weighted_config([1, 2, 3]))
+    return out
+
+
+OUTPUTS = all_outputs()
+
+
+# --- probabilities ------------------------------------------------------------------------
+def weight_vectors() -> list[tuple[str, list[int]]]:
+    """Equal pools of 2..50 and 1000, 1:2:3, 1:1000, and seven seeded random vectors."""
+    vectors = [(f"equal-{k}", [1] * k) for k in (*range(2, 51), 1000)]
+    vectors += [("1:2:3", [1, 2, 3]), ("1:1000", [1, 1000]), ("3:0:5", [3, 0, 5])]
+    rng = random.Random(20240601)
+    for i in range(7):
+        weights = [rng.randint(1, 65535) for _ in range(rng.randint(2, 40))]
+        if i % 2:
+            weights[rng.randrange(len(weights))] = 0  # weight 0 takes no new connections
+        vectors.append((f"random-{i}", weights))
+    return vectors
+
+
+@pytest.mark.parametrize(
+    ("label", "weights"), [pytest.param(*v, id=v[0]) for v in weight_vectors()]
+)
+def test_probabilities_multiply_out_to_the_weights(label: str, weights: list[int]) -> None:
+    artifact = lbc.compile(lbc.loads(weighted_config(weights)), backend="iptables")
+    got = shares(artifact.data[4])
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        address = f"10.244.{i // 200}.{i % 200 + 10}:9376"
+        if w == 0:
+            assert address not in got, f"{label}: weight-0 endpoint {address} gets traffic"
+        else:
+            assert abs(got[address] - w / total) < 1e-9, (label, address, got[address])
+    assert len(got) == sum(1 for w in weights if w)
+
+
+def test_probabilities_are_printed_with_fixed_digits() -> None:
+    doc = lbc.compile(lbc.loads(weighted_config([1, 2, 3])), backend="iptables").data[4]
+    printed = re.findall(r"--probability (\S+)", doc)
+    assert printed == ["0.166666666667", "0.400000000000"]
+    assert all(len(p.split(".")[1]) == PROBABILITY_DIGITS for p in printed)
+
+
+def test_a_single_endpoint_needs_no_probability() -> None:
+    doc = lbc.compile(lbc.loads(weighted_config([5])), backend="iptables").data[4]
+    assert "--probability" not in doc
+    assert shares(doc) == {"10.244.0.10:9376": 1.0}
+
+
+# --- structure --------------------------------------------------------------------------
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_chain_names_are_short_and_prefixed(case: str) -> None:
+    for family, doc in sections(OUTPUTS[case]).items():
+        for table in parse_restore(doc).values():
+            for chain in table.declared:
+                assert chain.startswith(n.PREFIX), (case, family, table.name, chain)
+                assert len(chain) <= n.MAX_CHAIN, (case, family, chain, len(chain))
+                assert re.fullmatch(r"[A-Z0-9-]+", chain), chain
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_every_jump_has_a_target_and_no_chain_is_declared_twice(case: str) -> None:
+    for family, doc in sections(OUTPUTS[case]).items():
+        tables = parse_restore(doc)
+        assert set(tables) == {"filter", "nat"}
+        for table in tables.values():
+            declared = Counter(table.declared)
+            twice = [c for c, k in declared.items() if k > 1]
+            assert not twice, f"{case} ipv{family} {table.name}: declared twice: {twice}"
+            known = set(declared) | BUILTIN_TARGETS[table.name]
+            for chain, rule in table.rules:
+                assert chain in declared or chain in BUILTIN_CHAINS[table.name], (case, chain)
+                jump = target(rule)
+                assert jump is not None, f"{case}: rule without a target: -A {chain} {rule}"
+                assert jump in known, f"{case} ipv{family} {table.name}: -A {chain} {rule}"
+            # Per-service chains exist only when something jumps to them (the fixed
+            # chains such as LBC-NODEPORTS are always there, as in kube-proxy).
+            jumped = {target(rule) for _, rule in table.rules}
+            per_service = (n.SVC, n.SVL, n.SEP, n.EXT, n.FW)
+            unused = [c for c in declared if c.startswith(per_service) and c not in jumped]
+            assert not unused, f"{case} ipv{family} {table.name}: unreachable chains {unused}"
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_families_do_not_mix(case: str) -> None:
+    for family, doc in sections(OUTPUTS[case]).items():
+        host = "/32" if family == 4 else "/128"
+        for dest in re.findall(r"-d (\S+)", doc):
+            assert dest.endswith(host), (case, family, dest)
+            assert ipaddress.ip_network(dest).version == family, (case, dest)
+        for source in re.findall(r"-s (\S+)", doc):
+            assert ipaddress.ip_network(source).version == family, (case, source)
+        for dest in re.findall(r"--to-destination (\S+)", doc):
+            address = dest.rsplit(":", 1)[0].strip("[]")
+            assert ipaddress.ip_address(address).version == family, (case, dest)
+            assert (dest.startswith("[")) == (family == 6), (case, dest)
+        reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+        assert set(re.findall(r"--reject-with (\S+)", doc)) <= {reject}, (case, family)
+
+
+def test_ipv6_uses_host_prefixes_and_icmp6_rejects() -> None:
+    text = OUTPUTS["worst-case"]
+    v6 = sections(text)[6]
+    assert "-d fd00:10::1:190/128 " in v6
+    assert "-s fd00:244::2:3/128 " in v6
+    assert "--to-destination [fd00:244:ffff:ffff:ffff:ffff:ffff:ffff]:65535" in v6
+    assert "-j REJECT --reject-with icmp6-port-unreachable" in v6
+    assert "-d fd00:10::1:191/128 " in v6
+    v4 = sections(text)[4]
+    assert "-j REJECT --reject-with icmp-port-unreachable" in v4
+    assert "-d 10.0.1.190/32 " in v4
+
+
+# --- comments ---------------------------------------------------------------------------
+def test_comment_escapes_quotes_and_backslashes() -> None:
+    assert comment('say "hi" \\o/') == '-m comment --comment "say \\"hi\\" \\\\o/"'
+    tricky = 'x" -j ACCEPT -m comment --comment "y\\'
+    assert shlex.split(comment(tricky)) == ["-m", "comment", "--comment", tricky]
+
+
+def comments(text: str) -> list[str]:
+    """The text of every `--comment` in an artifact, unescaped as iptables-restore reads it."""
+    out = []
+    for doc in sections(text).values():
+        for line in doc.splitlines():
+            words = shlex.split(line)
+            out += [words[i + 1] for i, w in enumerate(words) if w == "--comment"]
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_every_comment_is_one_word_within_the_kernel_limit(case: str) -> None:
+    found = comments(OUTPUTS[case])
+    assert len(found) == OUTPUTS[case].count("--comment")
+    for text in found:
+        assert len(text.encode()) <= MAX_COMMENT, (case, len(text), text)
+
+
+def test_worst_case_comments_come_close_to_the_limit() -> None:
+    """The worst case really exercises long comments, so the limit test above means something."""
+    assert 200 < max(len(c) for c in comments(OUTPUTS["worst-case"])) <= MAX_COMMENT
