@@ -1,0 +1,469 @@
+"""IR -> lbc's nftables ruleset (one `inet lbc` table), in kube-proxy's nftables shape.
+
+Pure: no kernel, no files. Packet cost does not grow with the number of services:
+the nat base chains jump to `services`, which finds a frontend's chain with ONE
+verdict-map lookup keyed by `ip daddr . meta l4proto . th dport` (node ports: one
+lookup keyed by `meta l4proto . th dport` on the node's addresses). Frontends without
+usable endpoints are rejected or dropped, after DNAT, by the same kind of lookup in
+`no-endpoint-services`; load-balancer source ranges are checked, before DNAT, by two
+set lookups (is this a firewalled frontend; is `frontend . source` in the allowed
+ranges).
+
+Load time is linear in the number of services because the ruleset has no per-service
+set or map: every anonymous set in a transaction is named `__map%d` by the kernel
+(`nf_tables_set_alloc_name`), which scans every set of the table to find a free
+number, and every named set is found by walking the table's set list. So instead of
+kube-proxy's `numgen random mod N vmap { 0 : goto a, ... }`, a pool picks its backend
+with chained rules, as iptables does with probabilities:
+`numgen random mod 6 < 1 goto a`, `numgen random mod 5 < 2 goto b`, `goto c` gives
+weights 1:2:3 the shares 1/6, 2/6, 3/6 exactly. The one exception is session affinity,
+which needs a dynamic set per backend (kube-proxy's `affinity-` sets), so services
+with ClientIP affinity still cost more to load, in proportion to their backends.
+
+Why one `inet` table rather than `ip lbc` and `ip6 lbc`: lbc compiles both families
+from one program and replaces its rules in one transaction, so one table is one
+object to own, replace (`add`, `delete`, `add` table) and delete, and the base chains,
+the masquerade rule and the reject chain exist once. The cost is that sets and maps
+keyed by an address exist per family (`service-ips4`, `service-ips6`) and their
+lookups are written per family; `reject` in an inet table answers with ICMP or ICMPv6
+as the packet needs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass, field
+
+from lbc.backends.nftables import names as n
+from lbc.backends.nftables.expr import (
+    BaseHook,
+    BinOp,
+    Chain,
+    Concat,
+    Ct,
+    Dnat,
+    Element,
+    Expr,
+    Fib,
+    Mangle,
+    Masquerade,
+    Match,
+    Meta,
+    NamedSet,
+    Numgen,
+    Payload,
+    Prefix,
+    Reject,
+    Rule,
+    Ruleset,
+    SetRef,
+    SetUpdate,
+    Statement,
+    Value,
+    Verdict,
+    Vmap,
+)
+from lbc.ir.names import digest
+from lbc.ir.nodes import Backend, Empty, Frontend, Kind, Pool, Program
+from lbc.ir.nodes import Masquerade as Masq
+
+_L4PROTO = Meta("l4proto")
+_DPORT = Payload("th", "dport")
+_MARK = Meta("mark")
+_NEW = Match(Ct("state"), Value("new"), op="in")
+
+
+def ip_proto(family: int) -> str:
+    """The payload protocol of an address family: `ip` or `ip6`."""
+    return "ip" if family == 4 else "ip6"
+
+
+def addr_type(family: int) -> str:
+    """The nft data type of an address of `family`."""
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
+
+
+def shares(weights: list[int]) -> list[tuple[int, int]]:
+    """(numerator, modulus) of each chained `numgen random mod M < K` rule but the last.
+
+    Rule i fires with chance w_i / (w_i + ... + w_n) given that no earlier rule did, so
+    backend i is chosen with chance w_i / total, exactly. Fractions are reduced.
+    """
+    out = []
+    remaining = sum(weights)
+    for w in weights[:-1]:
+        g = math.gcd(w, remaining)
+        out.append((w // g, remaining // g))
+        remaining -= w
+    return out
+
+
+def build(program: Program) -> Ruleset:
+    """The whole `inet lbc` table for `program`."""
+    return _Builder(program).build()
+
+
+@dataclass
+class _Sets:
+    """The elements of every per-family set and map, gathered while frontends are visited."""
+
+    elements: dict[str, list[Element]] = field(default_factory=dict)
+
+    def add(self, name: str, element: Element) -> None:
+        self.elements.setdefault(name, []).append(element)
+
+    def has(self, name: str) -> bool:
+        return bool(self.elements.get(name))
+
+
+class _Builder:
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.pools = program.pool_index()
+        self.mark = Value(program.node.masquerade_mark, hex=True)
+        self.chains: dict[str, list[Rule]] = {}
+        self.sets = _Sets()
+        self.affinity: list[NamedSet] = []
+
+    # --- whole table --------------------------------------------------------------
+    def build(self) -> Ruleset:
+        families = self.program.families()
+        for family in families:
+            self.frontends(family)
+        for pool in self.program.pools:
+            self.pool_chain(pool)
+        for f in self.program.frontends:
+            self.external_chain(f)
+        shared = self.shared_chains(families)
+        per_service = [Chain(name, tuple(rules)) for name, rules in self.chains.items()]
+        return Ruleset(
+            family=n.FAMILY,
+            table=n.TABLE,
+            sets=(*self.named_sets(families), *self.affinity),
+            chains=(*shared, *per_service),
+        )
+
+    def mark_for_masquerade(self, *matches: Statement, comment: str | None = None) -> Rule:
+        return Rule((*matches, Mangle(_MARK, BinOp("|", _MARK, self.mark))), comment)
+
+    def shared_chains(self, families: tuple[int, ...]) -> list[Chain]:
+        """Base chains and the chains every service shares; only the parts in use."""
+        chains: list[Chain] = []
+
+        def base(name: str, *rules: Rule) -> None:
+            chains.append(Chain(name, rules, BaseHook(*n.BASE_CHAINS[name])))
+
+        firewall = [f for f in families if self.sets.has(n.per_family(n.FIREWALL_IPS, f))]
+        no_endpoints = [
+            f
+            for f in families
+            if self.sets.has(n.per_family(n.NO_ENDPOINT_SERVICES, f))
+            or self.sets.has(n.per_family(n.NO_ENDPOINT_NODEPORTS, f))
+        ]
+        if firewall:
+            to_firewall = Rule((_NEW, Verdict("jump", n.FIREWALL_CHECK)))
+            base(n.FILTER_PREROUTING, to_firewall)
+            base(n.FILTER_OUTPUT, to_firewall)
+        if no_endpoints:
+            to_check = Rule((_NEW, Verdict("jump", n.ENDPOINTS_CHECK)))
+            base(n.FILTER_INPUT, to_check)
+            base(n.FILTER_FORWARD, to_check)
+            base(n.FILTER_OUTPUT_POST_DNAT, to_check)
+        to_services = Rule((Verdict("jump", n.SERVICES),))
+        base(n.NAT_PREROUTING, to_services)
+        base(n.NAT_OUTPUT, to_services)
+        base(
+            n.NAT_POSTROUTING,
+            Rule(
+                (
+                    Match(BinOp("&", _MARK, self.mark), Value(0), op="!="),
+                    Mangle(_MARK, BinOp("^", _MARK, self.mark)),
+                    Masquerade(),
+                ),
+                "masquerade what lbc marked",
+            ),
+        )
+        chains.append(
+            Chain(n.SERVICES, tuple(self.lookups(families, n.SERVICE_IPS, n.SERVICE_NODEPORTS)))
+        )
+        if firewall:
+            rules = []
+            for family in firewall:
+                daddr = Payload(ip_proto(family), "daddr")
+                saddr = Payload(ip_proto(family), "saddr")
+                frontend = Concat((daddr, _L4PROTO, _DPORT))
+                allowed = Concat((daddr, _L4PROTO, _DPORT, saddr))
+                rules.append(
+                    Rule(
+                        (
+                            Match(frontend, SetRef(n.per_family(n.FIREWALL_IPS, family))),
+                            Match(
+                                allowed,
+                                SetRef(n.per_family(n.FIREWALL_ALLOW, family)),
+                                op="!=",
+                            ),
+                            Verdict("drop"),
+                        ),
+                        "source not in the frontend's source ranges",
+                    )
+                )
+            chains.append(Chain(n.FIREWALL_CHECK, tuple(rules)))
+        if no_endpoints:
+            rules = self.lookups(no_endpoints, n.NO_ENDPOINT_SERVICES, n.NO_ENDPOINT_NODEPORTS)
+            chains.append(Chain(n.ENDPOINTS_CHECK, tuple(rules)))
+        if self.uses_reject():
+            chains.append(Chain(n.REJECT_CHAIN, (Rule((Reject(),)),)))
+        return chains
+
+    def lookups(
+        self, families: tuple[int, ...] | list[int], by_ip: str, by_port: str
+    ) -> list[Rule]:
+        """The one-lookup dispatch rules of each family: by address, then node ports."""
+        rules = []
+        for family in families:
+            daddr = Payload(ip_proto(family), "daddr")
+            if self.sets.has(n.per_family(by_ip, family)):
+                key = Concat((daddr, _L4PROTO, _DPORT))
+                rules.append(Rule((Vmap(key, n.per_family(by_ip, family)),)))
+            if self.sets.has(n.per_family(by_port, family)):
+                rules.append(
+                    Rule(
+                        (
+                            Match(daddr, SetRef(n.per_family(n.NODEPORT_IPS, family))),
+                            Vmap(Concat((_L4PROTO, _DPORT)), n.per_family(by_port, family)),
+                        )
+                    )
+                )
+        return rules
+
+    def uses_reject(self) -> bool:
+        return any(
+            e.verdict is not None and e.verdict.target == n.REJECT_CHAIN
+            for elements in self.sets.elements.values()
+            for e in elements
+        )
+
+    def named_sets(self, families: tuple[int, ...]) -> list[NamedSet]:
+        out = []
+        for family in families:
+            addr = addr_type(family)
+            by_ip = (addr, "inet_proto", "inet_service")
+            by_port = ("inet_proto", "inet_service")
+            shapes: list[tuple[str, tuple[str, ...], bool, tuple[str, ...]]] = [
+                (n.SERVICE_IPS, by_ip, True, ()),
+                (n.NODEPORT_IPS, (addr,), False, ()),
+                (n.SERVICE_NODEPORTS, by_port, True, ()),
+                (n.NO_ENDPOINT_SERVICES, by_ip, True, ()),
+                (n.NO_ENDPOINT_NODEPORTS, by_port, True, ()),
+                (n.FIREWALL_IPS, by_ip, False, ()),
+                (n.FIREWALL_ALLOW, (*by_ip, addr), False, ("interval",)),
+            ]
+            for base_name, key_types, is_map, flags in shapes:
+                name = n.per_family(base_name, family)
+                if self.sets.has(name):
+                    elements = tuple(self.sets.elements[name])
+                    out.append(NamedSet(name, key_types, elements, is_map, flags))
+        return out
+
+    # --- frontends: the elements of the dispatch maps ------------------------------
+    def frontends(self, family: int) -> None:
+        mine = [f for f in self.program.frontends if f.family == family]
+        node_port_addresses = sorted(
+            {f.address for f in mine if f.kind is Kind.NODE_PORT}, key=ipaddress.ip_address
+        )
+        by_port: dict[tuple[str, int], list[Frontend]] = {}
+        for f in mine:
+            if f.kind is Kind.NODE_PORT:
+                by_port.setdefault((f.proto, f.port), []).append(f)
+            else:
+                self.frontend(f, per_port=False)
+            if f.source_ranges:
+                self.firewall(f)
+        grouped = False
+        for group in by_port.values():
+            # A node port open on every node-port address, all to one place, is one
+            # `l4proto . port` element; anything else stays an address element.
+            addresses = sorted({f.address for f in group}, key=ipaddress.ip_address)
+            one_place = len({(self.target(f), self.no_endpoint_verdict(f)) for f in group}) == 1
+            if addresses == node_port_addresses and one_place:
+                self.frontend(group[0], per_port=True)
+                grouped = True
+            else:
+                for f in group:
+                    self.frontend(f, per_port=False)
+        if grouped:
+            for address in node_port_addresses:
+                self.sets.add(n.per_family(n.NODEPORT_IPS, family), Element(Value(address)))
+
+    def frontend(self, f: Frontend, per_port: bool) -> None:
+        key: Expr
+        if per_port:
+            key = Concat((Value(f.proto), Value(f.port)))
+            dispatch, no_endpoints = n.SERVICE_NODEPORTS, n.NO_ENDPOINT_NODEPORTS
+        else:
+            key = Concat((Value(f.address), Value(f.proto), Value(f.port)))
+            dispatch, no_endpoints = n.SERVICE_IPS, n.NO_ENDPOINT_SERVICES
+        target = self.target(f)
+        if target is not None:
+            self.sets.add(n.per_family(dispatch, f.family), Element(key, Verdict("goto", target)))
+        verdict = self.no_endpoint_verdict(f)
+        if verdict is not None:
+            self.sets.add(n.per_family(no_endpoints, f.family), Element(key, verdict))
+
+    def firewall(self, f: Frontend) -> None:
+        frontend = (Value(f.address), Value(f.proto), Value(f.port))
+        self.sets.add(n.per_family(n.FIREWALL_IPS, f.family), Element(Concat(frontend)))
+        networks = [ipaddress.ip_network(r, strict=False) for r in f.source_ranges]
+        v4 = [net for net in networks if isinstance(net, ipaddress.IPv4Network)]
+        v6 = [net for net in networks if isinstance(net, ipaddress.IPv6Network)]
+        # An interval set refuses overlapping elements: merge them first.
+        merged: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+            *ipaddress.collapse_addresses(v4),
+            *ipaddress.collapse_addresses(v6),
+        ]
+        for net in merged:
+            source = Prefix(str(net.network_address), net.prefixlen)
+            self.sets.add(
+                n.per_family(n.FIREWALL_ALLOW, f.family), Element(Concat((*frontend, source)))
+            )
+
+    def target(self, f: Frontend) -> str | None:
+        """The chain a frontend's new connections go to, or None when nothing serves them."""
+        pool = self.pools[f.pool]
+        if f.kind is Kind.CLUSTER_IP:
+            return self.pool_name(pool) if pool.active else None
+        if not pool.active and f.internal_pool is None:
+            return None
+        return self.external_name(f)
+
+    def no_endpoint_verdict(self, f: Frontend) -> Verdict | None:
+        """Reject or drop for a frontend whose pool is empty (only undNATed packets meet it)."""
+        pool = self.pools[f.pool]
+        if pool.active:
+            return None
+        if pool.when_empty is Empty.REJECT:
+            return Verdict("goto", n.REJECT_CHAIN)
+        return Verdict("drop")
+
+    # --- per-pool and per-endpoint chains -------------------------------------------
+    def pool_name(self, pool: Pool) -> str:
+        prefix = n.LOCAL if pool.local_only else n.SERVICE
+        return n.object_name(prefix, pool.id, n.readable(pool.service, pool.proto))
+
+    def endpoint_name(self, pool: Pool, b: Backend) -> str:
+        part = n.endpoint_readable(pool.service, pool.proto, b.address, b.port)
+        return n.object_name(n.ENDPOINT, b.id, part)
+
+    def affinity_name(self, pool: Pool, b: Backend) -> str:
+        part = n.endpoint_readable(pool.service, pool.proto, b.address, b.port)
+        return n.object_name(n.AFFINITY, b.id, part)
+
+    def external_name(self, f: Frontend) -> str:
+        content = digest(f"{f.pool}/{f.masquerade}/{f.internal_pool}")
+        return n.object_name(n.EXTERNAL, content, n.readable(f.service, f.proto))
+
+    def pool_chain(self, pool: Pool) -> None:
+        active = pool.active
+        if not active:
+            return
+        family = ip_proto(pool.family)
+        rules: list[Rule] = []
+        for f in self.program.frontends:
+            if f.kind is Kind.CLUSTER_IP and f.pool == pool.id:
+                rules += self.cluster_masquerade(f)
+        saddr = Payload(family, "saddr")
+        if pool.affinity_timeout is not None:
+            for b in active:
+                rules.append(
+                    Rule(
+                        (
+                            Match(saddr, SetRef(self.affinity_name(pool, b))),
+                            Verdict("goto", self.endpoint_name(pool, b)),
+                        )
+                    )
+                )
+        for b, (k, m) in zip(active, shares([b.weight for b in active]), strict=False):
+            chance = Match(Numgen(m), Value(k), op="<")
+            rules.append(Rule((chance, Verdict("goto", self.endpoint_name(pool, b)))))
+        rules.append(Rule((Verdict("goto", self.endpoint_name(pool, active[-1])),)))
+        self.chains[self.pool_name(pool)] = rules
+        for b in active:
+            self.endpoint_chain(pool, b)
+
+    def endpoint_chain(self, pool: Pool, b: Backend) -> None:
+        name = self.endpoint_name(pool, b)
+        if name in self.chains:
+            return  # the same backend in a service's cluster and local pools
+        family = ip_proto(pool.family)
+        saddr = Payload(family, "saddr")
+        rules = [self.mark_for_masquerade(Match(saddr, Value(b.address)))]
+        if pool.affinity_timeout is not None:
+            affinity = self.affinity_name(pool, b)
+            self.affinity.append(
+                NamedSet(
+                    affinity,
+                    (addr_type(pool.family),),
+                    flags=("dynamic", "timeout"),
+                    timeout=pool.affinity_timeout,
+                )
+            )
+            rules.append(Rule((SetUpdate(affinity, saddr),)))
+        rules.append(Rule((Match(_L4PROTO, Value(pool.proto)), Dnat(family, b.address, b.port))))
+        self.chains[name] = rules
+
+    def cluster_masquerade(self, f: Frontend) -> list[Rule]:
+        """Mark a cluster-IP frontend's traffic for masquerade, as its policy says."""
+        family = ip_proto(f.family)
+        this = (
+            Match(Payload(family, "daddr"), Value(f.address)),
+            Match(Payload(f.proto, "dport"), Value(f.port)),
+        )
+        masq = self.masquerade(f)
+        return [self.mark_for_masquerade(*this, *masq)] if masq is not None else []
+
+    def masquerade(self, f: Frontend) -> tuple[Statement, ...] | None:
+        """The matches that select the packets to mark, or None for no marking at all."""
+        if f.masquerade is Masq.ALWAYS:
+            return ()
+        pod_cidr = self.program.node.pod_cidr(f.family)
+        if f.masquerade is Masq.OFF_CLUSTER and pod_cidr:
+            return (Match(Payload(ip_proto(f.family), "saddr"), _prefix(pod_cidr), op="!="),)
+        return None
+
+    def external_chain(self, f: Frontend) -> None:
+        if f.kind is Kind.CLUSTER_IP or self.target(f) is None:
+            return
+        name = self.external_name(f)
+        if name in self.chains:
+            return
+        pool = self.pools[f.pool]
+        family = ip_proto(f.family)
+        rules: list[Rule] = []
+        internal = self.pools[f.internal_pool] if f.internal_pool else None
+        if internal is not None and internal.active:
+            to_internal = Verdict("goto", self.pool_name(internal))
+            pod_cidr = self.program.node.pod_cidr(f.family)
+            local = Match(Fib("saddr", "type"), Value("local"))
+            if pod_cidr:
+                rules.append(
+                    Rule(
+                        (Match(Payload(family, "saddr"), _prefix(pod_cidr)), to_internal),
+                        "pods reach external addresses through the cluster pool",
+                    )
+                )
+            rules.append(
+                self.mark_for_masquerade(local, comment="masquerade the node's own traffic")
+            )
+            rules.append(Rule((local, to_internal), "the node reaches them the same way"))
+        masq = self.masquerade(f)
+        if masq is not None:
+            rules.append(self.mark_for_masquerade(*masq))
+        if pool.active:
+            rules.append(Rule((Verdict("goto", self.pool_name(pool)),)))
+        self.chains[name] = rules
+
+
+def _prefix(cidr: str) -> Prefix:
+    net = ipaddress.ip_network(cidr, strict=False)
+    return Prefix(str(net.network_address), net.prefixlen)

@@ -1,0 +1,57 @@
+"""A ruleset as an `nft -f` file: empty lbc's table, then declare it whole.
+
+`add table` then `delete table` makes the file replace the table atomically whether
+or not it exists, like the JSON form's first three commands.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lbc.backends.nftables.expr import Chain, NamedSet, Ruleset
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def to_text(ruleset: Ruleset, node: str) -> str:
+    """nft syntax for `ruleset`; `node` names the node in the header comment."""
+    table = f"{ruleset.family} {ruleset.table}"
+    out = [
+        f"# lbc nftables ruleset for node {_SAFE.sub('_', node)}; generated, do not edit",
+        f"add table {table}",
+        f"delete table {table}",
+        f"table {table} {{",
+    ]
+    blocks = [_set(s) for s in ruleset.sets] + [_chain(c) for c in ruleset.chains]
+    for i, block in enumerate(blocks):
+        if i:
+            out.append("")
+        out += block
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _set(s: NamedSet) -> list[str]:
+    key = " . ".join(s.key_types)
+    out = [f"\t{'map' if s.is_map else 'set'} {s.name} {{"]
+    out.append(f"\t\ttype {key} : verdict" if s.is_map else f"\t\ttype {key}")
+    if s.flags:
+        out.append(f"\t\tflags {','.join(s.flags)}")
+    if s.timeout is not None:
+        out.append(f"\t\ttimeout {s.timeout}s")
+    if s.elements:
+        out.append("\t\telements = {")
+        out += [f"\t\t\t{e.text()}," for e in s.elements]
+        out.append("\t\t}")
+    out.append("\t}")
+    return out
+
+
+def _chain(c: Chain) -> list[str]:
+    out = [f"\tchain {c.name} {{"]
+    if c.base is not None:
+        b = c.base
+        out.append(f"\t\ttype {b.type} hook {b.hook} priority {b.priority_text}; policy accept;")
+    out += [f"\t\t{r.text()}" for r in c.rules]
+    out.append("\t}")
+    return out
