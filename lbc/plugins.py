@@ -16,6 +16,7 @@ ENTRY_POINT_GROUP = "lbc"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "lbc.backends.ir_text",
     "lbc.backends.iptables",
+    "lbc.backends.ipvs",
     "lbc.backends.nftables",
 )
 

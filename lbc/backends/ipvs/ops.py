@@ -1,0 +1,203 @@
+"""The kernel operations an IPVS dataplane is made of, as plain data.
+
+Each operation is a frozen dataclass that knows its line in the canonical text
+(`line`), its command-line equivalent (`describe`) and its JSON form (`to_json`).
+The conversion to pyroute2 requests lives in `lbc.backends.ipvs.netlink`, so that
+rendering never imports pyroute2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from lbc.ir.names import hostport
+from lbc.ir.nodes import Proto
+
+# ipvsadm's option for a virtual service of each protocol, as `ipvsadm -S` prints it.
+IPVSADM_PROTO = {Proto.TCP: "-t", Proto.UDP: "-u", Proto.SCTP: "--sctp-service"}
+# IP protocol numbers (IPPROTO_*), what IPVS is told and what ipvsadm sorts by.
+PROTO_NUMBER = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132}
+
+
+def family_of(address: str) -> int:
+    """4 or 6, from the textual form of an address."""
+    return 6 if ":" in address else 4
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureDummy:
+    """Create the dummy interface that holds the virtual addresses, and keep it down."""
+
+    op: ClassVar[str] = "ensure-dummy"
+    name: str
+
+    def line(self) -> str:
+        """`lbc-ipvs0 dummy down`."""
+        return f"{self.name} dummy down"
+
+    def describe(self) -> str:
+        """The command-line equivalent."""
+        return (
+            f"Equivalent to `ip link add {self.name} type dummy` (unless it exists), "
+            f"then `ip link set {self.name} down`"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation as a JSON object."""
+        return _json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AddAddress:
+    """Bind one virtual address to the dummy interface, as a host address."""
+
+    op: ClassVar[str] = "add-address"
+    link: str
+    address: str
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return family_of(self.address)
+
+    @property
+    def prefixlen(self) -> int:
+        """32 or 128: the address alone, never a subnet."""
+        return 32 if self.family == 4 else 128
+
+    def line(self) -> str:
+        """`10.0.1.175/32`."""
+        return f"{self.address}/{self.prefixlen}"
+
+    def describe(self) -> str:
+        """The command-line equivalent (IPv6 skips duplicate address detection)."""
+        if self.family == 4:
+            return f"Equivalent to `ip addr add {self.line()} dev {self.link}`"
+        return f"Equivalent to `ip -6 addr add {self.line()} dev {self.link} nodad`"
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation as a JSON object."""
+        return _json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AddService:
+    """Add an IPVS virtual service: address, port, protocol, scheduler, persistence."""
+
+    op: ClassVar[str] = "add-service"
+    proto: Proto
+    address: str
+    port: int
+    scheduler: str
+    persistence: int | None  # seconds a client sticks to its real server, or None
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return family_of(self.address)
+
+    def virtual(self) -> str:
+        """`-t 10.0.1.175:80`, how ipvsadm names the service."""
+        return f"{IPVSADM_PROTO[self.proto]} {hostport(self.address, self.port)}"
+
+    def line(self) -> str:
+        """`-A -t 10.0.1.175:80 -s rr`, as `ipvsadm -S -n` prints it."""
+        persistent = "" if self.persistence is None else f" -p {self.persistence}"
+        return f"-A {self.virtual()} -s {self.scheduler}{persistent}"
+
+    def describe(self) -> str:
+        """The command-line equivalent."""
+        return f"Equivalent to `ipvsadm {self.line()}`"
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation as a JSON object."""
+        return _json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AddDestination:
+    """Add a real server to a virtual service, reached by NAT (masquerading), weighted."""
+
+    op: ClassVar[str] = "add-destination"
+    proto: Proto
+    service_address: str
+    service_port: int
+    address: str
+    port: int
+    weight: int
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return family_of(self.address)
+
+    def virtual(self) -> str:
+        """The service this destination belongs to, as ipvsadm names it."""
+        return f"{IPVSADM_PROTO[self.proto]} {hostport(self.service_address, self.service_port)}"
+
+    def line(self) -> str:
+        """`-a -t 10.0.1.175:80 -r 10.244.1.7:9376 -m -w 1`, as `ipvsadm -S -n` prints it."""
+        return f"-a {self.virtual()} -r {hostport(self.address, self.port)} -m -w {self.weight}"
+
+    def describe(self) -> str:
+        """The command-line equivalent (`-m`: masquerading, IPVS's NAT forwarding)."""
+        return f"Equivalent to `ipvsadm {self.line()}`"
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation as a JSON object."""
+        return _json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SetSysctl:
+    """Set a kernel parameter of the node's network namespace."""
+
+    op: ClassVar[str] = "set-sysctl"
+    key: str
+    value: str
+
+    def line(self) -> str:
+        """`net.ipv4.vs.conntrack=1`."""
+        return f"{self.key}={self.value}"
+
+    def describe(self) -> str:
+        """The command-line equivalent."""
+        return f"Equivalent to `sysctl -w {self.line()}`"
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation as a JSON object."""
+        return _json(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRules:
+    """Replace lbc's nftables table of helper rules in one transaction."""
+
+    op: ClassVar[str] = "load-rules"
+    family: str
+    table: str
+    text: str  # the table definition, `table inet lbc-ipvs { ... }`
+
+    def script(self) -> str:
+        """The `nft -f` script: create-then-delete empties the table, all in one batch."""
+        head = f"{self.family} {self.table}"
+        return f"add table {head}\ndelete table {head}\n{self.text}"
+
+    def describe(self) -> str:
+        """The command-line equivalent."""
+        return (
+            f"Equivalent to `nft -f FILE`, FILE holding `add table {self.family} "
+            f"{self.table}`, `delete table {self.family} {self.table}` and the table"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The operation as a JSON object."""
+        return _json(self)
+
+
+Operation = EnsureDummy | AddAddress | AddService | AddDestination | SetSysctl | LoadRules
+
+
+def _json(op: Operation) -> dict[str, Any]:
+    return {"op": op.op, **asdict(op), "command": op.describe()}
