@@ -71,6 +71,8 @@ class _Reader:
         if self.s.startswith(q * 3, self.i):
             j = self.i + 3
             while True:
+                if j >= len(self.s):
+                    raise ValueError("unterminated string")
                 if q == '"' and self.s[j] == "\\":
                     j += 2
                 elif self.s.startswith(q * 3, j):
