@@ -12,7 +12,9 @@ unexpected extra one, a wrong line or path, or a message without the fragment.
 from __future__ import annotations
 
 import json
+import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,53 @@ def test_names_that_could_break_a_rule_comment_are_refused(name: str) -> None:
         lbc.loads(text)
     paths = [p.path for p in info.value.problems]
     assert paths == ["services[0].name", "services[0].ports[0].name"][: 1 if not name else 2]
+
+
+GOLDEN = sorted((Path(__file__).parent.parent / "golden").glob("*/cluster.toml"))
+ODD_VALUES = [
+    '"x"',
+    "0",
+    "-1",
+    "70000",
+    "true",
+    "1.5",
+    "[]",
+    "{}",
+    '"10.0.0.0/8"',
+    '""',
+    "1979-05-27",
+    "{ a = 1 }",
+    '"' + "a" * 300 + '"',
+    '["x"]',
+    "[{}]",
+    "nan",
+]
+EDITS = ['"', "[", "]", "{", "}", "=", ",", ".", "\n", "#", '"""', "[[services]]", "\\"]
+
+
+def mutations(count: int) -> Iterator[str]:
+    """Golden files with a value replaced or a character inserted or removed (seeded)."""
+    rng = random.Random(20240611)
+    texts = [p.read_text(encoding="utf-8") for p in GOLDEN]
+    for _ in range(count):
+        lines = rng.choice(texts).splitlines()
+        k = rng.randrange(len(lines))
+        if "=" in lines[k] and rng.random() < 0.6:
+            lines[k] = lines[k].split("=")[0] + "= " + rng.choice(ODD_VALUES)
+        else:
+            i = rng.randrange(len(lines[k]) + 1)
+            lines[k] = lines[k][:i] + rng.choice(EDITS) + lines[k][i + rng.randint(0, 2) :]
+        yield "\n".join(lines) + "\n"
+
+
+def test_any_edit_of_a_good_file_gives_config_error_or_cluster() -> None:
+    """No input makes lbc raise anything but ConfigError, or echo pydantic's own wording."""
+    for text in mutations(400):
+        try:
+            lbc.loads(text)
+        except lbc.ConfigError as exc:
+            n_lines = text.count("\n") + 1
+            for p in exc.problems:
+                assert p.line is None or 1 <= p.line <= n_lines, p
+                assert "Input should" not in p.message and "Value error" not in p.message, p
+                assert len(p.message) < 200, p

@@ -31,7 +31,7 @@ def check(node: Node | None, services: Indexed) -> list[Found]:
     for i, svc in services:
         at: Path = ("services", i)
         found += _addresses(at, svc)
-        found += _types(at, svc)
+        found += _settings(at, svc)
         found += _ports(at, svc)
         found += _endpoints(at, svc)
         if node is not None:
@@ -141,12 +141,23 @@ def _addresses(at: Path, svc: Service) -> Iterator[Found]:
                 )
 
 
-def _types(at: Path, svc: Service) -> Iterator[Found]:
-    if svc.type == "LoadBalancer":
-        return
-    for key in ("load_balancer_ips", "load_balancer_source_ranges"):
-        if getattr(svc, key):
-            yield ((*at, key), f'{key} needs type = "LoadBalancer" (the type is {svc.type!r})')
+def _settings(at: Path, svc: Service) -> Iterator[Found]:
+    """Settings that mean nothing for this service (Kubernetes refuses them too)."""
+    if svc.type != "LoadBalancer":
+        for key in ("load_balancer_ips", "load_balancer_source_ranges"):
+            if getattr(svc, key):
+                yield ((*at, key), f'{key} needs type = "LoadBalancer" (the type is {svc.type!r})')
+    if svc.external_traffic_policy == "Local" and svc.type == "ClusterIP" and not svc.external_ips:
+        yield (
+            (*at, "external_traffic_policy"),
+            "external_traffic_policy applies to external traffic, but this ClusterIP "
+            "service has no external_ips",
+        )
+    if "session_affinity_timeout" in svc.model_fields_set and svc.session_affinity != "ClientIP":
+        yield (
+            (*at, "session_affinity_timeout"),
+            'session_affinity_timeout needs session_affinity = "ClientIP"',
+        )
 
 
 def _ports(at: Path, svc: Service) -> Iterator[Found]:

@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from lbc.compiler import model
 from lbc.compiler.checks import Found, check
 from lbc.compiler.locate import Path, format_path, key_lines, line_of
-from lbc.compiler.model import Cluster, Node, Service
+from lbc.compiler.model import Cluster, Node, Service, quote
 from lbc.errors import ConfigError, Problem
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -192,7 +192,7 @@ def _message(err: Any, loc: Path) -> str:
     if kind == "missing":
         return f"missing required key {name!r}"
     if kind == "extra_forbidden":
-        return f"unknown key {name!r}" + _suggest(loc[:-1], name, None)
+        return f"unknown key {quote(name)}" + _suggest(loc[:-1], name, None)
     if kind in _TYPES:
         return f"expected {_TYPES[kind]}, got {_describe(value)}"
     if kind == "wrong_type":
@@ -203,7 +203,7 @@ def _message(err: Any, loc: Path) -> str:
         if not isinstance(value, str):
             return f"expected one of {ctx['expected']}, got {_describe(value)}"
         options = [o.strip("'") for o in str(ctx["expected"]).replace(" or ", ", ").split(", ")]
-        return f"{name} {value!r} is not one of {ctx['expected']}" + _suggest(
+        return f"{name} {quote(value)} is not one of {ctx['expected']}" + _suggest(
             loc[:-1], value, options
         )
     if kind == "too_short":
@@ -217,7 +217,7 @@ def _message(err: Any, loc: Path) -> str:
         return f"{name} is {len(value)} characters long; at most {ctx['max_length']} allowed"
     if kind == "string_pattern_mismatch":
         rule = _PATTERNS.get(str(ctx.get("pattern")), f"matching {ctx.get('pattern')}")
-        return f"{name} {value!r} is not {rule}"
+        return f"{name} {quote(value)} is not {rule}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if kind == "value_error":
         return msg
@@ -231,8 +231,7 @@ def _describe(value: object) -> str:
     if isinstance(value, int | float):
         return f"the {'integer' if isinstance(value, int) else 'float'} {value!r}"
     if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f"the string {shown!r}"
+        return f"the string {quote(value)}"
     if isinstance(value, list):
         return "an array"
     if isinstance(value, dict):

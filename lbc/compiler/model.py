@@ -24,6 +24,11 @@ PROTOCOLS = ("TCP", "UDP", "SCTP")
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
+def quote(text: str) -> str:
+    """A config string as a message shows it: quoted, and cut short when long."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def _wrong_type(expected: str) -> PydanticCustomError:
     # One error instead of one per union member; load.py words it from `expected`.
     return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
@@ -47,7 +52,7 @@ def _address(value: object) -> object:
             hint = f" (drop the '/{prefix}')"
         except ValueError:
             pass
-    raise ValueError(f"{value!r} is not an IPv4 or IPv6 address{hint}")
+    raise ValueError(f"{quote(value)} is not an IPv4 or IPv6 address{hint}")
 
 
 def _network(value: object) -> object:
@@ -62,24 +67,25 @@ def _network(value: object) -> object:
     try:
         loose = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ValueError(f"{value!r} is not a CIDR such as '10.244.0.0/16'") from None
-    raise ValueError(f"{value!r} has host bits set; did you mean '{loose}'?")
+        raise ValueError(f"{quote(value)} is not a CIDR such as '10.244.0.0/16'") from None
+    raise ValueError(f"{quote(value)} has host bits set; did you mean '{loose}'?")
 
 
 def _protocol(value: object) -> object:
     if isinstance(value, str):
         if value.upper() not in PROTOCOLS:
-            raise ValueError(f"protocol {value!r} is not TCP, UDP or SCTP")
+            raise ValueError(f"protocol {quote(value)} is not TCP, UDP or SCTP")
         return value.upper()
     return value
 
 
 def _mark(value: object) -> object:
     if isinstance(value, str):
+        text = value
         try:
-            value = int(value, 0)
+            value = int(text, 0)
         except ValueError:
-            raise ValueError(f"{value!r} is not an integer such as 0x4000") from None
+            raise ValueError(f"{quote(text)} is not an integer such as 0x4000") from None
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0 or value >= 1 << 32 or value & (value - 1):
             raise ValueError(f"{value:#x} is not a single bit of a 32-bit mark, such as 0x4000")
