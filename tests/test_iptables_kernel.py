@@ -40,6 +40,9 @@ EMPTY_VIP = "10.0.1.177"
 UDP_VIP = "10.0.1.187"  # golden/udp-sctp
 MASQ_ALL_VIP = "10.0.1.186"  # golden/masquerade-all
 DNS_PORT = 5353  # the target port of golden/udp-sctp
+# Target ports of golden/affinity and golden/external-traffic-local, golden/load-balancer.
+HTTP_PORT, HTTPS_PORT = 8080, 8443
+ALLOWED_SOURCE = "203.0.113.5"  # inside golden/load-balancer's source range
 
 
 @pytest.fixture
@@ -52,9 +55,10 @@ def scratch() -> Iterator[netns.Netns]:
 
 @pytest.fixture(scope="module")
 def seed() -> Iterator[netns.Seed]:
-    """The seed demo (client, node, three pods serving on 9376 and 5353), shared by the module."""
+    """The seed demo (client, node, three pods serving the golden cases' ports), for the module."""
     netns.require(*TOOLS)
-    with netns.seed_topology(ports=(netns.POD_PORT, DNS_PORT)) as topology:
+    ports = (netns.POD_PORT, DNS_PORT, HTTP_PORT, HTTPS_PORT)
+    with netns.seed_topology(ports=ports) as topology:
         yield topology
 
 
@@ -254,3 +258,48 @@ def test_udp_and_tcp_ports_of_one_service(seed: netns.Seed) -> None:
         print(f"\n  udp-sctp, client -> {UDP_VIP}:53/{proto} x200: {result}")
         assert not result.errors
         assert_shares(f"udp-sctp {proto}", result.names, pods)
+
+
+def test_session_affinity_sticks_to_one_pod(seed: netns.Seed) -> None:
+    """ClientIP affinity: 40 connections from one client all reach the same pod."""
+    restore(seed.node, ipv4_rules(GOLDEN / "affinity" / "cluster.toml"))
+    result = seed.client.request("10.0.1.179", 80, count=40)
+    print(f"\n  affinity, client -> 10.0.1.179:80 x40: {result}")
+    assert not result.errors
+    # Without affinity, all 40 on one of two pods has probability 2 * 2**-40.
+    assert len(result.names) == 1 and sum(result.names.values()) == 40
+
+
+def test_external_traffic_policy_local_keeps_the_client_address(seed: netns.Seed) -> None:
+    """Node port and external IP with policy Local: only the node's own pod, no masquerade."""
+    restore(seed.node, ipv4_rules(GOLDEN / "external-traffic-local" / "cluster.toml"))
+    local = seed.pod_named("10.244.1.7")  # the endpoint on node-1
+    for address, port in ((netns.NODE_ADDRESS, 30082), ("198.51.100.20", 80)):
+        result = seed.client.request(address, port, count=30)
+        print(f"\n  external-traffic-local, client -> {address}:{port} x30: {result}")
+        assert result.sources == Counter({(local, netns.CLIENT_ADDRESS): 30})
+
+
+def test_load_balancer_source_ranges(seed: netns.Seed) -> None:
+    """Only 203.0.113.0/24 may use the load-balancer IP; others are dropped (a timeout)."""
+    restore(seed.node, ipv4_rules(GOLDEN / "load-balancer" / "cluster.toml"))
+    seed.client.ip("addr", "add", f"{ALLOWED_SOURCE}/32", "dev", "eth0")
+    try:
+        allowed = seed.client.request("198.51.100.10", 443, count=40, source=ALLOWED_SOURCE)
+        denied = seed.client.request("198.51.100.10", 443, count=2, timeout=0.3)
+    finally:
+        seed.client.ip("addr", "del", f"{ALLOWED_SOURCE}/32", "dev", "eth0")
+    print(f"\n  load-balancer from {ALLOWED_SOURCE} x40: {allowed}")
+    print(f"  load-balancer from {netns.CLIENT_ADDRESS} x2: {denied}")
+    assert not allowed.errors
+    assert set(allowed.names) == {seed.pod_named("10.244.1.7"), seed.pod_named("10.244.2.3")}
+    # External traffic is masqueraded (policy Cluster): pods see the node.
+    assert all(source == seed.gateways[name] for name, source in allowed.sources)
+    assert denied.errors == Counter(timeout=2)
+    # The timeouts come from lbc's DROP rule: it counted both SYNs.
+    drops = [
+        line
+        for line in seed.node.exec("iptables-save", "-c", "-t", "filter").splitlines()
+        if "traffic not accepted by" in line and line.endswith("-j DROP")
+    ]
+    assert len(drops) == 1 and drops[0].startswith("[2:"), drops
