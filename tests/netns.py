@@ -277,6 +277,10 @@ class Lab:
         self.namespaces.append(ns)
         run(["ip", "netns", "add", ns.name])
         ns.ip("link", "set", "lo", "up")
+        # Until duplicate address detection ends (a second or two after a link comes up),
+        # a router sends no neighbour solicitations for forwarded IPv6 packets; skip it.
+        ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
+        ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
         return ns
 
     def link(
@@ -352,17 +356,25 @@ class Lab:
 
 # --- the seed demo -------------------------------------------------------------------
 
-# The three serve_hostname pods of the seed, at the addresses of examples/hostnames.toml.
+# The three serve_hostname pods of the seed, at the addresses of examples/hostnames.toml
+# (and, for IPv6, of golden/ipv6 and golden/dual-stack).
 PODS: Mapping[str, str] = {
     "hostnames-0uton": "10.244.3.6",
     "hostnames-yp2kp": "10.244.1.7",
     "hostnames-bvc05": "10.244.2.3",
 }
+PODS6: Mapping[str, str] = {
+    "hostnames-0uton": "fd00:244::3:6",
+    "hostnames-yp2kp": "fd00:244::1:7",
+    "hostnames-bvc05": "fd00:244::2:3",
+}
 POD_PORT = 9376
-POD_PREFIX = 24  # each pod sits on its own /24 with the node at .1, as per-node pod ranges
-CLIENT_ADDRESS = "192.168.49.10"
-NODE_ADDRESS = "192.168.49.2"  # the node address of examples/hostnames.toml
-OUTSIDE_PREFIX = 24
+# Each pod sits on its own small network with the node at its first address (10.244.1.1,
+# fd00:244::1:1), like a per-node pod range; both are inside the pod CIDRs.
+POD_PREFIX = {4: 24, 6: 112}
+CLIENT_ADDRESS, CLIENT_ADDRESS6 = "192.168.49.10", "fd00:49::10"
+NODE_ADDRESS, NODE_ADDRESS6 = "192.168.49.2", "fd00:49::2"  # the golden cases' node addresses
+OUTSIDE_PREFIX = {4: 24, 6: 64}
 
 
 @dataclass(frozen=True)
@@ -373,30 +385,45 @@ class Seed:
     client: Netns
     node: Netns
     pods: Mapping[str, Netns]  # pod name -> its namespace
-    addresses: Mapping[str, str]  # pod name -> pod address
-    gateways: Mapping[str, str]  # pod name -> the node's address on that pod's link
+    addresses: Mapping[str, str]  # pod name -> pod IPv4 address
+    gateways: Mapping[str, str]  # pod name -> the node's IPv4 address on that pod's link
+    addresses6: Mapping[str, str]  # the same for IPv6
+    gateways6: Mapping[str, str]
 
     def pod_named(self, address: str) -> str:
-        """The name of the pod that has `address`."""
-        return next(name for name, a in self.addresses.items() if a == address)
+        """The name of the pod that has `address` (either family)."""
+        both = [*self.addresses.items(), *self.addresses6.items()]
+        return next(name for name, a in both if a == address)
+
+
+def gateway(address: str) -> str:
+    """The node's address on the link of the pod with `address`: the link's first address."""
+    family = ipaddress.ip_address(address).version
+    net = ipaddress.ip_interface(f"{address}/{POD_PREFIX[family]}").network
+    return str(net[1])
 
 
 @contextmanager
 def seed_topology(
-    pods: Mapping[str, str] = PODS, ports: Sequence[int] = (POD_PORT,)
+    pods: Mapping[str, str] = PODS,
+    pods6: Mapping[str, str] = PODS6,
+    ports: Sequence[int] = (POD_PORT,),
 ) -> Iterator[Seed]:
     """Build the seed demo (client -- node -- pods, servers running); tear it all down after.
 
-    The client is outside the pod CIDR and reaches everything through the node. The
-    node's default route points back at the client, standing in for the upstream
-    router of a real node: a VIP without rules is then forwarded (and times out)
-    rather than failing in the routing lookup, so FORWARD-chain REJECTs are reachable.
-    The client does not forward, so such packets end there.
+    Dual-stack: every pod has its IPv4 address from `pods` and, if listed, its IPv6
+    address from `pods6`, with a server on each. The client is outside the pod CIDRs
+    and reaches everything through the node. The node's default routes point back at
+    the client, standing in for the upstream router of a real node: a VIP without
+    rules is then forwarded (and times out) rather than failing in the routing lookup,
+    so FORWARD-chain REJECTs are reachable. The client does not forward, so such
+    packets end there.
     """
     with Lab() as lab:
         client = lab.namespace("client")
         node = lab.namespace("node")
         node.sysctl("net.ipv4.ip_forward", 1)
+        node.sysctl("net.ipv6.conf.all.forwarding", 1)
         # A hairpin (a pod reaching itself through a VIP) leaves by the interface it came
         # in on; a redirect would tell the pod to bypass the node and the VIP's rules.
         node.sysctl("net.ipv4.conf.all.send_redirects", 0)
@@ -404,27 +431,39 @@ def seed_topology(
         client.sysctl("net.ipv4.ip_forward", 0)
         lab.link(
             node,
-            [f"{NODE_ADDRESS}/{OUTSIDE_PREFIX}"],
+            [f"{NODE_ADDRESS}/{OUTSIDE_PREFIX[4]}", f"{NODE_ADDRESS6}/{OUTSIDE_PREFIX[6]}"],
             client,
-            [f"{CLIENT_ADDRESS}/{OUTSIDE_PREFIX}"],
+            [f"{CLIENT_ADDRESS}/{OUTSIDE_PREFIX[4]}", f"{CLIENT_ADDRESS6}/{OUTSIDE_PREFIX[6]}"],
             b_name="eth0",
         )
         client.ip("route", "add", "default", "via", NODE_ADDRESS)
+        client.ip("-6", "route", "add", "default", "via", NODE_ADDRESS6)
         node.ip("route", "add", "default", "via", CLIENT_ADDRESS)
-        spaces, gateways = {}, {}
-        for name, address in pods.items():
-            net = ipaddress.ip_interface(f"{address}/{POD_PREFIX}").network
-            gateway = str(net[1])
+        node.ip("-6", "route", "add", "default", "via", CLIENT_ADDRESS6)
+        spaces = {}
+        for name in pods:
+            mine = [a for a in (pods[name], pods6.get(name)) if a is not None]
             pod = lab.namespace(name.rsplit("-", 1)[-1])
             pod.sysctl("net.ipv4.ip_forward", 0)
+            family = {a: ipaddress.ip_address(a).version for a in mine}
             lab.link(
                 node,
-                [f"{gateway}/{POD_PREFIX}"],
+                [f"{gateway(a)}/{POD_PREFIX[family[a]]}" for a in mine],
                 pod,
-                [f"{address}/{POD_PREFIX}"],
+                [f"{a}/{POD_PREFIX[family[a]]}" for a in mine],
                 b_name="eth0",
             )
-            pod.ip("route", "add", "default", "via", gateway)
-            lab.serve(pod, name, address, *ports)
-            spaces[name], gateways[name] = pod, gateway
-        yield Seed(lab, client, node, spaces, dict(pods), gateways)
+            for a in mine:
+                pod.ip(f"-{family[a]}", "route", "add", "default", "via", gateway(a))
+                lab.serve(pod, name, a, *ports)
+            spaces[name] = pod
+        yield Seed(
+            lab,
+            client,
+            node,
+            spaces,
+            dict(pods),
+            {name: gateway(a) for name, a in pods.items()},
+            {name: pods6[name] for name in pods if name in pods6},
+            {name: gateway(pods6[name]) for name in pods if name in pods6},
+        )

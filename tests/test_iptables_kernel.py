@@ -72,10 +72,10 @@ def saved(ns: netns.Netns, family: int = 4) -> str:
     return ns.exec(SAVE[family])
 
 
-def ipv4_rules(source: str | Path) -> str:
-    """The IPv4 restore document lbc compiles from a cluster.toml path."""
+def compiled(source: str | Path, family: int = 4) -> str:
+    """The restore document of `family` that lbc compiles from a cluster.toml path."""
     artifact = lbc.compile(lbc.load(source), backend="iptables")
-    doc: str = artifact.data[4]
+    doc: str = artifact.data[family]
     return doc
 
 
@@ -139,7 +139,7 @@ def test_output_loads_into_the_kernel(case: str, scratch: netns.Netns) -> None:
 
 def test_the_kernel_holds_exactly_the_compiled_rules(scratch: netns.Netns) -> None:
     """`iptables -C` finds every rule of the seed demo as written, matches and targets alike."""
-    doc = ipv4_rules(ROOT / "examples" / "hostnames.toml")
+    doc = compiled(ROOT / "examples" / "hostnames.toml")
     restore(scratch, doc)
     tables = parse_restore(doc)
     checked = 0
@@ -153,7 +153,7 @@ def test_the_kernel_holds_exactly_the_compiled_rules(scratch: netns.Netns) -> No
 
 def test_a_broken_document_fails_to_load_and_changes_nothing(scratch: netns.Netns) -> None:
     """The load check catches a jump to an undeclared chain; the old rules stay in place."""
-    good = ipv4_rules(ROOT / "examples" / "hostnames.toml")
+    good = compiled(ROOT / "examples" / "hostnames.toml")
     restore(scratch, good)
     before = [line for line in saved(scratch).splitlines() if not line.startswith("#")]
     bad = good.replace(
@@ -179,7 +179,7 @@ def test_escaped_comments_reach_the_kernel_intact(scratch: netns.Netns) -> None:
 # --- real traffic through the node ------------------------------------------------------
 def test_seed_demo_reaches_all_three_pods(seed: netns.Seed) -> None:
     """300 connections to 10.0.1.175:80 reach every pod about equally, masqueraded."""
-    restore(seed.node, ipv4_rules(ROOT / "examples" / "hostnames.toml"))
+    restore(seed.node, compiled(ROOT / "examples" / "hostnames.toml"))
     result = seed.client.request(HOSTNAMES_VIP, 80, count=300)
     print(f"\n  hostnames, client -> {HOSTNAMES_VIP}:80 x300: {result}")
     assert not result.errors
@@ -191,7 +191,7 @@ def test_seed_demo_reaches_all_three_pods(seed: netns.Seed) -> None:
 
 def test_weights_set_the_shares(seed: netns.Seed) -> None:
     """Weights 1:2:3 give shares 1/6, 2/6, 3/6, in the kernel's copy and in real traffic."""
-    doc = ipv4_rules(GOLDEN / "weighted" / "cluster.toml")
+    doc = compiled(GOLDEN / "weighted" / "cluster.toml")
     restore(seed.node, doc)
     # The kernel keeps each probability as a 31-bit fraction; multiplied out, it still
     # gives the weights to better than 1e-9.
@@ -213,11 +213,11 @@ def test_a_service_without_endpoints_refuses_at_once(seed: netns.Seed) -> None:
     a second: net.ipv4.icmp_ratelimit), so only the first few refusals are immediate;
     later ones arrive with the SYN retransmitted a second later. Five stay in the burst.
     """
-    restore(seed.node, ipv4_rules(ROOT / "examples" / "hostnames.toml"))
+    restore(seed.node, compiled(ROOT / "examples" / "hostnames.toml"))
     before = seed.client.request(EMPTY_VIP, 80, count=1, timeout=0.5)
     print(f"\n  no rules for {EMPTY_VIP}:80 x1: {before}")
     assert before.errors == Counter(timeout=1), "without the REJECT rule the packet is dropped"
-    restore(seed.node, ipv4_rules(GOLDEN / "no-endpoints" / "cluster.toml"))
+    restore(seed.node, compiled(GOLDEN / "no-endpoints" / "cluster.toml"))
     result = seed.client.request(EMPTY_VIP, 80, count=5, timeout=2.0)
     print(f"  no-endpoints, client -> {EMPTY_VIP}:80 x5: {result}")
     assert result.errors == Counter(refused=5)
@@ -226,7 +226,7 @@ def test_a_service_without_endpoints_refuses_at_once(seed: netns.Seed) -> None:
 
 def test_pods_keep_their_source_and_hairpin_is_masqueraded(seed: netns.Seed) -> None:
     """From a pod: other pods see the pod's own address; landing on itself, the node's."""
-    restore(seed.node, ipv4_rules(ROOT / "examples" / "hostnames.toml"))
+    restore(seed.node, compiled(ROOT / "examples" / "hostnames.toml"))
     me = "hostnames-yp2kp"
     result = seed.pods[me].request(HOSTNAMES_VIP, 80, count=90)
     print(f"\n  hostnames, pod {me} -> {HOSTNAMES_VIP}:80 x90: {result}")
@@ -241,7 +241,7 @@ def test_pods_keep_their_source_and_hairpin_is_masqueraded(seed: netns.Seed) -> 
 
 def test_masquerade_all_masquerades_pods_too(seed: netns.Seed) -> None:
     """masquerade_all with mark 0x8000: even a pod's request arrives from the node."""
-    restore(seed.node, ipv4_rules(GOLDEN / "masquerade-all" / "cluster.toml"))
+    restore(seed.node, compiled(GOLDEN / "masquerade-all" / "cluster.toml"))
     me = "hostnames-bvc05"
     result = seed.pods[me].request(MASQ_ALL_VIP, 80, count=20)
     print(f"\n  masquerade-all, pod {me} -> {MASQ_ALL_VIP}:80 x20: {result}")
@@ -251,7 +251,7 @@ def test_masquerade_all_masquerades_pods_too(seed: netns.Seed) -> None:
 
 def test_udp_and_tcp_ports_of_one_service(seed: netns.Seed) -> None:
     """golden/udp-sctp: UDP datagrams and TCP connections to port 53 both reach both pods."""
-    restore(seed.node, ipv4_rules(GOLDEN / "udp-sctp" / "cluster.toml"))
+    restore(seed.node, compiled(GOLDEN / "udp-sctp" / "cluster.toml"))
     pods = {seed.pod_named("10.244.1.7"): 1, seed.pod_named("10.244.2.3"): 1}
     for proto in ("udp", "tcp"):
         result = seed.client.request(UDP_VIP, 53, count=200, proto=proto)
@@ -262,7 +262,7 @@ def test_udp_and_tcp_ports_of_one_service(seed: netns.Seed) -> None:
 
 def test_session_affinity_sticks_to_one_pod(seed: netns.Seed) -> None:
     """ClientIP affinity: 40 connections from one client all reach the same pod."""
-    restore(seed.node, ipv4_rules(GOLDEN / "affinity" / "cluster.toml"))
+    restore(seed.node, compiled(GOLDEN / "affinity" / "cluster.toml"))
     result = seed.client.request("10.0.1.179", 80, count=40)
     print(f"\n  affinity, client -> 10.0.1.179:80 x40: {result}")
     assert not result.errors
@@ -272,7 +272,7 @@ def test_session_affinity_sticks_to_one_pod(seed: netns.Seed) -> None:
 
 def test_external_traffic_policy_local_keeps_the_client_address(seed: netns.Seed) -> None:
     """Node port and external IP with policy Local: only the node's own pod, no masquerade."""
-    restore(seed.node, ipv4_rules(GOLDEN / "external-traffic-local" / "cluster.toml"))
+    restore(seed.node, compiled(GOLDEN / "external-traffic-local" / "cluster.toml"))
     local = seed.pod_named("10.244.1.7")  # the endpoint on node-1
     for address, port in ((netns.NODE_ADDRESS, 30082), ("198.51.100.20", 80)):
         result = seed.client.request(address, port, count=30)
@@ -282,7 +282,7 @@ def test_external_traffic_policy_local_keeps_the_client_address(seed: netns.Seed
 
 def test_load_balancer_source_ranges(seed: netns.Seed) -> None:
     """Only 203.0.113.0/24 may use the load-balancer IP; others are dropped (a timeout)."""
-    restore(seed.node, ipv4_rules(GOLDEN / "load-balancer" / "cluster.toml"))
+    restore(seed.node, compiled(GOLDEN / "load-balancer" / "cluster.toml"))
     seed.client.ip("addr", "add", f"{ALLOWED_SOURCE}/32", "dev", "eth0")
     try:
         allowed = seed.client.request("198.51.100.10", 443, count=40, source=ALLOWED_SOURCE)
@@ -303,3 +303,25 @@ def test_load_balancer_source_ranges(seed: netns.Seed) -> None:
         if "traffic not accepted by" in line and line.endswith("-j DROP")
     ]
     assert len(drops) == 1 and drops[0].startswith("[2:"), drops
+
+
+def test_ipv6_service(seed: netns.Seed) -> None:
+    """golden/ipv6 through ip6tables: both pods answer [fd00:10::1:175]:80, masqueraded."""
+    restore(seed.node, compiled(GOLDEN / "ipv6" / "cluster.toml", family=6), family=6)
+    result = seed.client.request("fd00:10::1:175", 80, count=200)
+    print(f"\n  ipv6, client -> [fd00:10::1:175]:80 x200: {result}")
+    assert not result.errors
+    pods = {seed.pod_named("fd00:244::1:7"): 1, seed.pod_named("fd00:244::2:3"): 1}
+    assert_shares("ipv6", result.names, pods)
+    assert all(source == seed.gateways6[name] for name, source in result.sources)
+
+
+def test_dual_stack_service_answers_on_both_families(seed: netns.Seed) -> None:
+    """golden/dual-stack: one restore per family; each cluster IP reaches its family's pod."""
+    for family in (4, 6):
+        restore(seed.node, compiled(GOLDEN / "dual-stack" / "cluster.toml", family), family)
+    pod = seed.pod_named("10.244.1.7")
+    for vip, gateways in (("10.0.1.178", seed.gateways), ("fd00:10::1:178", seed.gateways6)):
+        result = seed.client.request(vip, 80, count=20)
+        print(f"\n  dual-stack, client -> {vip} port 80 x20: {result}")
+        assert result.sources == Counter({(pod, gateways[pod]): 20})
