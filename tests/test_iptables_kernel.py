@@ -18,15 +18,10 @@ import pytest
 import lbc
 from lbc.backends.iptables.render import comment
 from tests import netns
-from tests.golden import CASES, GOLDEN
-from tests.test_iptables_render import (
-    RESTORE,
-    iptables_text,
-    parse_restore,
-    sections,
-    shares,
-    worst_case_config,
-)
+from tests.golden import GOLDEN
+
+# OUTPUTS: every golden iptables output, plus generated ones such as the worst case.
+from tests.test_iptables_render import OUTPUTS, RESTORE, parse_restore, sections, shares
 
 pytestmark = pytest.mark.netns
 
@@ -107,24 +102,10 @@ def test_the_lab_removes_namespaces_and_servers_even_on_failure() -> None:
 
 
 # --- every generated document loads ---------------------------------------------------
-def documents() -> dict[str, str]:
-    """Every golden iptables output, and the worst-case one with the longest names."""
-    out = {
-        case: (GOLDEN / case / "iptables.rules").read_text(encoding="utf-8")
-        for case in CASES
-        if (GOLDEN / case / "iptables.rules").is_file()
-    }
-    out["worst-case"] = iptables_text(worst_case_config())
-    return out
-
-
-DOCUMENTS = documents()
-
-
-@pytest.mark.parametrize("case", sorted(DOCUMENTS))
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
 def test_output_loads_into_the_kernel(case: str, scratch: netns.Netns) -> None:
     """A real restore (not --test) of every family section; the kernel then lists our chains."""
-    docs = sections(DOCUMENTS[case])
+    docs = sections(OUTPUTS[case])
     assert docs, f"{case} has no `# ipvN:` sections"
     for family, doc in docs.items():
         restore(scratch, doc, family)
