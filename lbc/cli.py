@@ -77,8 +77,12 @@ def compile_cmd(file: Path, backend: str, fmt: str, output: Path | None) -> None
         click.echo(text, nl=False)
     else:
         tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(output)
+        except OSError as exc:
+            click.echo(f"lbc: cannot write {output}: {exc.strerror}", err=True)
+            sys.exit(EXIT_CONFIG)
 
 
 @main.command("check")

@@ -72,6 +72,14 @@ def test_missing_file(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_unwritable_output_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    out = tmp_path / "missing-dir" / "out.rules"
+    code, stdout, stderr = run("compile", str(ROOT / "examples" / "hostnames.toml"), "-o", str(out))
+    assert code == 2
+    assert stdout == ""
+    assert f"lbc: cannot write {out}: No such file or directory" in stderr
+
+
 def test_good_file_still_compiles(tmp_path: Path) -> None:
     out = tmp_path / "out.rules"
     code, _, stderr = run("compile", str(ROOT / "examples" / "hostnames.toml"), "-o", str(out))
