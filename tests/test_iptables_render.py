@@ -13,7 +13,7 @@ import pytest
 
 import lbc
 from lbc.backends.iptables import names as n
-from lbc.backends.iptables.render import PROBABILITY_DIGITS, comment
+from lbc.backends.iptables.render import STATISTIC_STEPS, comment
 from tests.golden import CASES, GOLDEN
 
 BUILTIN_CHAINS = {
@@ -215,11 +215,16 @@ def test_probabilities_multiply_out_to_the_weights(label: str, weights: list[int
     assert len(got) == sum(1 for w in weights if w)
 
 
-def test_probabilities_are_printed_with_fixed_digits() -> None:
-    doc = lbc.compile(lbc.loads(weighted_config([1, 2, 3])), backend="iptables").data[4]
+def test_probabilities_are_printed_as_the_kernel_keeps_them() -> None:
+    """Steps of 2**-31 with 11 decimals, as iptables-save prints them back."""
+    doc = lbc.compile(lbc.loads(weighted_config([1, 2, 3, 7, 11])), backend="iptables").data[4]
     printed = re.findall(r"--probability (\S+)", doc)
-    assert printed == ["0.166666666667", "0.400000000000"]
-    assert all(len(p.split(".")[1]) == PROBABILITY_DIGITS for p in printed)
+    assert printed[0] == "0.04166666651"  # 1/24 rounded to the kernel's 2**-31 steps
+    for p in printed:
+        assert len(p.split(".")[1]) == 11
+        steps = float(p) * STATISTIC_STEPS
+        assert abs(steps - round(steps)) < 0.02, p
+        assert f"{round(steps) / STATISTIC_STEPS:.11f}" == p
 
 
 def test_a_single_endpoint_needs_no_probability() -> None:

@@ -10,15 +10,14 @@ idempotently instead of restoring them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lbc.backends.iptables import names as n
 from lbc.ir.names import digest, hostport
 from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program
 
-# Enough digits that each endpoint's share, multiplied out, is exact to 1e-9 for
-# pools of up to about a thousand endpoints (the kernel then rounds to 2**-31).
-PROBABILITY_DIGITS = 12
+STATISTIC_STEPS = 1 << 31  # the kernel's resolution of `-m statistic --probability`
 _KIND_LABEL = {
     Kind.CLUSTER_IP: "cluster IP",
     Kind.EXTERNAL_IP: "external IP",
@@ -85,9 +84,27 @@ def comment(text: str) -> str:
     return f'-m comment --comment "{safe}"'
 
 
-def probability(weight: int, remaining: int) -> str:
-    """`weight / remaining`, the chance that this rule fires given earlier ones did not."""
-    return f"{weight / remaining:.{PROBABILITY_DIGITS}f}"
+def probabilities(weights: Sequence[int]) -> list[str]:
+    """The `--probability` of every rule but the last, exactly as the kernel keeps them.
+
+    xt_statistic stores a probability in steps of 2**-31 and iptables-save prints it
+    with 11 decimals, so each value is rounded to a step and printed that way (a
+    read-back then equals the rendered rule). Each rule is chosen so that the rules
+    so far claim, after their rounding, the total share of their endpoints; rounding
+    errors therefore never add up: every share is within 2**-31 of weight/total.
+    """
+    total = sum(weights)
+    claimed = 0.0  # the share all earlier rules take together, rounding included
+    cumulative = 0
+    out = []
+    for weight in weights[:-1]:
+        cumulative += weight
+        want = (cumulative / total - claimed) / (1 - claimed)
+        steps = min(STATISTIC_STEPS, max(0, round(want * STATISTIC_STEPS)))
+        chance = steps / STATISTIC_STEPS
+        out.append(f"{chance:.11f}")
+        claimed += (1 - claimed) * chance
+    return out
 
 
 def render_family(program: Program, family: int) -> str:
@@ -123,9 +140,9 @@ class _FamilyRenderer:
             self.nat.declare(chain)
         for hook, rule in BUILTIN_HOOKS["nat"]:
             self.nat.add(hook, rule)
-        self.nat.add(n.MARK_MASQ, f"-j MARK --or-mark {mark}")
+        self.nat.add(n.MARK_MASQ, f"-j MARK --set-xmark {mark}/{mark}")  # i.e. --or-mark
         self.nat.add(n.POSTROUTING, f"-m mark ! --mark {mark}/{mark} -j RETURN")
-        self.nat.add(n.POSTROUTING, f"-j MARK --xor-mark {mark}")
+        self.nat.add(n.POSTROUTING, f"-j MARK --set-xmark {mark}/0x0")  # i.e. --xor-mark
         self.nat.add(
             n.POSTROUTING,
             f"{comment('lbc service traffic requiring SNAT')} -j MASQUERADE --random-fully",
@@ -148,9 +165,9 @@ class _FamilyRenderer:
         return "\n".join([*self.filter.lines("filter"), *self.nat.lines("nat")]) + "\n"
 
     # --- frontends ------------------------------------------------------------------
-    def match(self, f: Frontend, address: bool = True) -> str:
-        dest = f"-d {f.address}{self.host} " if address else ""
-        return f"{dest}-p {f.proto} -m {f.proto} --dport {f.port}"
+    def match(self, f: Frontend, note: str) -> str:
+        """`-d VIP -p tcp <note> -m tcp --dport N`, in the order iptables-save prints it."""
+        return f"-d {f.address}{self.host} -p {f.proto} {note} -m {f.proto} --dport {f.port}"
 
     def label(self, f: Frontend) -> str:
         return f"{f.service} {_KIND_LABEL[f.kind]}"
@@ -173,15 +190,15 @@ class _FamilyRenderer:
             if f.kind is Kind.NODE_PORT:
                 self.nat.add(
                     n.NODEPORTS,
-                    f"-d {f.address}{self.host} {what} {self.match(f, address=False)} -j {jump}",
+                    f"{self.match(f, what)} -j {jump}",
                 )
             else:
-                self.nat.add(n.SERVICES, f"{what} {self.match(f)} -j {jump}")
+                self.nat.add(n.SERVICES, f"{self.match(f, what)} -j {jump}")
         if f.source_ranges:
             self.filter.add(
                 n.SERVICES,
-                f"{comment(f'{f.service} traffic not accepted by {self.fw_name(f)}')} "
-                f"{self.match(f)} -j DROP",
+                self.match(f, comment(f"{f.service} traffic not accepted by {self.fw_name(f)}"))
+                + " -j DROP",
             )
         if not pool.active:
             # Only packets that nothing DNATed still carry the frontend's address here.
@@ -192,7 +209,7 @@ class _FamilyRenderer:
             )
             reason = "has no local endpoints" if pool.local_only else "has no endpoints"
             self.filter.add(
-                n.SERVICES, f"{comment(f'{f.service} {reason}')} {self.match(f)} {verdict}"
+                n.SERVICES, f"{self.match(f, comment(f'{f.service} {reason}'))} {verdict}"
             )
 
     # --- per-pool and per-endpoint chains ------------------------------------------
@@ -221,17 +238,15 @@ class _FamilyRenderer:
                 self.nat.add(
                     name,
                     f"{comment(f'{what} -> {hostport(b.address, b.port)}')} -m recent "
-                    f"--name {sep} --mask {self.mask()} --rsource --rcheck --seconds "
-                    f"{pool.affinity_timeout} --reap -j {sep}",
+                    f"--rcheck --seconds {pool.affinity_timeout} --reap --name {sep} "
+                    f"--mask {self.mask()} --rsource -j {sep}",
                 )
-        remaining = sum(b.weight for b in active)
+        chances = probabilities([b.weight for b in active])
         for i, b in enumerate(active):
             sep = n.SEP + b.id
             chance = ""
-            if i < len(active) - 1:
-                p = probability(b.weight, remaining)
-                chance = f" -m statistic --mode random --probability {p}"
-            remaining -= b.weight
+            if i < len(chances):
+                chance = f" -m statistic --mode random --probability {chances[i]}"
             self.nat.add(
                 name,
                 f"{comment(f'{what} -> {hostport(b.address, b.port)}')}{chance} -j {sep}",
@@ -261,9 +276,9 @@ class _FamilyRenderer:
     def cluster_masquerade(self, chain: str, f: Frontend) -> None:
         what = comment(f"{f.service} cluster IP")
         if f.masquerade is Masquerade.ALWAYS:
-            self.nat.add(chain, f"{what} {self.match(f)} -j {n.MARK_MASQ}")
+            self.nat.add(chain, f"{self.match(f, what)} -j {n.MARK_MASQ}")
         elif f.masquerade is Masquerade.OFF_CLUSTER and self.pod_cidr:
-            self.nat.add(chain, f"! -s {self.pod_cidr} {what} {self.match(f)} -j {n.MARK_MASQ}")
+            self.nat.add(chain, f"! -s {self.pod_cidr} {self.match(f, what)} -j {n.MARK_MASQ}")
 
     def external_chains(self, f: Frontend) -> None:
         if f.kind is Kind.CLUSTER_IP or self.target(f) is None:
