@@ -180,8 +180,8 @@ def test_a_broken_document_changes_nothing(scratch: netns.Netns) -> None:
     with pytest.raises(netns.NetnsError, match="NOWHERE"):
         load_text(scratch, bad_text)
     assert listing(scratch) == before
-    bad_json = weighted_json.replace(f'"target": "{victim}"', '"target": "endpoint-NOWHERE"', 1)
-    assert bad_json != weighted_json
+    bad_json = weighted_json.replace(f'"target":"{victim}"', '"target":"endpoint-NOWHERE"', 1)
+    assert json.loads(bad_json) != json.loads(weighted_json)
     with pytest.raises(netns.NetnsError):
         load_json(scratch, bad_json)
     assert listing(scratch) == before

@@ -7,10 +7,11 @@ document a kernel adapter hands to `Nftables().json_cmd` (format "json").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
-from lbc.backends.base import Artifact, Backend, Feature, dumps_json
-from lbc.backends.nftables.jsonform import to_json
+from lbc.backends.base import Artifact, Backend, Feature
+from lbc.backends.nftables.expr import Ruleset
+from lbc.backends.nftables.jsonform import dumps, to_json
 from lbc.backends.nftables.render import build
 from lbc.backends.nftables.text import to_text
 from lbc.hookspecs import hookimpl
@@ -29,11 +30,29 @@ class NftablesBackend(Backend):
     def render(self, program: Program) -> Artifact:
         """The `inet lbc` table as nft text and libnftables JSON; `data` is the ruleset."""
         ruleset = build(program)
-        formats = {
-            "text": to_text(ruleset, program.node.name),
-            "json": dumps_json(to_json(ruleset)),
+        return Artifact(self.name, _Formats(ruleset, program.node.name), data=ruleset)
+
+
+class _Formats(Mapping[str, str]):
+    """The artifact's formats, each printed on first use (JSON for 30k services takes s)."""
+
+    def __init__(self, ruleset: Ruleset, node: str) -> None:
+        self._printers: dict[str, Callable[[], str]] = {
+            "text": lambda: to_text(ruleset, node),
+            "json": lambda: dumps(to_json(ruleset)),
         }
-        return Artifact(self.name, formats, data=ruleset)
+        self._done: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        if key not in self._done:
+            self._done[key] = self._printers[key]()
+        return self._done[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._printers)
+
+    def __len__(self) -> int:
+        return len(self._printers)
 
 
 @hookimpl

@@ -8,6 +8,7 @@ that jumps to a chain comes after the chain), and finally the rules.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lbc.backends.nftables.expr import NamedSet, Ruleset
@@ -47,6 +48,13 @@ def to_json(ruleset: Ruleset) -> dict[str, Any]:
                 rule["comment"] = r.comment
             commands.append({"add": {"rule": rule}})
     return {"nftables": commands}
+
+
+def dumps(document: dict[str, Any]) -> str:
+    """Canonical JSON, one command per line: compact enough for 100k rules, still diffable."""
+    commands = document["nftables"]
+    lines = [json.dumps(c, sort_keys=True, separators=(",", ":")) for c in commands]
+    return '{"nftables": [\n' + ",\n".join(lines) + "\n]}\n"
 
 
 def _set(s: NamedSet, where: dict[str, str]) -> dict[str, Any]:

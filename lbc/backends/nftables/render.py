@@ -122,9 +122,15 @@ class _Builder:
         self.program = program
         self.pools = program.pool_index()
         self.mark = Value(program.node.masquerade_mark, hex=True)
+        # Statements are immutable: one instance serves every rule (fewer objects to make).
+        self.set_mark = Mangle(_MARK, BinOp("|", _MARK, self.mark))
         self.chains: dict[str, list[Rule]] = {}
         self.sets = _Sets()
         self.affinity: list[NamedSet] = []
+        self.cluster_ips: dict[str, list[Frontend]] = {}  # pool id -> its cluster-IP frontends
+        for f in program.frontends:
+            if f.kind is Kind.CLUSTER_IP:
+                self.cluster_ips.setdefault(f.pool, []).append(f)
 
     # --- whole table --------------------------------------------------------------
     def build(self) -> Ruleset:
@@ -145,7 +151,7 @@ class _Builder:
         )
 
     def mark_for_masquerade(self, *matches: Statement, comment: str | None = None) -> Rule:
-        return Rule((*matches, Mangle(_MARK, BinOp("|", _MARK, self.mark))), comment)
+        return Rule((*matches, self.set_mark), comment)
 
     def shared_chains(self, families: tuple[int, ...]) -> list[Chain]:
         """Base chains and the chains every service shares; only the parts in use."""
@@ -369,9 +375,8 @@ class _Builder:
             return
         family = ip_proto(pool.family)
         rules: list[Rule] = []
-        for f in self.program.frontends:
-            if f.kind is Kind.CLUSTER_IP and f.pool == pool.id:
-                rules += self.cluster_masquerade(f)
+        for f in self.cluster_ips.get(pool.id, []):
+            rules += self.cluster_masquerade(f)
         saddr = Payload(family, "saddr")
         if pool.affinity_timeout is not None:
             for b in active:
