@@ -122,6 +122,45 @@ print(json.dumps({"replies": replies, "errors": errors, "seconds": time.monotoni
 """
 
 
+LOADER = r"""
+import json, signal, socket, sys, time
+
+host, port, limit, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+stop = False
+
+
+def finish(*_):
+    global stop
+    stop = True
+
+
+signal.signal(signal.SIGTERM, finish)
+replies, errors = {}, {}
+end = time.monotonic() + limit
+print("ready", flush=True)
+while not stop and time.monotonic() < end:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+        data = b""
+        while not data.endswith(b"\n") and len(data) < 512:
+            chunk = sock.recv(512)
+            if not chunk:
+                break
+            data += chunk
+        name = data.decode(errors="replace").split()[0] if data.strip() else ""
+        key, table = (name, replies) if name else ("empty", errors)
+    except OSError as exc:
+        key, table = type(exc).__name__, errors
+    finally:
+        sock.close()
+    table[key] = table.get(key, 0) + 1
+print(json.dumps({"replies": replies, "errors": errors}), flush=True)
+"""
+
+
 class NetnsError(RuntimeError):
     """A command in a namespace failed; the message carries the command and its stderr."""
 
@@ -258,6 +297,20 @@ class Netns:
 
 
 @dataclass
+class Load:
+    """Requests sent back to back by a background client until `stop`."""
+
+    process: subprocess.Popen[str]
+
+    def stop(self) -> Results:
+        """Stop sending; the counts of replies (by backend name) and errors."""
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=COMMAND_TIMEOUT)
+        data = json.loads(out.splitlines()[-1])
+        return Results(Counter(data["replies"]), Counter(data["errors"]), 0.0)
+
+
+@dataclass
 class Lab:
     """Namespaces, links and server processes of one test; `close` removes them all."""
 
@@ -329,6 +382,32 @@ class Lab:
             _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
             raise NetnsError(f"server {name} on {address} in {ns.name} did not start: {err}")
         return proc
+
+    def load(self, ns: Netns, host: str, port: int, seconds: float = 60.0) -> Load:
+        """Start a client in `ns` connecting to host:port over and over, for `seconds` at most."""
+        process = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns.name,
+                sys.executable,
+                "-c",
+                LOADER,
+                host,
+                str(port),
+                str(seconds),
+                "1.0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.processes.append(process)
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            raise NetnsError("the load client did not start")
+        return Load(process)
 
     def close(self) -> None:
         """Kill every process this lab started (by pid), then delete its namespaces by name."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lbc.backends.base import Artifact, Backend, Feature
 from lbc.backends.iptables.render import render_family
 from lbc.hookspecs import hookimpl
 from lbc.ir.nodes import Program, Scheduler
+
+if TYPE_CHECKING:
+    from lbc.backends.iptables.kernel import IptablesKernel
 
 RESTORE_COMMAND = {4: "iptables-restore", 6: "ip6tables-restore"}
 
@@ -28,6 +32,12 @@ class IptablesBackend(Backend):
         for family, doc in docs.items():
             parts.append(f"# ipv{family}: {RESTORE_COMMAND[family]}\n{doc}")
         return Artifact(self.name, {"text": "".join(parts)}, data=docs)
+
+    def kernel(self, netns: str | None = None) -> IptablesKernel:
+        """The iptables-save/iptables-restore adapter (imported only when applying)."""
+        from lbc.backends.iptables.kernel import IptablesKernel
+
+        return IptablesKernel(netns)
 
 
 @hookimpl

@@ -1,0 +1,166 @@
+"""The iptables kernel adapter: read lbc's chains with iptables-save, write with one restore.
+
+Equivalent to `iptables-save -t nat` / `iptables-save -t filter` for the snapshot and
+`iptables-restore --noflush` (one document per family holding every changed chain)
+for the commit. Jumps from the built-in chains are inserted and deleted one by one
+(`iptables -t nat -I PREROUTING ...`), never restored, so re-applies cannot duplicate
+them. Only chains named `LBC-...` and rules jumping to them are ever read or written.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
+from lbc.apply.state import Plan, State, plan_between
+from lbc.backends.base import Artifact
+from lbc.backends.iptables import names as n
+from lbc.errors import ApplyError
+
+TABLES = ("filter", "nat")
+COMMANDS = {
+    4: ("iptables", "iptables-save", "iptables-restore"),
+    6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),
+}
+Runner = Callable[[Sequence[str], str | None], str]
+
+
+def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
+    """Run `argv` (no shell); return stdout or raise `ApplyError` with its stderr."""
+    try:
+        done = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=300
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ApplyError(f"cannot run {shlex.join(argv)}: {exc}") from exc
+    if done.returncode != 0:
+        raise ApplyError(f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def key(family: int, table: str, chain: str) -> str:
+    """The state key of one chain: `ipv4 nat LBC-SERVICES`."""
+    return f"ipv{family} {table} {chain}"
+
+
+def hooks_key(family: int, table: str, chain: str) -> str:
+    """The state key of lbc's jumps in one built-in chain: `ipv4 nat PREROUTING jumps`."""
+    return f"ipv{family} {table} {chain} jumps"
+
+
+def parse(family: int, document: str) -> dict[str, tuple[str, ...]]:
+    """lbc's objects in an iptables-save/restore document, as state objects."""
+    objects: dict[str, list[str]] = {}
+    table = ""
+    for line in document.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":" + n.PREFIX):
+            objects.setdefault(key(family, table, line[1:].split()[0]), [])
+        elif line.startswith("-A "):
+            chain = line.split(None, 2)[1]
+            if chain.startswith(n.PREFIX):
+                objects.setdefault(key(family, table, chain), []).append(line)
+            elif f" -j {n.PREFIX}" in line:
+                objects.setdefault(hooks_key(family, table, chain), []).append(line)
+    # Jumps are inserted one at a time, so their order in a built-in chain is not ours
+    # to keep; compare them as a sorted multiset.
+    return {k: tuple(sorted(v)) if k.endswith(" jumps") else tuple(v) for k, v in objects.items()}
+
+
+class IptablesKernel:
+    """Snapshot and commit lbc's iptables chains in the host or a named network namespace."""
+
+    def __init__(self, netns: str | None = None, runner: Runner = run_command) -> None:
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.runner = runner
+
+    def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        return self.runner([*self.prefix, *argv], stdin)
+
+    def snapshot(self) -> State:
+        """Equivalent to `iptables-save -t filter; iptables-save -t nat` (and ip6tables)."""
+        objects: dict[str, tuple[str, ...]] = {}
+        for family, (_, save, _) in COMMANDS.items():
+            for table in TABLES:
+                objects.update(parse(family, self._run([save, "-t", table])))
+        return State(objects)
+
+    def desired(self, artifact: Artifact) -> State:
+        """The chains and jumps the artifact's restore documents hold."""
+        objects: dict[str, tuple[str, ...]] = {}
+        for family, document in artifact.data.items():
+            objects.update(parse(family, document))
+        return State(objects)
+
+    def commit(self, live: State, desired: State, plan: Plan) -> None:
+        """Write the plan: restore, then jumps, then chain deletions; undo on a late failure.
+
+        The first restore (every added or changed chain written whole, every chain to
+        remove emptied) is atomic, so a failure there changes nothing. If a later step
+        fails, the previous state is written back before the error is raised.
+        """
+        touched = {c.key for c in plan.changes}
+        self._restore(desired, touched, delete=False)
+        try:
+            self._jumps(live, desired, touched)
+            self._restore(desired, touched, delete=True)
+        except ApplyError as exc:
+            try:
+                now = self.snapshot()
+                back = {c.key for c in plan_between("iptables", now, live).changes}
+                self._restore(live, back, delete=False)
+                self._jumps(now, live, back)
+                self._restore(live, back, delete=True)
+            except ApplyError as undo:
+                raise ApplyError(f"{exc}; undoing it failed too: {undo}") from exc
+            raise ApplyError(f"{exc} (the previous rules were restored)") from exc
+
+    def _restore(self, desired: State, touched: set[str], delete: bool) -> None:
+        for family, (_, _, restore) in COMMANDS.items():
+            document = self._restore_document(family, desired, touched, delete)
+            if document:
+                self._run([restore, "-w", "--noflush"], document)
+
+    def _jumps(self, live: State, desired: State, touched: set[str]) -> None:
+        for family, (binary, _, _) in COMMANDS.items():
+            for table, argv in self._jump_changes(family, live, desired, touched, add=False):
+                self._run([binary, "-w", "-t", table, "-D", *argv])
+            for table, argv in self._jump_changes(family, live, desired, touched, add=True):
+                self._run([binary, "-w", "-t", table, "-I", *argv])
+
+    def _restore_document(
+        self, family: int, desired: State, touched: set[str], delete: bool
+    ) -> str:
+        """Under --noflush, declaring a chain empties it: changed chains are written whole,
+        chains to remove are emptied (first pass) and then deleted (second pass)."""
+        out: list[str] = []
+        for table in TABLES:
+            head = f"ipv{family} {table} {n.PREFIX}"
+            mine = sorted(k for k in touched if k.startswith(head))
+            written = [k for k in mine if k in desired.objects]
+            removed = [k for k in mine if k not in desired.objects]
+            if delete:
+                lines = [f"-X {k.split()[2]}" for k in removed]
+            else:
+                lines = [f":{k.split()[2]} - [0:0]" for k in written + removed]
+                for k in written:
+                    lines += desired.objects[k]
+            if lines:
+                out += [f"*{table}", *lines, "COMMIT"]
+        return "\n".join(out) + "\n" if out else ""
+
+    def _jump_changes(
+        self, family: int, live: State, desired: State, touched: set[str], add: bool
+    ) -> Iterator[tuple[str, list[str]]]:
+        for k in sorted(touched):
+            if not k.startswith(f"ipv{family} ") or not k.endswith(" jumps"):
+                continue
+            table = k.split()[1]
+            have = Counter(live.objects.get(k, ()))
+            want = Counter(desired.objects.get(k, ()))
+            extra = (want - have) if add else (have - want)
+            for rule in sorted(extra.elements()):
+                yield table, shlex.split(rule)[1:]
