@@ -192,6 +192,25 @@ FLOWS: tuple[Flow, ...] = (
     ),
     Flow("LB service's cluster IP from a pod", "load-balancer", POD, "10.0.1.181", 443, TWO, False),
     Flow(
+        "empty LB service refuses sources in its range",
+        "load-balancer-empty",
+        EXTERNAL,
+        "198.51.100.11",
+        443,
+        REJECT,
+    ),
+    Flow(
+        "empty LB service drops sources outside its range",
+        "load-balancer-empty",
+        OUTSIDER,
+        "198.51.100.11",
+        443,
+        DROP,
+    ),
+    Flow(
+        "empty LB service's node port refuses", "load-balancer-empty", OUTSIDER, NODE, 30444, REJECT
+    ),
+    Flow(
         "ETP Local: node port from outside stays local, unmasqueraded",
         "external-traffic-local",
         EXTERNAL,

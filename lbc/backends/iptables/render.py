@@ -194,22 +194,24 @@ class _FamilyRenderer:
                 )
             else:
                 self.nat.add(n.SERVICES, f"{self.match(f, what)} -j {jump}")
-        if f.source_ranges:
-            self.filter.add(
-                n.SERVICES,
-                self.match(f, comment(f"{f.service} traffic not accepted by {self.fw_name(f)}"))
-                + " -j DROP",
-            )
+        # Only packets that nothing DNATed still carry the frontend's address here.
         if not pool.active:
-            # Only packets that nothing DNATed still carry the frontend's address here.
             verdict = (
                 f"-j REJECT --reject-with {self.reject}"
                 if pool.when_empty is Empty.REJECT
                 else "-j DROP"
             )
             reason = "has no local endpoints" if pool.local_only else "has no endpoints"
+            note = comment(f"{f.service} {reason}")
+            # With source ranges, only allowed sources learn that there is no endpoint.
+            for cidr in f.source_ranges or ("",):
+                source = f"-s {cidr} " if cidr else ""
+                self.filter.add(n.SERVICES, f"{source}{self.match(f, note)} {verdict}")
+        if f.source_ranges:
             self.filter.add(
-                n.SERVICES, f"{self.match(f, comment(f'{f.service} {reason}'))} {verdict}"
+                n.SERVICES,
+                self.match(f, comment(f"{f.service} traffic not accepted by {self.fw_name(f)}"))
+                + " -j DROP",
             )
 
     # --- per-pool and per-endpoint chains ------------------------------------------
@@ -314,6 +316,13 @@ class _FamilyRenderer:
             self.nat.add(
                 ext,
                 f"{comment(f'masquerade traffic for {what} external destinations')} "
+                f"-j {n.MARK_MASQ}",
+            )
+        elif f.masquerade is Masquerade.OFF_CLUSTER and self.pod_cidr:
+            self.nat.add(
+                ext,
+                f"! -s {self.pod_cidr} "
+                f"{comment(f'masquerade off-cluster traffic for {what} external destinations')} "
                 f"-j {n.MARK_MASQ}",
             )
         if pool.active:
