@@ -21,6 +21,7 @@ import lbc
 from lbc.apply import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.iptables.kernel import IptablesKernel, run_command
+from lbc.backends.nftables.kernel import NftablesKernel
 from lbc.cli import main
 from tests import netns
 
@@ -37,14 +38,15 @@ PODS = {
     "hostnames-q8r4w": "10.244.4.8",
     "hostnames-z2m7k": "10.244.5.9",
 }
-TOOLS = ("iptables", "iptables-save", "iptables-restore", "ip6tables-save")
+TOOLS = ("iptables", "iptables-save", "iptables-restore", "ip6tables-save", "nft")
+BACKENDS = ("iptables", "nftables")
 
 
 @dataclass
 class Counting:
     """Wraps a kernel adapter and counts commits (kernel writes)."""
 
-    inner: IptablesKernel
+    inner: IptablesKernel | NftablesKernel
     commits: int = 0
 
     def snapshot(self) -> State:
@@ -69,8 +71,19 @@ def seed() -> Iterator[netns.Seed]:
 def node(seed: netns.Seed, tmp_path: Path) -> Iterator[netns.Netns]:
     """The seed's node namespace, with lbc's objects removed again after each test."""
     yield seed.node
-    lbc.delete("iptables", netns=seed.node.name, lock_path=tmp_path / "lock")
+    for backend in BACKENDS:
+        lbc.delete(backend, netns=seed.node.name, lock_path=tmp_path / "lock")
     assert "LBC-" not in seed.node.exec("iptables-save")
+    assert "inet lbc" not in seed.node.exec("nft", "list", "tables")
+
+
+def kernel_of(backend: str, ns: netns.Netns) -> IptablesKernel | NftablesKernel:
+    return IptablesKernel(ns.name) if backend == "iptables" else NftablesKernel(ns.name)
+
+
+def nft_ruleset(ns: netns.Netns) -> str:
+    """`nft list ruleset` of the namespace: every table, iptables-nft's included."""
+    return ns.exec("nft", "list", "ruleset")
 
 
 def config(endpoints: Sequence[tuple[str, int]], extra: int = 0) -> lbc.Cluster:
@@ -110,31 +123,37 @@ def all_rules(ns: netns.Netns) -> list[str]:
     ]
 
 
-def test_seed_demo_through_apply(seed: netns.Seed, node: netns.Netns, tmp_path: Path) -> None:
-    result = lbc.apply(lbc.load(HOSTNAMES), "iptables", netns=node.name, lock_path=tmp_path / "l")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_demo_through_apply(
+    backend: str, seed: netns.Seed, node: netns.Netns, tmp_path: Path
+) -> None:
+    result = lbc.apply(lbc.load(HOSTNAMES), backend, netns=node.name, lock_path=tmp_path / "l")
     assert result.applied and result.plan.counts()["add"] > 0
     print(f"  {result.summary()}")
-    assert lbc.verify(lbc.load(HOSTNAMES), "iptables", netns=node.name).in_sync
+    assert lbc.verify(lbc.load(HOSTNAMES), backend, netns=node.name).in_sync
     replies = seed.client.request(VIP, 80, count=150).names
     print(f"  150 requests: {dict(replies)}")
     assert set(replies) == {"hostnames-0uton", "hostnames-yp2kp", "hostnames-bvc05"}
     assert sum(replies.values()) == 150
 
 
-def test_reapply_is_a_no_op_without_kernel_writes(node: netns.Netns, tmp_path: Path) -> None:
-    kernel = Counting(IptablesKernel(node.name))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reapply_is_a_no_op_without_kernel_writes(
+    backend: str, node: netns.Netns, tmp_path: Path
+) -> None:
+    kernel = Counting(kernel_of(backend, node))
     lock = tmp_path / "lock"
-    lbc.apply(lbc.load(HOSTNAMES), "iptables", kernel=kernel, lock_path=lock)
+    lbc.apply(lbc.load(HOSTNAMES), backend, kernel=kernel, lock_path=lock)
     assert kernel.commits == 1
-    before = all_rules(node)
-    again = lbc.apply(lbc.load(HOSTNAMES), "iptables", kernel=kernel, lock_path=lock)
+    before = (all_rules(node), nft_ruleset(node))
+    again = lbc.apply(lbc.load(HOSTNAMES), backend, kernel=kernel, lock_path=lock)
     assert again.plan.in_sync and not again.applied and kernel.commits == 1
-    assert all_rules(node) == before
-    jumps = [line for line in before if line.startswith("-A PREROUTING")]
-    assert len(jumps) == 1, "re-applies must never duplicate jumps from built-in chains"
+    assert (all_rules(node), nft_ruleset(node)) == before
+    jumps = [line for line in before[0] if line.startswith("-A PREROUTING")]
+    assert len(jumps) == (backend == "iptables"), "re-applies must never duplicate jumps"
 
 
-def test_rules_of_other_tools_survive_apply_reapply_and_delete(
+def test_iptables_rules_of_other_tools_survive_apply_reapply_and_delete(
     node: netns.Netns, tmp_path: Path
 ) -> None:
     node.exec("iptables", "-t", "nat", "-N", "OTHER-NAT")
@@ -179,7 +198,7 @@ def _failing_last(command: str) -> Callable[[Sequence[str], str | None], str]:
     return run
 
 
-def test_a_transaction_failing_at_its_last_step_changes_nothing(
+def test_iptables_transaction_failing_at_its_last_step_changes_nothing(
     node: netns.Netns, tmp_path: Path
 ) -> None:
     lock = tmp_path / "lock"
@@ -196,7 +215,7 @@ def test_a_transaction_failing_at_its_last_step_changes_nothing(
     assert all_rules(node) == before
 
 
-def test_a_late_failure_is_rolled_back(node: netns.Netns, tmp_path: Path) -> None:
+def test_iptables_late_failure_is_rolled_back(node: netns.Netns, tmp_path: Path) -> None:
     """The restore succeeds but inserting a jump fails: the old rules are written back."""
     lock = tmp_path / "lock"
     empty_first = IptablesKernel(node.name)
@@ -228,7 +247,7 @@ def test_a_late_failure_is_rolled_back(node: netns.Netns, tmp_path: Path) -> Non
     assert all_rules(node) == before
 
 
-def test_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path) -> None:
+def test_iptables_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path) -> None:
     lock = tmp_path / "lock"
     lbc.apply(lbc.load(HOSTNAMES), "iptables", netns=node.name, lock_path=lock)
     svc = next(c for c in re.findall(r":(LBC-SVC-\w+)", node.exec("iptables-save", "-t", "nat")))
@@ -242,7 +261,7 @@ def test_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path) -> None:
     assert lbc.verify(lbc.load(HOSTNAMES), "iptables", netns=node.name).in_sync
 
 
-def test_plan_command_exit_codes(node: netns.Netns, tmp_path: Path) -> None:
+def test_iptables_plan_command_exit_codes(node: netns.Netns, tmp_path: Path) -> None:
     pending = CliRunner().invoke(main, ["plan", str(HOSTNAMES), "--netns", node.name])
     assert pending.exit_code == 1 and "+ add ipv4 nat LBC-SERVICES" in pending.output
     as_json = CliRunner().invoke(main, ["plan", str(HOSTNAMES), "--netns", node.name, "-f", "json"])
@@ -252,8 +271,9 @@ def test_plan_command_exit_codes(node: netns.Netns, tmp_path: Path) -> None:
     assert synced.exit_code == 0 and "in sync" in synced.output
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_live_updates_under_load_fail_no_request(
-    seed: netns.Seed, node: netns.Netns, tmp_path: Path
+    backend: str, seed: netns.Seed, node: netns.Netns, tmp_path: Path
 ) -> None:
     """20 successive configs while a client connects back to back: zero failures."""
     lock = tmp_path / "lock"
@@ -266,19 +286,148 @@ def test_live_updates_under_load_fail_no_request(
         )
         for i, size in enumerate(sizes)
     ]
-    lbc.apply(configs[0], "iptables", netns=node.name, lock_path=lock)
+    lbc.apply(configs[0], backend, netns=node.name, lock_path=lock)
     load = seed.lab.load(seed.client, VIP, 80, seconds=60)
     applied = 0
     for cfg in configs[1:]:
-        applied += lbc.apply(cfg, "iptables", netns=node.name, lock_path=lock).applied
+        applied += lbc.apply(cfg, backend, netns=node.name, lock_path=lock).applied
         seed.client.request(VIP, 80, count=5)  # let some load pass between updates
     results = load.stop()
     total = sum(results.names.values()) + sum(results.errors.values())
     print(
-        f"  {applied} applies, {total} requests: {dict(results.names)}, "
+        f"  {backend}: {applied} applies, {total} requests: {dict(results.names)}, "
         f"errors {dict(results.errors)}"
     )
     assert applied == 19
     assert total > 100
     assert results.errors == Counter()
     assert set(results.names) == set(PODS)
+
+
+# --- nftables ---------------------------------------------------------------------------
+FOREIGN_NFT = """table ip other {
+	chain prerouting {
+		type nat hook prerouting priority dstnat - 5; policy accept;
+		tcp dport 8080 counter return
+	}
+}
+table inet filterish {
+	set blocked {
+		type ipv4_addr
+		elements = { 198.18.0.99 }
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ip saddr @blocked drop
+	}
+}
+"""
+
+
+def foreign_tables(ns: netns.Netns) -> str:
+    """`nft list ruleset` without table inet lbc (counters zeroed)."""
+    out, skip = [], False
+    for line in nft_ruleset(ns).splitlines():
+        if line.startswith("table inet lbc "):
+            skip = True
+        elif skip and line == "}":
+            skip = False
+            continue
+        if not skip:
+            out.append(re.sub(r"counter packets \d+ bytes \d+", "counter", line))
+    return "\n".join(out)
+
+
+class Recording:
+    """A libnftables runner that keeps every script it sends; `fail` appends a bad command."""
+
+    def __init__(self, ns: netns.Netns, fail: bool = False) -> None:
+        self.kernel = NftablesKernel(ns.name)
+        self.inner = self.kernel.runner
+        self.kernel.runner = self.run
+        self.scripts: list[str] = []
+        self.fail = fail
+
+    def run(self, script: str) -> str:
+        if self.fail and not script.startswith("list"):
+            script += "add rule inet lbc services goto chain-that-does-not-exist\n"
+        if not script.startswith("list"):
+            self.scripts.append(script)
+        return self.inner(script)
+
+
+def test_nftables_tables_of_other_tools_survive_apply_reapply_and_delete(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    node.exec("nft", "-f", "-", input=FOREIGN_NFT)
+    try:
+        theirs = foreign_tables(node)
+        assert "table inet filterish" in theirs
+        lock = tmp_path / "lock"
+        lbc.apply(lbc.load(HOSTNAMES), "nftables", netns=node.name, lock_path=lock)
+        assert "table inet lbc" in nft_ruleset(node)
+        assert foreign_tables(node) == theirs
+        lbc.apply(config([("10.244.1.7", 1)], extra=2), "nftables", netns=node.name, lock_path=lock)
+        assert foreign_tables(node) == theirs
+        lbc.delete("nftables", netns=node.name, lock_path=lock)
+        assert foreign_tables(node) == theirs
+        assert "table inet lbc" not in nft_ruleset(node)
+    finally:
+        node.exec("nft", "delete", "table", "ip", "other")
+        node.exec("nft", "delete", "table", "inet", "filterish")
+
+
+def test_nftables_transaction_failing_at_its_last_step_changes_nothing(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    lock = tmp_path / "lock"
+    lbc.apply(lbc.load(HOSTNAMES), "nftables", netns=node.name, lock_path=lock)
+    before = nft_ruleset(node)
+    broken = Recording(node, fail=True)
+    with pytest.raises(lbc.ApplyError, match=r"chain-that-does-not-exist|No such file"):
+        lbc.apply(
+            config([("10.244.4.8", 2), ("10.244.5.9", 1)], extra=3),
+            "nftables",
+            kernel=broken.kernel,
+            lock_path=lock,
+        )
+    assert broken.scripts, "nothing was sent"
+    assert nft_ruleset(node) == before
+
+
+def test_nftables_sends_only_what_changed(node: netns.Netns, tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    many = [("10.244.1.7", 1), ("10.244.2.3", 1)]
+    recorder = Recording(node)
+    lbc.apply(config(many, extra=30), "nftables", kernel=recorder.kernel, lock_path=lock)
+    assert "delete table inet lbc" in recorder.scripts[-1], "the first apply loads the table"
+    grown = config([*many, ("10.244.3.6", 1)], extra=30)
+    result = lbc.apply(grown, "nftables", kernel=recorder.kernel, lock_path=lock)
+    script = recorder.scripts[-1]
+    print(
+        f"  one endpoint more on 31 services: {result.plan.summary()}, "
+        f"{len(script.splitlines())} commands"
+    )
+    assert "delete table" not in script
+    assert len(script.splitlines()) < 31 * 12, "only the changed chains are rewritten"
+    assert lbc.verify(grown, "nftables", netns=node.name).in_sync
+    shrunk = config(many, extra=1)
+    lbc.apply(shrunk, "nftables", kernel=recorder.kernel, lock_path=lock)
+    assert "delete chain" in recorder.scripts[-1]
+    assert lbc.verify(shrunk, "nftables", netns=node.name).in_sync
+
+
+def test_nftables_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lbc.apply(lbc.load(HOSTNAMES), "nftables", netns=node.name, lock_path=lock)
+    node.exec(
+        "nft", "delete", "element", "inet", "lbc", "service-ips4", "{ 10.0.1.175 . tcp . 80 }"
+    )
+    result = CliRunner().invoke(
+        main, ["verify", str(HOSTNAMES), "--netns", node.name, "-b", "nftables"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "~ change map service-ips4" in result.output
+    fixed = lbc.apply(lbc.load(HOSTNAMES), "nftables", netns=node.name, lock_path=lock)
+    assert fixed.plan.counts() == {"add": 0, "change": 1, "remove": 0}
+    assert lbc.verify(lbc.load(HOSTNAMES), "nftables", netns=node.name).in_sync

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import lbc
+from lbc.backends.nftables import kernel as nft_kernel
 from tests import netns
 from tests.golden import GOLDEN
 from tests.test_nftables_render import OUTPUTS, Parsed, chosen_shares, parse_nft, worst_case_config
@@ -134,6 +135,17 @@ def test_output_loads_into_the_kernel(case: str, scratch: netns.Netns) -> None:
     assert list(held.chains) == list(ours.chains)
     for chain, rules in ours.chains.items():
         assert len(held.chains[chain]) == len(rules), chain
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_the_kernel_lists_back_exactly_the_rendered_objects(
+    case: str, scratch: netns.Netns
+) -> None:
+    """`nft list table inet lbc` gives back every rule, set and element as rendered, so
+    plan and verify compare like with like (elements as sets: the kernel orders them)."""
+    load_text(scratch, OUTPUTS[case])
+    listed = scratch.exec("nft", "list", "table", "inet", "lbc")
+    assert nft_kernel.parse(listed) == nft_kernel.parse(OUTPUTS[case])
 
 
 def json_form(case: str) -> str:

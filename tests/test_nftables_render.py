@@ -264,7 +264,7 @@ def test_affinity_is_checked_before_the_random_choice() -> None:
         assert aset in parsed.sets and target in parsed.chains
         assert f"update @{aset} {{ ip saddr }}" in parsed.chains[target]
     assert all(
-        "timeout 600s" in t
+        "timeout 10m" in t
         for t in re.findall(r"set affinity-[^{]+\{[^}]+\}", text_of(program([1, 1], affinity=600)))
     )
 

@@ -8,6 +8,7 @@ document a kernel adapter hands to `Nftables().json_cmd` (format "json").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from lbc.backends.base import Artifact, Backend, Feature
 from lbc.backends.nftables.expr import Ruleset
@@ -16,6 +17,9 @@ from lbc.backends.nftables.render import build
 from lbc.backends.nftables.text import to_text
 from lbc.hookspecs import hookimpl
 from lbc.ir.nodes import Program, Scheduler
+
+if TYPE_CHECKING:
+    from lbc.backends.nftables.kernel import NftablesKernel
 
 
 class NftablesBackend(Backend):
@@ -31,6 +35,12 @@ class NftablesBackend(Backend):
         """The `inet lbc` table as nft text and libnftables JSON; `data` is the ruleset."""
         ruleset = build(program)
         return Artifact(self.name, _Formats(ruleset, program.node.name), data=ruleset)
+
+    def kernel(self, netns: str | None = None) -> NftablesKernel:
+        """The libnftables adapter (imported only when applying)."""
+        from lbc.backends.nftables.kernel import NftablesKernel
+
+        return NftablesKernel(netns)
 
 
 class _Formats(Mapping[str, str]):

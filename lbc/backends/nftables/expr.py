@@ -22,7 +22,7 @@ class Value:
 
     def text(self) -> str:
         if self.hex and isinstance(self.literal, int):
-            return f"{self.literal:#x}"
+            return f"0x{self.literal:08x}"  # as `nft list` prints marks
         return str(self.literal)
 
     def json(self) -> Json:

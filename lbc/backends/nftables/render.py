@@ -183,7 +183,7 @@ class _Builder:
             n.NAT_POSTROUTING,
             Rule(
                 (
-                    Match(BinOp("&", _MARK, self.mark), Value(0), op="!="),
+                    Match(BinOp("&", _MARK, self.mark), Value(0, hex=True), op="!="),
                     Mangle(_MARK, BinOp("^", _MARK, self.mark)),
                     Masquerade(),
                 ),

@@ -11,6 +11,7 @@ import re
 from lbc.backends.nftables.expr import Chain, NamedSet, Ruleset
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+DYNAMIC_SET_SIZE = 65535
 
 
 def to_text(ruleset: Ruleset, node: str) -> str:
@@ -31,14 +32,26 @@ def to_text(ruleset: Ruleset, node: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def duration(seconds: int) -> str:
+    """A timeout as `nft list` prints it: `10m`, `3h`, `1d2h3m4s`."""
+    out = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        amount, seconds = divmod(seconds, size)
+        if amount:
+            out.append(f"{amount}{unit}")
+    return "".join(out) or "0s"
+
+
 def _set(s: NamedSet) -> list[str]:
     key = " . ".join(s.key_types)
     out = [f"\t{'map' if s.is_map else 'set'} {s.name} {{"]
     out.append(f"\t\ttype {key} : verdict" if s.is_map else f"\t\ttype {key}")
+    if "dynamic" in s.flags:
+        out.append(f"\t\tsize {DYNAMIC_SET_SIZE}")  # nft's default, which it lists
     if s.flags:
         out.append(f"\t\tflags {','.join(s.flags)}")
     if s.timeout is not None:
-        out.append(f"\t\ttimeout {s.timeout}s")
+        out.append(f"\t\ttimeout {duration(s.timeout)}")
     if s.elements:
         out.append("\t\telements = {")
         out += [f"\t\t\t{e.text()}," for e in s.elements]

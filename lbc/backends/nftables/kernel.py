@@ -1,0 +1,239 @@
+"""The nftables kernel adapter: read `table inet lbc`, write changes in one transaction.
+
+Equivalent to `nft list table inet lbc` for the snapshot and to one `nft -f` batch
+for the commit, both through libnftables (the `nftables` Python binding) inside the
+target network namespace. A commit sends only what changed: added and removed
+map/set elements, and the chains whose rules differ (flushed and refilled), so a
+one-endpoint change to a 10k-service ruleset is a handful of commands. The whole
+table is replaced instead when it does not exist yet or a base chain or a set's
+declaration changed. Only the table `inet lbc` is ever read or written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lbc.apply.state import Plan, State
+from lbc.backends.base import Artifact
+from lbc.backends.nftables import names as n
+from lbc.errors import ApplyError
+
+TABLE = f"{n.FAMILY} {n.TABLE}"
+_BLOCK = re.compile(r"^\s*(chain|set|map) (\S+) \{\s*$")
+ELEMENT = "element "
+
+
+def parse(text: str) -> dict[str, tuple[str, ...]]:
+    """lbc's objects in `nft list table inet lbc` output (or lbc's own nft file).
+
+    Chains map to their lines (a base chain's `type ...` line first); sets and maps to
+    their declaration lines followed by `element ...` lines in sorted order, as the
+    kernel lists elements in an order of its own. Elements of affinity sets are
+    connection state the kernel keeps, not configuration, so they are left out.
+    """
+    objects: dict[str, tuple[str, ...]] = {}
+    lines = iter(text.splitlines())
+    for line in lines:
+        m = _BLOCK.match(line)
+        if not m:
+            continue
+        kind, name = m.groups()
+        body = list(_body(lines))
+        if kind == "chain":
+            objects[f"chain {name}"] = tuple(body)
+            continue
+        declaration = [b for b in body if not b.startswith("elements = ")]
+        elements = [b for b in body if b.startswith("elements = ")]
+        items: list[str] = []
+        if elements and not name.startswith(n.AFFINITY):
+            inner = elements[0].removeprefix("elements = {").removesuffix("}")
+            items = sorted(ELEMENT + e.strip() for e in inner.split(",") if e.strip())
+        objects[f"{kind} {name}"] = (*declaration, *items)
+    return objects
+
+
+def _body(lines: Iterator[str]) -> Iterator[str]:
+    """The lines of one block up to its closing brace; `elements = { ... }` joined."""
+    pending = ""
+    for raw in lines:
+        line = raw.strip()
+        if pending:
+            pending += " " + line
+            if line.endswith("}"):
+                yield pending
+                pending = ""
+            continue
+        if line == "}":
+            return
+        if line.startswith("elements = {") and not line.endswith("}"):
+            pending = line
+        elif line:
+            yield line
+
+
+def _name(key: str) -> tuple[str, str]:
+    kind, _, name = key.partition(" ")
+    return kind, name
+
+
+def _declaration(lines: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(line for line in lines if not line.startswith(ELEMENT))
+
+
+def _elements(lines: tuple[str, ...]) -> set[str]:
+    return {line.removeprefix(ELEMENT) for line in lines if line.startswith(ELEMENT)}
+
+
+def _is_base(lines: tuple[str, ...]) -> bool:
+    return bool(lines) and lines[0].startswith("type ")
+
+
+def full_script(desired: State) -> str:
+    """Replace the whole table: `add table`, `delete table`, then every object."""
+    out = [f"add table {TABLE}", f"delete table {TABLE}", f"table {TABLE} {{"]
+    for key in _ordered(desired.objects):
+        kind, name = _name(key)
+        lines = desired.objects[key]
+        out.append(f"\t{kind} {name} {{")
+        if kind == "chain":
+            out += [f"\t\t{line}" for line in lines]
+        else:
+            out += [f"\t\t{line}" for line in _declaration(lines)]
+            items = sorted(_elements(lines))
+            if items:
+                out.append("\t\telements = { " + ", ".join(items) + " }")
+        out.append("\t}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _ordered(objects: dict[str, tuple[str, ...]] | Any) -> list[str]:
+    # Sets and maps before chains: a rule that names @set needs the set to exist.
+    return sorted(objects, key=lambda k: (k.startswith("chain "), k))
+
+
+def incremental_script(live: State, desired: State, plan: Plan) -> str | None:
+    """The commands that turn `live` into `desired`, or None if only a full replace can."""
+    before, after = live.objects, desired.objects
+    new_sets, new_chains, changed_chains, removed_chains, removed_sets = [], [], [], [], []
+    add_elements: list[tuple[str, list[str]]] = []
+    del_elements: list[tuple[str, list[str]]] = []
+    for change in plan.changes:
+        kind, name = _name(change.key)
+        old, new = before.get(change.key), after.get(change.key)
+        if kind == "chain":
+            if old is None:
+                new_chains.append(name)
+            elif new is None:
+                removed_chains.append(name)
+            elif _is_base(old) or _is_base(new):
+                if old[:1] != new[:1]:
+                    return None  # a base chain's hook or priority changed
+                changed_chains.append(name)
+            else:
+                changed_chains.append(name)
+            continue
+        if old is not None and new is not None and _declaration(old) != _declaration(new):
+            return None  # a set's type or flags changed
+        if old is None:
+            new_sets.append((kind, name))
+        elif new is None:
+            removed_sets.append((kind, name))
+        gone = sorted(_elements(old or ()) - _elements(new or ()))
+        came = sorted(_elements(new or ()) - _elements(old or ()))
+        if gone and new is not None:
+            del_elements.append((name, gone))
+        if came:
+            add_elements.append((name, came))
+    out = [f"add table {TABLE}"]
+    for kind, name in new_sets:
+        decl = "; ".join(_declaration(after[f"{kind} {name}"]))
+        out.append(f"add {kind} {TABLE} {name} {{ {decl}; }}")
+    for name in new_chains:
+        lines = after[f"chain {name}"]
+        head = f" {{ {lines[0]} }}" if _is_base(lines) else ""
+        out.append(f"add chain {TABLE} {name}{head}")
+    for name in changed_chains + removed_chains:
+        out.append(f"flush chain {TABLE} {name}")
+    for name, items in del_elements:
+        out.append(f"delete element {TABLE} {name} {{ {', '.join(items)} }}")
+    for name in new_chains + changed_chains:
+        for line in after[f"chain {name}"]:
+            if not line.startswith("type "):
+                out.append(f"add rule {TABLE} {name} {line}")
+    for name, items in add_elements:
+        out.append(f"add element {TABLE} {name} {{ {', '.join(items)} }}")
+    for name in removed_chains:
+        out.append(f"delete chain {TABLE} {name}")
+    for kind, name in removed_sets:
+        out.append(f"delete {kind} {TABLE} {name}")
+    return "\n".join(out) + "\n"
+
+
+Runner = Callable[[str], str]
+
+
+class NftablesKernel:
+    """Snapshot and commit `table inet lbc` in the host or a named network namespace."""
+
+    def __init__(self, netns: str | None = None, runner: Runner | None = None) -> None:
+        self.netns = netns
+        self.runner = runner or self._libnftables
+        self.full = False  # force whole-table replaces (`lbc apply --full`)
+
+    @contextmanager
+    def _inside(self) -> Iterator[None]:
+        if self.netns is None:
+            yield
+            return
+        from pyroute2.netns import popns, pushns
+
+        try:
+            pushns(self.netns)
+        except OSError as exc:
+            raise ApplyError(f"cannot enter network namespace {self.netns!r}: {exc}") from exc
+        try:
+            yield
+        finally:
+            popns()
+
+    def _libnftables(self, script: str) -> str:
+        try:
+            import nftables
+        except (ImportError, OSError) as exc:
+            raise ApplyError(
+                f"the nftables binding is not usable ({exc}); install Debian's libnftables1"
+            ) from exc
+        with self._inside():
+            nft = nftables.Nftables()
+            rc, out, err = nft.cmd(script)
+        if rc != 0:
+            raise ApplyError(f"nftables refused the transaction: {err.strip()}")
+        return str(out)
+
+    def snapshot(self) -> State:
+        """Equivalent to `nft list table inet lbc` (empty when the table does not exist)."""
+        try:
+            listing = self.runner(f"list table {TABLE}")
+        except ApplyError as exc:
+            if "No such file or directory" in str(exc):
+                return State({})
+            raise
+        return State(parse(listing))
+
+    def desired(self, artifact: Artifact) -> State:
+        """The objects of the artifact's nft text."""
+        return State(parse(artifact.text()))
+
+    def commit(self, live: State, desired: State, plan: Plan) -> None:
+        """One libnftables batch: incremental when it can be, else the whole table."""
+        if not desired.objects:
+            self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
+            return
+        script = None
+        if live.objects and not self.full:
+            script = incremental_script(live, desired, plan)
+        self.runner(script if script is not None else full_script(desired))
