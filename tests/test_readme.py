@@ -1,0 +1,45 @@
+"""The README's promises: its example config is valid, every key is documented, CI runs
+the README's test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lbc
+from lbc.compiler.model import Endpoint, Node, Service, ServicePort
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_cluster_toml_example_is_valid_and_compiles() -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", README, re.S)
+    assert blocks, "no toml example in the README"
+    for block in blocks:
+        cluster = lbc.load(block)
+        for backend in ("ir", "iptables", "nftables"):
+            assert lbc.compile(cluster, backend).text()
+
+
+def test_every_key_of_the_schema_is_documented() -> None:
+    for prefix, model in (
+        ("node.", Node),
+        ("services[].", Service),
+        ("services[].ports[]", ServicePort),
+        ("services[].endpoints[]", Endpoint),
+    ):
+        for field in model.model_fields:
+            if prefix.endswith("."):
+                documented = f"`{prefix}{field}`" in README or f"`{prefix}{field}[]`" in README
+                assert documented, f"{prefix}{field} is not documented"
+            else:
+                row = next(line for line in README.splitlines() if f"`{prefix}`" in line)
+                assert f"`{field}`" in row, f"{prefix}.{field} is not documented"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "./scripts/test.sh" in README
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "./scripts/test.sh" in ci
+    assert "pip install . && lbc compile examples/hostnames.toml --backend iptables" in README
