@@ -80,13 +80,17 @@ def apply(
     *,
     netns: str | None = None,
     dry_run: bool = False,
+    full: bool = False,
     kernel: KernelAdapter | None = None,
     lock_path: Path = DEFAULT_LOCK,
     lock_timeout: float = 30.0,
 ) -> ApplyResult:
-    """Make the kernel match `source` atomically; raises `ApplyError` with nothing changed."""
+    """Make the kernel match `source` atomically; raises `ApplyError` with nothing changed.
+
+    Only what differs is written; `full=True` rewrites everything lbc owns.
+    """
     engine = _engine(backend, netns, kernel, lock_path, lock_timeout)
-    return engine.apply(compile(source, engine.backend), dry_run=dry_run)
+    return engine.apply(compile(source, engine.backend), dry_run=dry_run, full=full)
 
 
 def delete(

@@ -232,8 +232,15 @@ def plan_cmd(file: Path, backend: str, netns: str | None, fmt: str) -> None:
 @_kernel_options
 @_lock_options
 @click.option("--dry-run", is_flag=True, help="Plan and print, change nothing.")
+@click.option("--full", is_flag=True, help="Rewrite everything lbc owns, not only changes.")
 def apply_cmd(
-    file: Path, backend: str, netns: str | None, lock_file: Path, lock_timeout: float, dry_run: bool
+    file: Path,
+    backend: str,
+    netns: str | None,
+    lock_file: Path,
+    lock_timeout: float,
+    dry_run: bool,
+    full: bool,
 ) -> None:
     """Apply FILE to the kernel atomically (root)."""
     try:
@@ -242,6 +249,7 @@ def apply_cmd(
             backend,
             netns=netns,
             dry_run=dry_run,
+            full=full,
             lock_path=lock_file,
             lock_timeout=lock_timeout,
         )

@@ -166,3 +166,12 @@ def test_diff_command_shows_only_the_changed_rules(tmp_path: Path) -> None:
     assert changed and all("10.244.2." in line or "LBC-SEP-" in line for line in changed)
     same = CliRunner().invoke(main, ["diff", str(HOSTNAMES), str(HOSTNAMES)])
     assert same.exit_code == 0 and same.output == ""
+
+
+def test_full_resync_rewrites_even_when_in_sync(lock: Path) -> None:
+    kernel = FakeKernel()
+    apply(HOSTNAMES, kernel, lock)
+    result = apply(HOSTNAMES, kernel, lock, full=True)
+    assert result.applied and result.plan.full and result.plan.in_sync
+    assert kernel.commits == 2
+    assert "full resync" in result.summary()

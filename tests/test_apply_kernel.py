@@ -431,3 +431,31 @@ def test_nftables_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path)
     fixed = lbc.apply(lbc.load(HOSTNAMES), "nftables", netns=node.name, lock_path=lock)
     assert fixed.plan.counts() == {"add": 0, "change": 1, "remove": 0}
     assert lbc.verify(lbc.load(HOSTNAMES), "nftables", netns=node.name).in_sync
+
+
+def test_full_resync_rewrites_everything(node: netns.Netns, tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    recorder = Recording(node)
+    lbc.apply(lbc.load(HOSTNAMES), "nftables", kernel=recorder.kernel, lock_path=lock)
+    lbc.apply(config([("10.244.1.7", 1)]), "nftables", kernel=recorder.kernel, lock_path=lock)
+    assert "delete table" not in recorder.scripts[-1]
+    full = lbc.apply(
+        config([("10.244.1.7", 1)]), "nftables", kernel=recorder.kernel, lock_path=lock, full=True
+    )
+    assert full.applied and "delete table inet lbc" in recorder.scripts[-1]
+    assert lbc.verify(config([("10.244.1.7", 1)]), "nftables", netns=node.name).in_sync
+
+    documents: list[str] = []
+
+    def run(argv: Sequence[str], stdin: str | None = None) -> str:
+        if stdin:
+            documents.append(stdin)
+        return run_command(argv, stdin)
+
+    kernel = IptablesKernel(node.name, run)
+    lbc.apply(lbc.load(HOSTNAMES), "iptables", kernel=kernel, lock_path=lock)
+    documents.clear()
+    lbc.apply(lbc.load(HOSTNAMES), "iptables", kernel=kernel, lock_path=lock, full=True)
+    rewritten = {line for doc in documents for line in doc.splitlines() if line.startswith(":")}
+    assert {":LBC-SERVICES - [0:0]", ":LBC-POSTROUTING - [0:0]"} <= rewritten
+    assert lbc.verify(lbc.load(HOSTNAMES), "iptables", netns=node.name).in_sync

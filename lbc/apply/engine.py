@@ -23,8 +23,10 @@ class ApplyResult:
 
     def summary(self) -> str:
         """One line for people."""
-        if self.plan.in_sync:
+        if self.plan.in_sync and not (self.applied and self.plan.full):
             return f"{self.plan.backend}: already in sync, nothing written"
+        if self.plan.in_sync:
+            return f"{self.plan.backend}: full resync: rewrote everything in {self.seconds:.3f}s"
         verb = "applied" if self.applied else "would apply (dry run)"
         c = self.plan.counts()
         return (
@@ -52,12 +54,16 @@ class Engine:
         """Drift between the kernel and `artifact`; an in-sync plan means no drift."""
         return self.plan(artifact)
 
-    def apply(self, artifact: Artifact, dry_run: bool = False) -> ApplyResult:
-        """Make the kernel match `artifact` atomically; a no-op when already in sync."""
+    def apply(self, artifact: Artifact, dry_run: bool = False, full: bool = False) -> ApplyResult:
+        """Make the kernel match `artifact` atomically; a no-op when already in sync.
+
+        `full` rewrites every object lbc owns even when it already matches (a full
+        resync) instead of only what differs.
+        """
         start = time.perf_counter()
         with host_lock(self.lock_path, self.lock_timeout):
             desired = self.kernel.desired(artifact)
-            return self._converge(desired, dry_run, start)
+            return self._converge(desired, dry_run, start, full)
 
     def delete(self, dry_run: bool = False) -> ApplyResult:
         """Remove every object lbc owns, and nothing else."""
@@ -65,10 +71,12 @@ class Engine:
         with host_lock(self.lock_path, self.lock_timeout):
             return self._converge(State({}), dry_run, start)
 
-    def _converge(self, desired: State, dry_run: bool, start: float) -> ApplyResult:
+    def _converge(
+        self, desired: State, dry_run: bool, start: float, full: bool = False
+    ) -> ApplyResult:
         live = self.kernel.snapshot()
-        plan = plan_between(self.backend.name, live, desired)
-        if plan.in_sync or dry_run:
+        plan = plan_between(self.backend.name, live, desired, full)
+        if (plan.in_sync and not full) or dry_run:
             return ApplyResult(plan, False, time.perf_counter() - start)
         self.kernel.commit(live, desired, plan)
         after = self.kernel.snapshot()

@@ -47,6 +47,7 @@ class Plan:
 
     backend: str
     changes: tuple[Change, ...]
+    full: bool = False  # rewrite every object, changed or not (`lbc apply --full`)
 
     @property
     def in_sync(self) -> bool:
@@ -82,7 +83,7 @@ class Plan:
         }
 
 
-def plan_between(backend: str, live: State, desired: State) -> Plan:
+def plan_between(backend: str, live: State, desired: State, full: bool = False) -> Plan:
     """Every object to add, change or remove, in a stable order (by key)."""
     changes: list[Change] = []
     for key in sorted(live.objects.keys() | desired.objects.keys()):
@@ -96,4 +97,4 @@ def plan_between(backend: str, live: State, desired: State) -> Plan:
             changes.append(Change(key, Action.REMOVE, before, ()))
         else:
             changes.append(Change(key, Action.CHANGE, before, after))
-    return Plan(backend, tuple(changes))
+    return Plan(backend, tuple(changes), full)

@@ -103,6 +103,8 @@ class IptablesKernel:
         fails, the previous state is written back before the error is raised.
         """
         touched = {c.key for c in plan.changes}
+        if plan.full:
+            touched |= {k for k in desired.objects if not k.endswith(" jumps")}
         self._restore(desired, touched, delete=False)
         try:
             self._jumps(live, desired, touched)

@@ -182,7 +182,6 @@ class NftablesKernel:
     def __init__(self, netns: str | None = None, runner: Runner | None = None) -> None:
         self.netns = netns
         self.runner = runner or self._libnftables
-        self.full = False  # force whole-table replaces (`lbc apply --full`)
 
     @contextmanager
     def _inside(self) -> Iterator[None]:
@@ -234,6 +233,6 @@ class NftablesKernel:
             self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
             return
         script = None
-        if live.objects and not self.full:
+        if live.objects and not plan.full:
             script = incremental_script(live, desired, plan)
         self.runner(script if script is not None else full_script(desired))
