@@ -29,6 +29,9 @@ from lbc.ir.nodes import (
 )
 
 _KIND_ORDER = {k: n for n, k in enumerate(Kind)}
+# Enum lookups by value without EnumType.__call__, once per service port.
+_PROTOS = {p.value: p for p in Proto}
+_SCHEDULERS = {s.value: s for s in Scheduler}
 _FrontendKey = tuple[int, int, int, str, int]
 
 
@@ -85,10 +88,10 @@ def _lower_port(
     frontends: list[tuple[_FrontendKey, Frontend]],
 ) -> None:
     spn = service_port_name(svc.namespace, svc.name, port.name)
-    proto = Proto(port.protocol.lower())
+    proto = _PROTOS[port.protocol.lower()]
     target = port.target_port or port.port
     everywhere = chosen.everywhere
-    scheduler = Scheduler(svc.scheduler) if svc.scheduler else Scheduler.DEFAULT
+    scheduler = _SCHEDULERS[svc.scheduler] if svc.scheduler else Scheduler.DEFAULT
     affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else None
     # A backend's id is the digest of "spn/proto/ip:port" (brackets around IPv6).
     id_prefix = f"{spn}/{proto}/"
@@ -137,9 +140,9 @@ def _lower_port(
     internal = pool(local_only=svc.internal_traffic_policy == "Local")
     external_ips = [str(ip) for ip in svc.external_ips if ip.version == family]
     lb_ips = [str(ip) for ip in svc.load_balancer_ips if ip.version == family]
-    node_ips = [a for a in node.addresses if (":" in a) == (family == 6)]
-    if port.node_port is None:
-        node_ips = []
+    node_ips = []
+    if port.node_port is not None:
+        node_ips = [a for a in node.addresses if (":" in a) == (family == 6)]
     has_external = bool(external_ips or lb_ips or node_ips)
     external = internal  # replaced below whenever an external frontend exists
     ext_masq, ext_internal = Masquerade.ALWAYS, None
