@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(
   nftables libnftables1 iptables ipset ipvsadm conntrack iproute2
+  # The IPVS suite (tests/vm): a QEMU guest booting Debian's generic kernel through
+  # vng, whose initramfs needs a static busybox.
+  qemu-system-x86 linux-image-amd64 busybox-static
 )
 if [ "$(id -u)" = 0 ]; then
   missing=()
@@ -29,6 +32,11 @@ python3 -m venv .venv
 # An outside package that adds a backend through the `lbc` entry point group.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e tests/plugin_pkg
 export PATH="$PWD/.venv/bin:$PATH"
+# As root everything the IPVS VM suite needs was installed above: there it must run,
+# and a missing piece fails the suite instead of skipping it.
+if [ "$(id -u)" = 0 ]; then
+  export LBC_VM_REQUIRED=1
+fi
 
 ruff check .
 ruff format --check .

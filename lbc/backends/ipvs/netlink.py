@@ -23,7 +23,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,11 @@ SYSCTL_ROOT = Path("/proc/sys")
 
 @dataclass(frozen=True)
 class Request:
-    """One pyroute2 call: `getattr(<socket>, method)(command, **kwargs)`."""
+    """One pyroute2 call: `getattr(<socket>, method)(command, **kwargs)`.
+
+    pyroute2's `addr` wants an interface index, unknown until the link exists: an
+    `ifname` in an `addr` request is replaced by that link's index when executed.
+    """
 
     socket: str  # "iproute" (pyroute2.IPRoute) or "ipvs" (pyroute2.IPVS)
     method: str
@@ -157,11 +161,9 @@ def execute(ops: tuple[Operation, ...], netns: str | None = None) -> None:
     Meant for a namespace lbc has not configured yet: only the dummy interface may
     exist already. Raises `ApplyError` naming the operation's command-line equivalent.
     """
-    from pyroute2 import IPVS, IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with network_namespace(netns), IPRoute() as iproute, IPVS() as ipvs:
-        sockets = {"iproute": iproute, "ipvs": ipvs}
+    with network_namespace(netns), _Sockets() as sockets:
         for op in ops:
             try:
                 if isinstance(op, SetSysctl):
@@ -169,14 +171,36 @@ def execute(ops: tuple[Operation, ...], netns: str | None = None) -> None:
                 elif isinstance(op, LoadRules):
                     load_rules(op)
                 for r in requests(op):
+                    kwargs = dict(r.kwargs)
+                    if r.method == "addr" and "ifname" in kwargs:
+                        ifname = kwargs.pop("ifname")
+                        found = sockets.get("iproute").link_lookup(ifname=ifname)
+                        if not found:
+                            raise ApplyError(f"{op.describe()} failed: no interface {ifname}")
+                        kwargs["index"] = found[0]
                     try:
-                        getattr(sockets[r.socket], r.method)(r.command, **r.kwargs)
+                        getattr(sockets.get(r.socket), r.method)(r.command, **kwargs)
                     except NetlinkError as exc:
                         exists = exc.code == errno.EEXIST
                         if not (exists and isinstance(op, EnsureDummy) and r.command == "add"):
                             raise
-            except (NetlinkError, OSError) as exc:
+            except (NetlinkError, OSError, ValueError) as exc:
                 raise ApplyError(f"{op.describe()} failed: {exc}") from exc
+
+
+class _Sockets(ExitStack):
+    """pyroute2 sockets opened on first use (IPVS only where a request needs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: dict[str, Any] = {}
+
+    def get(self, kind: str) -> Any:
+        if kind not in self.open:
+            from pyroute2 import IPVS, IPRoute
+
+            self.open[kind] = self.enter_context(IPRoute() if kind == "iproute" else IPVS())
+        return self.open[kind]
 
 
 def set_sysctl(op: SetSysctl) -> None:
