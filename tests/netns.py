@@ -17,6 +17,10 @@ datagram with one line, `<name> <source address it saw>`, like the serve_hostnam
 pods of the seed demo. A client runs N requests from ONE Python process inside a
 namespace and counts the answers and the errors (`refused`, `timeout`, ...).
 
+`serve_addresses()` runs one such server for many addresses of a namespace, and
+`sctp_request()` opens SCTP associations over raw sockets, for kernels that translate
+SCTP but have no SCTP sockets.
+
 `seed_topology()` builds the seed demo: a client, a node that routes (the rules go
 there) and three backend pods, all with addresses from examples/hostnames.toml.
 Tests using this module are marked `netns`; `require()` skips them with the
@@ -546,3 +550,192 @@ def seed_topology(
             {name: pods6[name] for name in pods if name in pods6},
             {name: gateway(pods6[name]) for name in pods if name in pods6},
         )
+
+
+# --- many addresses per namespace, and SCTP without SCTP sockets -----------------------
+
+# CRC-32C, the SCTP checksum (RFC 9260 appendix A), shared by the SCTP scripts below.
+# The kernel here tracks and translates SCTP (conntrack, NAT) but has no SCTP sockets,
+# so INIT and INIT ACK chunks are sent and read on raw sockets (protocol 132).
+SCTP_WIRE = r"""
+import struct
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+def sctp_packet(sport, dport, vtag, chunk):
+    body = struct.pack("!HHII", sport, dport, vtag, 0) + chunk
+    # The checksum goes on the wire least significant byte first, as Linux writes it.
+    return body[:8] + struct.pack("<I", crc32c(body)) + body[12:]
+
+def init_chunk(kind, tag, params=b""):
+    # INIT (1) or INIT ACK (2): initiate tag, a_rwnd, streams out and in, first TSN.
+    body = struct.pack("!IIHHI", tag, 65535, 1, 1, tag) + params
+    return struct.pack("!BBH", kind, 0, 4 + len(body)) + body
+
+def sctp_payload(data, family):
+    # An IPv4 raw socket hands over the IP header too; an IPv6 one does not.
+    return data[(data[0] & 0x0F) * 4:] if family == 4 else data
+"""
+
+MANY_SERVER = (
+    SCTP_WIRE
+    + r"""
+import json, os, selectors, socket, sys
+
+listeners = json.loads(sys.argv[1])  # [[address, [port, ...]], ...]
+selector = selectors.DefaultSelector()
+for host, ports in listeners:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in ports:
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host, port))
+        tcp.listen(1024)
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        udp.bind((host, port))
+        selector.register(tcp, selectors.EVENT_READ, ("tcp", host, None))
+        selector.register(udp, selectors.EVENT_READ, ("udp", host, None))
+    # One raw socket per address sees every SCTP packet sent to it.
+    raw = socket.socket(family, socket.SOCK_RAW, 132)
+    raw.bind((host, 0))
+    selector.register(raw, selectors.EVENT_READ, ("sctp", host, set(ports)))
+print("ready", flush=True)
+while True:
+    for key, _ in selector.select():
+        sock, (kind, host, ports) = key.fileobj, key.data
+        if kind == "udp":
+            data, peer = sock.recvfrom(2048)
+            sock.sendto(f"{host} {peer[0]}\n".encode(), peer)
+        elif kind == "sctp":
+            data, peer = sock.recvfrom(2048)
+            sctp = sctp_payload(data, 6 if ":" in host else 4)
+            if len(sctp) < 32 or sctp[12] != 1:
+                continue  # only INIT chunks open an association
+            sport, dport = struct.unpack("!HH", sctp[:4])
+            (their_tag,) = struct.unpack("!I", sctp[16:20])
+            if dport not in ports:
+                continue
+            # INIT ACK; its State Cookie carries the answer line, padded to 4 bytes.
+            line = f"{host} {peer[0]}\n".encode()
+            line += b" " * (-len(line) % 4)
+            cookie = struct.pack("!HH", 7, 4 + len(line)) + line
+            chunk = init_chunk(2, int.from_bytes(os.urandom(4), "big") | 1, cookie)
+            sock.sendto(sctp_packet(dport, sport, their_tag, chunk), (peer[0], 0))
+        else:
+            conn, peer = sock.accept()
+            conn.settimeout(2.0)
+            try:
+                conn.sendall(f"{host} {peer[0]}\n".encode())
+                conn.recv(64)  # the client closes first, keeping TIME_WAIT on its side
+            except OSError:
+                pass
+            finally:
+                conn.close()
+"""
+)
+
+SCTP_CLIENT = (
+    SCTP_WIRE
+    + r"""
+import json, os, socket, sys, time
+
+host, port, count, timeout, source = sys.argv[1:6]
+port, count, timeout = int(port), int(count), float(timeout)
+family = 6 if ":" in host else 4
+replies, errors = {}, {}
+start = time.monotonic()
+for _ in range(count):
+    sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_RAW, 132)
+    key, table = "timeout", errors
+    try:
+        if source:
+            sock.bind((source, 0))
+        sport = 1024 + int.from_bytes(os.urandom(2), "big") % 64000
+        tag = int.from_bytes(os.urandom(4), "big") | 1
+        sock.sendto(sctp_packet(sport, port, 0, init_chunk(1, tag)), (host, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            sctp = sctp_payload(sock.recv(2048), family)
+            if len(sctp) < 36 or sctp[12] != 2:
+                continue
+            their_sport, their_dport, vtag = struct.unpack("!HHI", sctp[:8])
+            if (their_sport, their_dport, vtag) != (port, sport, tag):
+                continue
+            kind, length = struct.unpack("!HH", sctp[32:36])
+            line = sctp[36:32 + length].decode(errors="replace").strip() if kind == 7 else ""
+            key, table = (line, replies) if line else ("empty", errors)
+            break
+    except TimeoutError:
+        pass
+    except OSError as exc:
+        key = type(exc).__name__
+    finally:
+        sock.close()
+    table[key] = table.get(key, 0) + 1
+print(json.dumps({"replies": replies, "errors": errors, "seconds": time.monotonic() - start}))
+"""
+)
+
+
+def serve_addresses(lab: Lab, ns: Netns, listeners: Mapping[str, Sequence[int]]) -> None:
+    """One server in `ns` for many addresses: each answers `<address> <source>` on its ports.
+
+    TCP and UDP on every (address, port); SCTP too, as an INIT ACK whose State Cookie
+    holds the answer line (read by `sctp_request`). The process joins `lab`'s processes.
+    """
+    if not listeners or not all(listeners.values()):
+        raise ValueError("serve_addresses needs at least one port per address")
+    spec = json.dumps([[address, list(ports)] for address, ports in listeners.items()])
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-c", MANY_SERVER, spec],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lab.processes.append(proc)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        proc.kill()
+        _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+        raise NetnsError(f"server for {len(listeners)} addresses in {ns.name} did not start: {err}")
+
+
+def sctp_request(
+    ns: Netns,
+    host: str,
+    port: int,
+    count: int = 1,
+    timeout: float = 1.0,
+    source: str | None = None,
+) -> Results:
+    """Open `count` SCTP associations to host:port from `ns` (INIT, wait for the INIT ACK).
+
+    The answer is the State Cookie of a `serve_addresses` server; no INIT ACK within
+    `timeout` counts as `timeout` (ICMP errors are not read, so a refusal does too).
+    Raw sockets: no SCTP socket support is needed.
+    """
+    if not 0 < count <= 10_000 or not 0 < timeout <= 10:
+        raise ValueError(f"count {count} or timeout {timeout} is out of range")
+    out = ns.exec(
+        sys.executable,
+        "-c",
+        SCTP_CLIENT,
+        host,
+        str(port),
+        str(count),
+        str(timeout),
+        source or "",
+        timeout=COMMAND_TIMEOUT + count * timeout,
+    )
+    data = json.loads(out)
+    return Results(Counter(data["replies"]), Counter(data["errors"]), data["seconds"])
