@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -335,3 +336,15 @@ def _elements(rules: str, name: str) -> list[str]:
         elif inside:
             out.append(line.strip().rstrip(","))
     return out
+
+
+def test_filters_run_before_ipvs_on_input_and_on_the_nodes_own_output() -> None:
+    """IPVS hooks local-in at priority 99 and local-out at -99; the filters come first."""
+    rules = rules_of("hostnames")
+    hooks = {
+        m.group(1): int(m.group(2).replace("filter", "0"))
+        for m in re.finditer(r"type filter hook (\w+) priority (-?\w+);", rules)
+    }
+    assert hooks == {"input": 0, "output": -110}
+    assert all(priority < -99 or hook == "input" for hook, priority in hooks.items())
+    assert rules.count("ct state new jump service-filter") == 2

@@ -138,20 +138,58 @@ def test_the_kernel_holds_what_the_golden_file_says(case: str, netns: Namespaces
         key, value = line.split("=")
         assert sysctl(node, key) == value
 
-    # Empty pools refuse at once (or drop), from the node itself too.
+    # Frontends of empty pools, from the node itself and from another host: refused,
+    # or dropped (also when a load balancer's source ranges exclude the source, as
+    # they do every source here). IPVS alone would refuse: a drop proves the rules.
     rules = golden["rules"]
+    verdicts = {}
     for op in ops:
-        if not isinstance(op, AddService) or op.proto is not Proto.TCP:
-            continue
-        key, sfx = f"{op.address} . tcp . {op.port}", f"-v{op.family}"
-        if key in _set(rules, f"firewalled{sfx}"):
-            continue  # from the node, outside the source ranges: dropped first
-        if key in _set(rules, f"no-endpoints-reject{sfx}"):
-            with pytest.raises(ConnectionRefusedError):
-                opens(node, op.address, op.port)
-        elif key in _set(rules, f"no-endpoints-drop{sfx}"):
-            with pytest.raises(TimeoutError):
-                opens(node, op.address, op.port, timeout=1)
+        if isinstance(op, AddService) and op.proto is not Proto.SCTP:
+            key, sfx = f"{op.address} . {op.proto} . {op.port}", f"-v{op.family}"
+            if key in _set(rules, f"no-endpoints-drop{sfx}"):
+                verdicts[op] = "drop"
+            elif key in _set(rules, f"no-endpoints-reject{sfx}"):
+                firewalled = key in _set(rules, f"firewalled{sfx}")
+                verdicts[op] = "drop" if firewalled else "reject"
+    if not verdicts:
+        return
+    client = netns("client")
+    batch(
+        node,
+        f"link add to-client type veth peer eth0 netns {client}",
+        "addr add 172.31.255.1/30 dev to-client",
+        "addr add fd00:31::1/64 dev to-client nodad",
+        "link set to-client up",
+    )
+    batch(
+        client,
+        "addr add 172.31.255.2/30 dev eth0",
+        "addr add fd00:31::2/64 dev eth0 nodad",
+        "link set eth0 up",
+        "route add default via 172.31.255.1",
+        "route add default via fd00:31::1",
+    )
+    for op, verdict in verdicts.items():
+        for ns in (node, client):
+            # A drop at the node's own output fails the send at once (EPERM).
+            dropped = (PermissionError, TimeoutError) if ns == node else TimeoutError
+            with pytest.raises(ConnectionRefusedError if verdict == "reject" else dropped):
+                probe(ns, op.proto, op.address, op.port, timeout=1)
+
+
+def probe(ns: str, proto: Proto, address: str, port: int, timeout: float = 5.0) -> None:
+    """A TCP connection, or a UDP datagram and its answer, from namespace `ns`."""
+    if proto is Proto.TCP:
+        opens(ns, address, port, timeout)
+        return
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with netlink.network_namespace(ns):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.send(b"?")
+        sock.recv(512)
 
 
 def test_real_servers_are_masqueraded_not_direct_routed(netns: Namespaces) -> None:

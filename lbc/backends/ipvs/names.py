@@ -16,8 +16,10 @@ NAT_PREROUTING = "nat-prerouting"
 NAT_OUTPUT = "nat-output"
 NAT_POSTROUTING = "nat-postrouting"
 FILTER_INPUT = "filter-input"
-# A regular chain both nat hooks jump to.
+FILTER_OUTPUT = "filter-output"
+# Regular chains: the one both nat hooks jump to, and the one both filter hooks do.
 MARK_FOR_MASQUERADE = "mark-for-masquerade"
+SERVICE_FILTER = "service-filter"
 
 # Sets, one per address family (suffix "-v4" or "-v6").
 VIPS = "vips"  # addresses bound to LINK
