@@ -82,15 +82,16 @@ FLOWS: tuple[Flow, ...] = (
         False,
     ),
     Flow(
-        "a cluster IP port no service uses is not lbc's", "hostnames", POD, "10.0.1.175", 81, PASS
+        "a cluster IP port no service uses is refused", "hostnames", POD, "10.0.1.175", 81, REJECT
     ),
+    Flow("an address no service has is not lbc's", "hostnames", POD, "10.0.1.199", 80, PASS),
     Flow(
-        "UDP to a TCP-only service is not lbc's",
+        "UDP to a TCP-only service is refused",
         "hostnames",
         POD,
         "10.0.1.175",
         80,
-        PASS,
+        REJECT,
         proto="udp",
     ),
     Flow(
@@ -294,12 +295,12 @@ FLOWS: tuple[Flow, ...] = (
         proto="udp",
     ),
     Flow(
-        "ITP Local service has no TCP port 53",
+        "ITP Local service has no TCP port 53: refused",
         "internal-traffic-local",
         POD,
         "10.0.1.184",
         53,
-        PASS,
+        REJECT,
     ),
     Flow(
         "only serving terminating endpoints take traffic",
@@ -341,7 +342,13 @@ FLOWS: tuple[Flow, ...] = (
         proto="sctp",
     ),
     Flow(
-        "SCTP on a port only TCP and UDP use", "udp-sctp", POD, "10.0.1.187", 53, PASS, proto="sctp"
+        "SCTP on a port only TCP and UDP use: refused",
+        "udp-sctp",
+        POD,
+        "10.0.1.187",
+        53,
+        REJECT,
+        proto="sctp",
     ),
     Flow(
         "the last of many services",

@@ -57,7 +57,13 @@ def lower(cluster: Cluster) -> Program:
                 _lower_port(info, svc, port, family, chosen[family], pools, frontends)
     pools.sort(key=lambda p: (p.service, p.family, p.proto, p.local_only))
     frontends.sort(key=itemgetter(0))  # stable, and never compares the frontends
-    return Program(node=info, pools=tuple(pools), frontends=tuple(f for _, f in frontends))
+    cluster_ips = sorted({ip for svc in cluster.services for ip in svc.cluster_ips}, key=_ip_key)
+    return Program(
+        node=info,
+        pools=tuple(pools),
+        frontends=tuple(f for _, f in frontends),
+        reject_unknown=tuple(str(ip) for ip in cluster_ips),
+    )
 
 
 @dataclass(frozen=True, slots=True)

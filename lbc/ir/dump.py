@@ -19,6 +19,7 @@ def dump(program: Program) -> str:
     ]
     out += [f"  address {a}" for a in node.addresses]
     out += [f"  pod-cidr {c}" for c in node.pod_cidrs]
+    out += [f"  reject-unknown-ports {a}" for a in program.reject_unknown]
     by_service: dict[tuple[str, int, str], list[Frontend]] = {}
     for f in program.frontends:
         by_service.setdefault((f.service, f.family, f.proto), []).append(f)

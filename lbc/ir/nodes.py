@@ -128,6 +128,9 @@ class Program:
     node: NodeInfo
     pools: tuple[Pool, ...]
     frontends: tuple[Frontend, ...]
+    # Cluster IPs: a new connection to one of them that no frontend takes (a port or
+    # protocol no service uses) is rejected, as kube-proxy's nftables mode does.
+    reject_unknown: tuple[str, ...] = ()
 
     def pool_index(self) -> dict[str, Pool]:
         """Pools by id (build once per render; the program itself stays a plain tuple)."""

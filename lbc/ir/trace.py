@@ -84,6 +84,9 @@ def trace(
     steps = [f"packet {source} -> {hostport(destination, port)}/{proto} from {origin}"]
     front = _find_frontend(program, destination, port, proto)
     if front is None:
+        if str(ipaddress.ip_address(destination)) in program.reject_unknown:
+            steps.append("a cluster IP, but no service uses this port and protocol: rejected")
+            return Trace(Verdict.REJECT, origin, steps=tuple(steps))
         steps.append("no frontend matches: lbc does not touch this packet")
         return Trace(Verdict.PASS, origin, steps=tuple(steps))
     steps.append(f"matches {front.kind} frontend of {front.service}")

@@ -242,13 +242,21 @@ class Masquerade:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Reject with the family's port-unreachable (icmpx in an inet table)."""
+    """Reject with port-unreachable: icmpx in an inet table, or icmp/icmpv6 after a match
+    that fixes the family (as `nft list` then prints it)."""
+
+    family: int | None = None
 
     def text(self) -> str:
-        return "reject"
+        if self.family is None:
+            return "reject"
+        return f"reject with {self._type()} port-unreachable"
 
     def json(self) -> Json:
-        return {"reject": {"type": "icmpx", "expr": "port-unreachable"}}
+        return {"reject": {"type": self._type(), "expr": "port-unreachable"}}
+
+    def _type(self) -> str:
+        return {None: "icmpx", 4: "icmp", 6: "icmpv6"}[self.family]
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ SERVICES = "services"
 FIREWALL_CHECK = "firewall-check"
 ENDPOINTS_CHECK = "service-endpoints-check"
 REJECT_CHAIN = "reject-chain"
+CLUSTER_IPS_CHECK = "cluster-ips-check"
 
 # Sets and maps, one of each per address family: `service-ips4`, `service-ips6`, ...
 SERVICE_IPS = "service-ips"  # address . l4proto . port : goto a service's chain
@@ -51,6 +52,7 @@ NO_ENDPOINT_SERVICES = "no-endpoint-services"  # address . l4proto . port : reje
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # l4proto . port : reject or drop
 FIREWALL_IPS = "firewall-ips"  # load-balancer frontends that have source ranges
 FIREWALL_ALLOW = "firewall-allow"  # address . l4proto . port . allowed source range
+CLUSTER_IPS = "cluster-ips"  # every cluster IP: what reaches one undiverted is rejected
 
 # Per-service objects.
 SERVICE = "service-"  # the cluster-wide pool of a service port

@@ -137,6 +137,9 @@ class _Builder:
         families = self.program.families()
         for family in families:
             self.frontends(family)
+        for address in self.program.reject_unknown:
+            family = 6 if ":" in address else 4
+            self.sets.add(n.per_family(n.CLUSTER_IPS, family), Element(Value(address)))
         for pool in self.program.pools:
             self.pool_chain(pool)
         for f in self.program.frontends:
@@ -171,11 +174,24 @@ class _Builder:
             to_firewall = Rule((_NEW, Verdict("jump", n.FIREWALL_CHECK)))
             base(n.FILTER_PREROUTING, to_firewall)
             base(n.FILTER_OUTPUT, to_firewall)
+        cluster_ips = [f for f in families if self.sets.has(n.per_family(n.CLUSTER_IPS, f))]
+        # After DNAT: whatever still heads for a frontend or a cluster IP found no backend.
+        post_dnat: dict[str, list[Rule]] = {
+            n.FILTER_INPUT: [],
+            n.FILTER_FORWARD: [],
+            n.FILTER_OUTPUT_POST_DNAT: [],
+        }
         if no_endpoints:
             to_check = Rule((_NEW, Verdict("jump", n.ENDPOINTS_CHECK)))
-            base(n.FILTER_INPUT, to_check)
-            base(n.FILTER_FORWARD, to_check)
-            base(n.FILTER_OUTPUT_POST_DNAT, to_check)
+            for rules in post_dnat.values():
+                rules.append(to_check)
+        if cluster_ips:
+            to_cluster_check = Rule((_NEW, Verdict("jump", n.CLUSTER_IPS_CHECK)))
+            post_dnat[n.FILTER_FORWARD].append(to_cluster_check)
+            post_dnat[n.FILTER_OUTPUT_POST_DNAT].append(to_cluster_check)
+        for name, rules in post_dnat.items():
+            if rules:
+                base(name, *rules)
         to_services = Rule((Verdict("jump", n.SERVICES),))
         base(n.NAT_PREROUTING, to_services)
         base(n.NAT_OUTPUT, to_services)
@@ -218,6 +234,21 @@ class _Builder:
         if no_endpoints:
             rules = self.lookups(no_endpoints, n.NO_ENDPOINT_SERVICES, n.NO_ENDPOINT_NODEPORTS)
             chains.append(Chain(n.ENDPOINTS_CHECK, tuple(rules)))
+        if cluster_ips:
+            checks = tuple(
+                Rule(
+                    (
+                        Match(
+                            Payload(ip_proto(f), "daddr"),
+                            SetRef(n.per_family(n.CLUSTER_IPS, f)),
+                        ),
+                        Reject(f),
+                    ),
+                    "a port or protocol no service uses on a cluster IP",
+                )
+                for f in cluster_ips
+            )
+            chains.append(Chain(n.CLUSTER_IPS_CHECK, checks))
         if self.uses_reject():
             chains.append(Chain(n.REJECT_CHAIN, (Rule((Reject(),)),)))
         return chains
@@ -264,6 +295,7 @@ class _Builder:
                 (n.NO_ENDPOINT_NODEPORTS, by_port, True, ()),
                 (n.FIREWALL_IPS, by_ip, False, ()),
                 (n.FIREWALL_ALLOW, (*by_ip, addr), False, ("interval",)),
+                (n.CLUSTER_IPS, (addr,), False, ()),
             ]
             for base_name, key_types, is_map, flags in shapes:
                 name = n.per_family(base_name, family)
