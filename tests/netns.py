@@ -643,15 +643,36 @@ while True:
 SCTP_CLIENT = (
     SCTP_WIRE
     + r"""
-import json, os, socket, sys, time
+import json, os, select, socket, sys, time
 
 host, port, count, timeout, source = sys.argv[1:6]
 port, count, timeout = int(port), int(count), float(timeout)
 family = 6 if ":" in host else 4
 replies, errors = {}, {}
 start = time.monotonic()
+def refusal(data, sport):
+    # ICMP port unreachable quoting our INIT: IPv4 sockets see the IP header, IPv6 not.
+    if family == 4:
+        ihl = (data[0] & 0x0F) * 4
+        icmp = data[ihl:]
+        if icmp[:2] != bytes([3, 3]):
+            return False
+        inner = icmp[8:]
+        quoted = inner[(inner[0] & 0x0F) * 4:]
+    else:
+        if data[:2] != bytes([1, 4]):
+            return False
+        quoted = data[48:]
+    return len(quoted) >= 4 and struct.unpack("!HH", quoted[:4]) == (sport, port)
+
+
 for _ in range(count):
     sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_RAW, 132)
+    icmp = socket.socket(
+        socket.AF_INET6 if family == 6 else socket.AF_INET,
+        socket.SOCK_RAW,
+        socket.IPPROTO_ICMPV6 if family == 6 else socket.IPPROTO_ICMP,
+    )
     key, table = "timeout", errors
     try:
         if source:
@@ -661,7 +682,12 @@ for _ in range(count):
         sock.sendto(sctp_packet(sport, port, 0, init_chunk(1, tag)), (host, 0))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            sock.settimeout(left)
+            ready, _, _ = select.select([sock, icmp], [], [], left)
+            if icmp in ready and refusal(icmp.recv(2048), sport):
+                key = "refused"
+                break
+            if sock not in ready:
+                continue
             sctp = sctp_payload(sock.recv(2048), family)
             if len(sctp) < 36 or sctp[12] != 2:
                 continue
@@ -678,6 +704,7 @@ for _ in range(count):
         key = type(exc).__name__
     finally:
         sock.close()
+        icmp.close()
     table[key] = table.get(key, 0) + 1
 print(json.dumps({"replies": replies, "errors": errors, "seconds": time.monotonic() - start}))
 """
@@ -720,8 +747,9 @@ def sctp_request(
 ) -> Results:
     """Open `count` SCTP associations to host:port from `ns` (INIT, wait for the INIT ACK).
 
-    The answer is the State Cookie of a `serve_addresses` server; no INIT ACK within
-    `timeout` counts as `timeout` (ICMP errors are not read, so a refusal does too).
+    The answer is the State Cookie of a `serve_addresses` server; an ICMP port
+    unreachable quoting the INIT counts as `refused`, and nothing within `timeout`
+    as `timeout`.
     Raw sockets: no SCTP socket support is needed.
     """
     if not 0 < count <= 10_000 or not 0 < timeout <= 10:
