@@ -49,7 +49,10 @@ def test_plan_reads_only_and_names_each_change(lock: Path) -> None:
         "default/hostnames:default": Action.REMOVE,
         "default/weighted:http": Action.ADD,
     }
-    assert plan.summary() == "1 to add, 0 to change, 1 to remove"
+    # The node paragraph lists the cluster IPs whose unused ports are refused.
+    (node,) = [c for c in plan.changes if c.action is Action.CHANGE]
+    assert node.key.startswith("# lbc IR") and "  reject-unknown-ports 10.0.1.176" in node.after
+    assert plan.summary() == "1 to add, 1 to change, 1 to remove"
 
 
 def test_a_failed_transaction_leaves_the_kernel_byte_identical(lock: Path) -> None:
