@@ -214,24 +214,31 @@ def test_quoted_keys_are_decoded() -> None:
     assert lines[("table with space", "inner", "")] == 6
 
 
+def _valid_toml(path: Path) -> bool:
+    try:
+        tomli.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomli.TOMLDecodeError):
+        return False  # some bad-input files are broken TOML on purpose
+    return True
+
+
 @pytest.mark.parametrize(
     "path",
     sorted(
-        [
+        p
+        for p in [
             *ROOT.glob("golden/*/cluster.toml"),
             *ROOT.glob("examples/*.toml"),
             *ROOT.glob("tests/bad/*.toml"),
         ]
+        if _valid_toml(p)
     ),
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_real_files_every_leaf_lands_on_a_line_that_shows_it(path: Path) -> None:
     """In every config file lbc ships, a leaf's line holds its key (or its value)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = tomli.loads(text)
-    except (UnicodeDecodeError, tomli.TOMLDecodeError):
-        pytest.skip("not valid TOML on purpose")
+    text = path.read_text(encoding="utf-8")
+    data = tomli.loads(text)
     lines = key_lines(text)
     source = text.splitlines()
     for leaf, value in leaves(data):
