@@ -9,6 +9,7 @@ them. Only chains named `LBC-...` and rules jumping to them are ever read or wri
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import subprocess
 from collections import Counter
@@ -20,6 +21,9 @@ from lbc.backends.iptables import names as n
 from lbc.errors import ApplyError
 
 TABLES = ("filter", "nat")
+# From this many chains written in one table, a restore starts with `-S` (see
+# `_restore_document`; measured with bench/iptables_restore.py).
+LIST_FIRST_FROM = 2000
 COMMANDS = {
     4: ("iptables", "iptables-save", "iptables-restore"),
     6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),
@@ -38,6 +42,10 @@ def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
     if done.returncode != 0:
         raise ApplyError(f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
+
+
+def _scatter(state_key: str) -> bytes:
+    return hashlib.sha1(state_key.encode()).digest()
 
 
 def key(family: int, table: str, chain: str) -> str:
@@ -141,7 +149,10 @@ class IptablesKernel:
         out: list[str] = []
         for table in TABLES:
             head = f"ipv{family} {table} {n.PREFIX}"
-            mine = sorted(k for k in touched if k.startswith(head))
+            # Hash order, not name order: iptables-save sorts chains with a quicksort
+            # whose pivot is the first chain, so chains created in name order make every
+            # later snapshot quadratic.
+            mine = sorted((k for k in touched if k.startswith(head)), key=_scatter)
             written = [k for k in mine if k in desired.objects]
             removed = [k for k in mine if k not in desired.objects]
             if delete:
@@ -151,7 +162,12 @@ class IptablesKernel:
                 for k in written:
                     lines += desired.objects[k]
             if lines:
-                out += [f"*{table}", *lines, "COMMIT"]
+                # A chainless command first makes iptables-nft's --noflush restore skip
+                # its per-line walk of a sorted list of the chains it needs (quadratic
+                # in chains); `-S` is the only such command that changes nothing. It
+                # prints the table, so it pays off only for large writes.
+                listing = ["-S"] if len(mine) >= LIST_FIRST_FROM else []
+                out += [f"*{table}", *listing, *lines, "COMMIT"]
         return "\n".join(out) + "\n" if out else ""
 
     def _jump_changes(
