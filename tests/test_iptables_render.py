@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 import re
 import shlex
@@ -43,6 +44,13 @@ class Table:
     def chain(self, name: str) -> list[str]:
         """The rules of chain `name`, in order."""
         return [rule for chain, rule in self.rules if chain == name]
+
+    def by_chain(self) -> dict[str, list[str]]:
+        """Every chain's rules in one pass: declared chains first, in order, then built-ins."""
+        out: dict[str, list[str]] = {name: [] for name in self.declared}
+        for chain, rule in self.rules:
+            out.setdefault(chain, []).append(rule)
+        return out
 
 
 def parse_restore(doc: str) -> dict[str, Table]:
@@ -165,6 +173,76 @@ ports = [{{ name = "{port}", port = 80 }}]
 """
 
 
+def tree_config(services: int = 400, seed: int = 20240611) -> str:
+    """Frontends of every kind in both families, enough to build every dispatch tree.
+
+    Random cluster IPs in 10.96.0.0/12 and fd00:10::/112; node ports (the node-port
+    tree); load-balancer IPs with source ranges and external IPs; services without
+    endpoints (the filter table's tree); and one address with 45 ports, which the tree
+    splits by protocol and port range.
+    """
+    rng = random.Random(seed)
+    v4 = rng.sample(range(1, 1 << 20), services)
+    v6 = rng.sample(range(1, 1 << 16), services)
+    node_ports = iter(range(30000, 32768))
+    out = [
+        '[node]\nname = "node-1"\naddresses = ["192.168.49.2", "fd00:49::2"]\n'
+        'pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]\n'
+    ]
+    for i in range(services):
+        families = (4, 6) if i % 5 == 0 else (6,) if i % 5 == 1 else (4,)
+        cluster = {
+            4: str(ipaddress.IPv4Address((10 << 24 | 96 << 16) + v4[i])),
+            6: f"fd00:10::{v6[i]:x}",
+        }
+        kind = {0: "NodePort", 1: "LoadBalancer"}.get(i % 6, "ClusterIP")
+        ports = [("http", "TCP", 80)]
+        if i % 3 == 0:
+            ports.append(("dns", "UDP", 53))
+        if i % 11 == 0:
+            ports.append(("sig", "SCTP", 9000))
+        port_text = ", ".join(
+            f'{{ name = "{name}", protocol = "{proto}", port = {port}, target_port = 9376'
+            + (f", node_port = {next(node_ports)}" if kind != "ClusterIP" else "")
+            + " }"
+            for name, proto, port in ports
+        )
+        lines = [
+            "[[services]]",
+            f'name = "svc-{i:04d}"',
+            f'type = "{kind}"',
+            f"cluster_ips = {json.dumps([cluster[f] for f in families])}",
+            f"ports = [{port_text}]",
+        ]
+        if kind == "LoadBalancer":
+            ingress = {4: f"198.18.{i >> 8}.{i & 255}", 6: f"fd00:198::{i:x}"}
+            ranges = {4: "203.0.113.0/24", 6: "fd00:203::/64"}
+            lines.append(f"load_balancer_ips = {json.dumps([ingress[f] for f in families])}")
+            lines.append(
+                f"load_balancer_source_ranges = {json.dumps([ranges[f] for f in families])}"
+            )
+        elif i % 6 == 2:
+            external = {4: f"198.51.{i >> 8}.{i & 255}", 6: f"fd00:198:51::{i:x}"}
+            lines.append(f"external_ips = {json.dumps([external[f] for f in families])}")
+        if i % 7 != 3:
+            pods = {4: f"10.244.{i >> 8}.{i & 255}", 6: f"fd00:244::{i:x}"}
+            lines.append(
+                "endpoints = [" + ", ".join(f'{{ ip = "{pods[f]}" }}' for f in families) + "]"
+            )
+        out.append("\n".join(lines) + "\n")
+    wide = [(f"t{p}", "TCP", p) for p in range(8000, 8040)]
+    wide += [(f"u{p}", "UDP", p) for p in range(8000, 8005)]
+    wide_ports = ", ".join(
+        f'{{ name = "{name}", protocol = "{proto}", port = {port} }}' for name, proto, port in wide
+    )
+    out.append(
+        f'[[services]]\nname = "wide"\ncluster_ips = ["10.112.0.1", "fd00:10::1:0:1"]\n'
+        f"ports = [{wide_ports}]\n"
+        'endpoints = [{ ip = "10.244.200.1" }, { ip = "fd00:244::1:1" }]\n'
+    )
+    return "\n".join(out)
+
+
 def iptables_text(config: str) -> str:
     """The iptables artifact text of a cluster.toml text."""
     return lbc.compile(lbc.loads(config), backend="iptables").text()
@@ -179,6 +257,7 @@ def all_outputs() -> dict[str, str]:
     }
     out["worst-case"] = iptables_text(worst_case_config())
     out["weights-1-2-3"] = iptables_text(weighted_config([1, 2, 3]))
+    out["dispatch-tree"] = iptables_text(tree_config())
     return out
 
 
@@ -262,7 +341,7 @@ def test_every_jump_has_a_target_and_no_chain_is_declared_twice(case: str) -> No
             # Per-service chains exist only when something jumps to them (the fixed
             # chains such as LBC-NODEPORTS are always there, as in kube-proxy).
             jumped = {target(rule) for _, rule in table.rules}
-            per_service = (n.SVC, n.SVL, n.SEP, n.EXT, n.FW)
+            per_service = (n.SVC, n.SVL, n.SEP, n.EXT, n.FW, n.DSP)
             unused = [c for c in declared if c.startswith(per_service) and c not in jumped]
             assert not unused, f"{case} ipv{family} {table.name}: unreachable chains {unused}"
 
@@ -271,9 +350,12 @@ def test_every_jump_has_a_target_and_no_chain_is_declared_twice(case: str) -> No
 def test_families_do_not_mix(case: str) -> None:
     for family, doc in sections(OUTPUTS[case]).items():
         host = "/32" if family == 4 else "/128"
-        for dest in re.findall(r"-d (\S+)", doc):
-            assert dest.endswith(host), (case, family, dest)
-            assert ipaddress.ip_network(dest).version == family, (case, dest)
+        for line in doc.splitlines():
+            for dest in re.findall(r"-d (\S+)", line):
+                # Only a dispatch chain's branch rule matches a whole prefix.
+                if f"-j {n.DSP}" not in line:
+                    assert dest.endswith(host), (case, family, line)
+                assert ipaddress.ip_network(dest).version == family, (case, dest)
         for source in re.findall(r"-s (\S+)", doc):
             assert ipaddress.ip_network(source).version == family, (case, source)
         for dest in re.findall(r"--to-destination (\S+)", doc):

@@ -12,6 +12,7 @@ SVL = "LBC-SVL-"  # its local-endpoints pool (traffic policy Local)
 SEP = "LBC-SEP-"  # one endpoint
 EXT = "LBC-EXT-"  # external traffic of a service port (masquerade, policy)
 FW = "LBC-FW-"  # load-balancer source ranges
+DSP = "LBC-DSP-"  # a dispatch chain: the frontend rules under one key prefix (dispatch.py)
 
 PORTALS_COMMENT = "lbc service portals"
 MAX_CHAIN = 28  # the kernel's limit (XT_EXTENSION_MAXNAMELEN - 1 = 28 usable)

@@ -6,6 +6,12 @@ accept) and a `nat` table (dispatch, per-pool chains, per-endpoint DNAT chains,
 masquerade). Rules that hook lbc's chains into the built-in chains are part of the
 document so it loads as-is in an empty namespace; the apply engine inserts those
 idempotently instead of restoring them.
+
+The frontend rules of `LBC-SERVICES` (both tables) and `LBC-NODEPORTS` go through
+`dispatch.build`: a few of them stay a flat list, as in kube-proxy; many become a tree
+of `LBC-DSP-` chains keyed by destination, so a new connection walks a bounded number
+of rules whatever the number of services. `render_family(..., split_above=None)`
+gives the flat layout at any size (the benchmarks' kube-proxy baseline).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lbc.backends.iptables import names as n
+from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry, KeySpace, build
 from lbc.ir.names import digest, hostport
 from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program
 
@@ -55,6 +62,7 @@ BUILTIN_HOOKS = {
 class _Table:
     """One table: lbc's chains (declared, in order) and the rules of every chain."""
 
+    name: str
     chains: dict[str, list[str]] = field(default_factory=dict)
     hooks: list[str] = field(default_factory=list)
 
@@ -71,8 +79,8 @@ class _Table:
         else:  # a built-in chain
             self.hooks.append(f"-A {chain} {rule}")
 
-    def lines(self, name: str) -> list[str]:
-        out = [f"*{name}", *(f":{c} - [0:0]" for c in self.chains), *self.hooks]
+    def lines(self) -> list[str]:
+        out = [f"*{self.name}", *(f":{c} - [0:0]" for c in self.chains), *self.hooks]
         for rules in self.chains.values():
             out += rules
         return [*out, "COMMIT"]
@@ -107,28 +115,46 @@ def probabilities(weights: Sequence[int]) -> list[str]:
     return out
 
 
-def render_family(program: Program, family: int) -> str:
-    """The iptables-restore document for one family (4 or 6)."""
-    return _FamilyRenderer(program, family).render()
+def render_family(program: Program, family: int, split_above: int | None = SPLIT_ABOVE) -> str:
+    """The iptables-restore document for one family (4 or 6).
+
+    `split_above`: the most frontend rules a dispatch chain holds before it is split
+    into a tree (None: never, kube-proxy's linear chains).
+    """
+    return _FamilyRenderer(program, family, split_above).render()
 
 
 class _FamilyRenderer:
-    def __init__(self, program: Program, family: int) -> None:
+    def __init__(self, program: Program, family: int, split_above: int | None) -> None:
         self.program = program
         self.family = family
+        self.split_above = split_above
+        bits = 32 if family == 4 else 128
+        self.by_address = KeySpace(family, bits)
+        self.by_port = KeySpace(family, 0)
+        # Frontend rules of the dispatch chains, gathered first and placed by `dispatch.build`.
+        self.nat_services: list[Entry] = []
+        self.nat_nodeports: list[Entry] = []
+        self.filter_services: list[Entry] = []
         self.node = program.node
         self.host = "/32" if family == 4 else "/128"
         self.reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
         self.pod_cidr = program.node.pod_cidr(family)
         self.pools = program.pool_index()
-        self.filter = _Table()
-        self.nat = _Table()
+        self.filter = _Table("filter")
+        self.nat = _Table("nat")
 
     # --- whole document -----------------------------------------------------------
     def render(self) -> str:
         mark = f"{self.node.masquerade_mark:#x}"
-        for chain in (n.SERVICES, n.FORWARD):
-            self.filter.declare(chain)
+        frontends = [f for f in self.program.frontends if f.family == self.family]
+        for f in frontends:
+            self.dispatch(f)
+        # Chains are printed in the order they are declared: the dispatch trees follow
+        # their roots, before the fixed chains and the per-service chains.
+        self.filter.declare(n.SERVICES)
+        self.place(self.filter, n.SERVICES, self.filter_services, self.by_address)
+        self.filter.declare(n.FORWARD)
         for hook, rule in BUILTIN_HOOKS["filter"]:
             self.filter.add(hook, rule)
         fwd = comment("lbc forwarding rules")
@@ -136,7 +162,18 @@ class _FamilyRenderer:
         self.filter.add(n.FORWARD, f"{fwd} -m mark --mark {mark}/{mark} -j ACCEPT")
         self.filter.add(n.FORWARD, f"{fwd} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
 
-        for chain in (n.SERVICES, n.NODEPORTS, n.POSTROUTING, n.MARK_MASQ):
+        for chain in (n.SERVICES, n.NODEPORTS):
+            self.nat.declare(chain)
+        self.place(self.nat, n.SERVICES, self.nat_services, self.by_address)
+        # After the tree: a packet for a node address that no frontend rule took.
+        node_addresses = sorted({f.address for f in frontends if f.kind is Kind.NODE_PORT})
+        for address in node_addresses:
+            self.nat.add(
+                n.SERVICES,
+                f"-d {address}{self.host} {comment('lbc service nodeports')} -j {n.NODEPORTS}",
+            )
+        self.place(self.nat, n.NODEPORTS, self.nat_nodeports, self.by_port)
+        for chain in (n.POSTROUTING, n.MARK_MASQ):
             self.nat.declare(chain)
         for hook, rule in BUILTIN_HOOKS["nat"]:
             self.nat.add(hook, rule)
@@ -148,21 +185,27 @@ class _FamilyRenderer:
             f"{comment('lbc service traffic requiring SNAT')} -j MASQUERADE --random-fully",
         )
 
-        frontends = [f for f in self.program.frontends if f.family == self.family]
+        cluster_ips: dict[str, list[Frontend]] = {}
         for f in frontends:
-            self.dispatch(f)
-        node_addresses = sorted({f.address for f in frontends if f.kind is Kind.NODE_PORT})
-        for address in node_addresses:
-            self.nat.add(
-                n.SERVICES,
-                f"-d {address}{self.host} {comment('lbc service nodeports')} -j {n.NODEPORTS}",
-            )
+            if f.kind is Kind.CLUSTER_IP:
+                cluster_ips.setdefault(f.pool, []).append(f)
         for pool in self.program.pools:
             if pool.family == self.family:
-                self.pool_chain(pool, frontends)
+                self.pool_chain(pool, cluster_ips.get(pool.id, []))
         for f in frontends:
             self.external_chains(f)
-        return "\n".join([*self.filter.lines("filter"), *self.nat.lines("nat")]) + "\n"
+        return "\n".join([*self.filter.lines(), *self.nat.lines()]) + "\n"
+
+    def place(self, table: _Table, root: str, entries: list[Entry], space: KeySpace) -> None:
+        """Put a root chain's frontend rules in it, or in a tree of dispatch chains under it."""
+        label = f"ipv{self.family} {table.name} {root}"
+        tree = build(entries, space, label, self.split_above)
+        for chain, rules in tree.chains.items():
+            table.declare(chain)
+            for rule in rules:
+                table.add(chain, rule)
+        for rule in tree.rules:
+            table.add(root, rule)
 
     # --- frontends ------------------------------------------------------------------
     def match(self, f: Frontend, note: str) -> str:
@@ -183,17 +226,18 @@ class _FamilyRenderer:
         return self.fw_name(f) if f.source_ranges else chain
 
     def dispatch(self, f: Frontend) -> None:
+        """Gather the frontend's rules for the dispatch chains of both tables."""
         pool = self.pools[f.pool]
         what = comment(self.label(f))
         jump = self.target(f)
+        by_address = self.by_address.key(f.address, f.proto, f.port)
         if jump is not None:
+            rule = f"{self.match(f, what)} -j {jump}"
             if f.kind is Kind.NODE_PORT:
-                self.nat.add(
-                    n.NODEPORTS,
-                    f"{self.match(f, what)} -j {jump}",
-                )
+                # Every node address has the same node ports: they are keyed by port.
+                self.nat_nodeports.append(Entry(self.by_port.key(None, f.proto, f.port), rule))
             else:
-                self.nat.add(n.SERVICES, f"{self.match(f, what)} -j {jump}")
+                self.nat_services.append(Entry(by_address, rule))
         # Only packets that nothing DNATed still carry the frontend's address here.
         if not pool.active:
             verdict = (
@@ -206,13 +250,11 @@ class _FamilyRenderer:
             # With source ranges, only allowed sources learn that there is no endpoint.
             for cidr in f.source_ranges or ("",):
                 source = f"-s {cidr} " if cidr else ""
-                self.filter.add(n.SERVICES, f"{source}{self.match(f, note)} {verdict}")
+                rule = f"{source}{self.match(f, note)} {verdict}"
+                self.filter_services.append(Entry(by_address, rule))
         if f.source_ranges:
-            self.filter.add(
-                n.SERVICES,
-                self.match(f, comment(f"{f.service} traffic not accepted by {self.fw_name(f)}"))
-                + " -j DROP",
-            )
+            note = comment(f"{f.service} traffic not accepted by {self.fw_name(f)}")
+            self.filter_services.append(Entry(by_address, f"{self.match(f, note)} -j DROP"))
 
     # --- per-pool and per-endpoint chains ------------------------------------------
     def pool_name(self, pool: Pool) -> str:
@@ -224,15 +266,15 @@ class _FamilyRenderer:
     def fw_name(self, f: Frontend) -> str:
         return n.FW + digest(f"{f.service}/{f.proto}/{f.address}/{f.port}/firewall")
 
-    def pool_chain(self, pool: Pool, frontends: list[Frontend]) -> None:
+    def pool_chain(self, pool: Pool, cluster_ips: list[Frontend]) -> None:
+        """The pool's chain and its endpoints' chains; `cluster_ips` are the pool's frontends."""
         active = pool.active
         if not active:
             return
         name = self.pool_name(pool)
         self.nat.declare(name)
-        for f in frontends:
-            if f.kind is Kind.CLUSTER_IP and f.pool == pool.id:
-                self.cluster_masquerade(name, f)
+        for f in cluster_ips:
+            self.cluster_masquerade(name, f)
         what = pool.service
         if pool.affinity_timeout is not None:
             for b in active:
