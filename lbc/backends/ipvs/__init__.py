@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from lbc.backends.base import Artifact, Backend, Feature
 from lbc.backends.ipvs.ops import Operation
 from lbc.backends.ipvs.plan import NATIVE, UNWEIGHTED, operations
-from lbc.backends.ipvs.text import to_json, to_text
+from lbc.backends.ipvs.text import formats
 from lbc.errors import Unsupported, UnsupportedError
 from lbc.hookspecs import hookimpl
 from lbc.ir.names import hostport
@@ -67,8 +67,7 @@ class IpvsBackend(Backend):
     def render(self, program: Program) -> Artifact:
         """Operations, as canonical text ("text") and as a JSON list ("json")."""
         ops: tuple[Operation, ...] = operations(program)
-        formats = {"text": to_text(ops, program.node.name), "json": to_json(ops)}
-        return Artifact(self.name, formats, data=ops)
+        return Artifact(self.name, formats(ops, program.node.name), data=ops)
 
 
 def _ipvs_limits(backend: str, program: Program) -> Iterator[Unsupported]:

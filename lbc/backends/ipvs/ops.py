@@ -8,7 +8,7 @@ rendering never imports pyroute2.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from lbc.ir.names import hostport
@@ -199,5 +199,17 @@ class LoadRules:
 Operation = EnsureDummy | AddAddress | AddService | AddDestination | SetSysctl | LoadRules
 
 
+# Field names of each operation, for `_json`: every field is a str, int, None or Proto,
+# so the dict needs no deep copy (what `dataclasses.asdict` would make).
+_FIELDS = {
+    cls: tuple(f.name for f in fields(cls))
+    for cls in (EnsureDummy, AddAddress, AddService, AddDestination, SetSysctl, LoadRules)
+}
+
+
 def _json(op: Operation) -> dict[str, Any]:
-    return {"op": op.op, **asdict(op), "command": op.describe()}
+    out: dict[str, Any] = {"op": op.op}
+    for name in _FIELDS[type(op)]:
+        out[name] = getattr(op, name)
+    out["command"] = op.describe()
+    return out
