@@ -190,15 +190,23 @@ def _ports(at: Path, svc: Service) -> Iterator[Found]:
 
 def _endpoints(at: Path, svc: Service) -> Iterator[Found]:
     families = sorted({ip.version for ip in svc.cluster_ips})
-    seen: dict[IP, int] = {}
+    # Keyed by the packed address: equal exactly when the addresses are, and hashed in
+    # C (an address object hashes in Python). Key paths are made only for a problem.
+    seen: dict[bytes, int] = {}
     for j, ep in enumerate(svc.endpoints):
-        where = (*at, "endpoints", j, "ip")
-        if ep.ip.version not in families:
+        ip = ep.ip
+        if ip.version not in families:
             have = " and ".join(f"IPv{v}" for v in families)
-            yield (where, f"endpoint {ep.ip} is IPv{ep.ip.version} but the service is {have} only")
-        if ep.ip in seen:
-            yield (where, f"duplicate endpoint {ep.ip} (also endpoints[{seen[ep.ip]}])")
-        seen.setdefault(ep.ip, j)
+            yield (
+                (*at, "endpoints", j, "ip"),
+                f"endpoint {ip} is IPv{ip.version} but the service is {have} only",
+            )
+        first = seen.setdefault(ip.packed, j)
+        if first != j:
+            yield (
+                (*at, "endpoints", j, "ip"),
+                f"duplicate endpoint {ip} (also endpoints[{first}])",
+            )
 
 
 def _against_node(at: Path, svc: Service, node: Node) -> Iterator[Found]:

@@ -18,6 +18,7 @@ from lbc.compiler import model
 from lbc.compiler.checks import Found, check
 from lbc.compiler.locate import Path, format_path, key_lines, line_of
 from lbc.compiler.model import Cluster, Node, Service, quote
+from lbc.compiler.prevalidate import prevalidate
 from lbc.errors import ConfigError, Problem
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -37,13 +38,16 @@ def loads(text: str, filename: str = "<string>") -> Cluster:
     except tomli.TOMLDecodeError as exc:
         raise ConfigError([_toml_problem(exc, filename)]) from None
     try:
-        cluster = Cluster.model_validate(data)
-    except ValidationError as exc:
-        # Report the schema errors together with what the semantic checks find in
-        # the parts that are valid, so that one run shows every problem.
-        found, unknown = _schema_problems(exc, data)
-        found += check(*_valid_parts(_without(data, unknown)))
-        raise _config_error(text, filename, found) from None
+        cluster = Cluster.model_validate(prevalidate(data))
+    except ValidationError:
+        try:  # again on the data as written, so that every error is pydantic's own
+            cluster = Cluster.model_validate(data)
+        except ValidationError as exc:
+            # Report the schema errors together with what the semantic checks find in
+            # the parts that are valid, so that one run shows every problem.
+            found, unknown = _schema_problems(exc, data)
+            found += check(*_valid_parts(_without(data, unknown)))
+            raise _config_error(text, filename, found) from None
     found = check(cluster.node, list(enumerate(cluster.services)))
     if found:
         raise _config_error(text, filename, found)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -40,6 +41,12 @@ def _address(value: object) -> object:
         return value
     if not isinstance(value, str):
         raise _wrong_type("an IP address string")
+    try:
+        # A dotted quad, parsed in C (ip_address parses it in Python, octet by octet);
+        # whatever inet_pton refuses goes through ip_address, which has the last word.
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+    except (OSError, ValueError):
+        pass
     try:
         return ipaddress.ip_address(value)
     except ValueError:
