@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from operator import itemgetter
 
-from lbc.compiler.model import Cluster, Endpoint, Service, ServicePort
+from lbc.compiler.model import Cluster, Service, ServicePort
 from lbc.ir.names import digest, service_port_name
 from lbc.ir.nodes import (
     Backend,
@@ -33,6 +33,7 @@ _KIND_ORDER = {k: n for n, k in enumerate(Kind)}
 _PROTOS = {p.value: p for p in Proto}
 _SCHEDULERS = {s.value: s for s in Scheduler}
 _FrontendKey = tuple[int, int, int, str, int]
+_ntoa = socket.inet_ntoa
 
 
 def lower(cluster: Cluster) -> Program:
@@ -66,22 +67,43 @@ def lower(cluster: Cluster) -> Program:
     )
 
 
+# What a backend needs of an endpoint: its address as text, weight, whether it runs
+# on this node, whether it is terminating.
+_Pick = tuple[str, int, bool, bool]
+
+
 @dataclass(frozen=True, slots=True)
 class _Chosen:
     """The usable endpoints of a service in one family, cluster-wide and on this node."""
 
-    everywhere: list[tuple[Endpoint, str]]  # with each endpoint's address as text
-    local: list[tuple[Endpoint, str]]
+    everywhere: list[_Pick]
+    local: list[_Pick]
 
     @staticmethod
     def of(svc: Service, family: int, node: str) -> _Chosen:
-        """Endpoints of `family` in address order, then kube-proxy's readiness rule."""
-        endpoints = sorted((e for e in svc.endpoints if e.ip.version == family), key=_ep_int)
-        with_text = [(e, _ip_text(e.ip)) for e in endpoints]
-        return _Chosen(
-            everywhere=_usable(with_text),
-            local=_usable([pair for pair in with_text if pair[0].node == node]),
-        )
+        """Endpoints of `family` in address order, then kube-proxy's readiness rule:
+        the ready ones; when there are none, the serving terminating ones."""
+        numbered = [(int(e.ip), e) for e in svc.endpoints if e.ip.version == family]
+        numbered.sort(key=itemgetter(0))  # stable; addresses are unique (checked)
+        ready: list[_Pick] = []
+        serving: list[_Pick] = []
+        local_ready: list[_Pick] = []
+        local_serving: list[_Pick] = []
+        for number, e in numbered:
+            terminating = e.terminating
+            if e.ready and not terminating:
+                usable, usable_here = ready, local_ready
+            elif terminating and (e.ready if e.serving is None else e.serving):
+                usable, usable_here = serving, local_serving
+            else:
+                continue
+            address = _ntoa(number.to_bytes(4, "big")) if family == 4 else str(e.ip)
+            local = e.node == node
+            pick = (address, e.weight, local, terminating)
+            usable.append(pick)
+            if local:
+                usable_here.append(pick)
+        return _Chosen(everywhere=ready or serving, local=local_ready or local_serving)
 
 
 def _lower_port(
@@ -102,20 +124,19 @@ def _lower_port(
     # A backend's id is the digest of "spn/proto/ip:port" (brackets around IPv6).
     id_prefix = f"{spn}/{proto}/"
     open_bracket, port_suffix = ("[", f"]:{target}") if family == 6 else ("", f":{target}")
-    here = node.name
 
-    def backends(selected: list[tuple[Endpoint, str]]) -> tuple[Backend, ...]:
+    def backends(selected: list[_Pick]) -> tuple[Backend, ...]:
         return tuple(
             [
                 Backend(
-                    id=digest(id_prefix + open_bracket + address + port_suffix),
-                    address=address,
-                    port=target,
-                    weight=e.weight,
-                    local=e.node == here,
-                    terminating=e.terminating,
+                    digest(f"{id_prefix}{open_bracket}{address}{port_suffix}"),
+                    address,
+                    target,
+                    weight,
+                    local,
+                    terminating,
                 )
-                for e, address in selected
+                for address, weight, local, terminating in selected
             ]
         )
 
@@ -206,27 +227,11 @@ def _lower_port(
         )
 
 
-def _usable(endpoints: list[tuple[Endpoint, str]]) -> list[tuple[Endpoint, str]]:
-    """Ready endpoints; when there are none, serving terminating ones (kube-proxy's rule)."""
-    ready = [pair for pair in endpoints if pair[0].ready and not pair[0].terminating]
-    if ready:
-        return ready
-    return [
-        (e, address)
-        for e, address in endpoints
-        if e.terminating and (e.ready if e.serving is None else e.serving)
-    ]
-
-
 def _ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """`str(ip)`; IPv4 through inet_ntoa, which is the same text twice as fast."""
     if ip.version == 4:
         return socket.inet_ntoa(int(ip).to_bytes(4, "big"))
     return str(ip)
-
-
-def _ep_int(ep: Endpoint) -> int:
-    return int(ep.ip)
 
 
 def _ip_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:

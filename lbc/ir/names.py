@@ -17,17 +17,11 @@ def digest(text: str, length: int = 16) -> str:
         # Sixteen characters are the first 80 bits, two characters per 10 bits: the
         # same text as base64.b32encode, without its per-call work (lowering makes
         # one id per endpoint and service port).
-        hi, lo = int.from_bytes(raw[:5]), int.from_bytes(raw[5:10])
-        pairs = _PAIRS
+        n = int.from_bytes(raw[:10])
+        p = _PAIRS
         return (
-            pairs[hi >> 30]
-            + pairs[(hi >> 20) & 1023]
-            + pairs[(hi >> 10) & 1023]
-            + pairs[hi & 1023]
-            + pairs[lo >> 30]
-            + pairs[(lo >> 20) & 1023]
-            + pairs[(lo >> 10) & 1023]
-            + pairs[lo & 1023]
+            f"{p[n >> 70]}{p[(n >> 60) & 1023]}{p[(n >> 50) & 1023]}{p[(n >> 40) & 1023]}"
+            f"{p[(n >> 30) & 1023]}{p[(n >> 20) & 1023]}{p[(n >> 10) & 1023]}{p[n & 1023]}"
         )
     # Base32 turns each 5 bytes into 8 characters on its own: encoding only the bytes
     # the first `length` characters come from gives the same characters.

@@ -84,7 +84,11 @@ class Pool:
     @property
     def active(self) -> tuple[Backend, ...]:
         """Backends that receive new connections (weight above zero)."""
-        return tuple(b for b in self.backends if b.weight > 0)
+        backends = self.backends
+        for b in backends:
+            if b.weight <= 0:
+                return tuple([b for b in backends if b.weight > 0])
+        return backends  # the usual case: every backend, without a copy
 
 
 @dataclass(frozen=True, slots=True)
