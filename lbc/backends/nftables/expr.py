@@ -8,7 +8,7 @@ ruleset and cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 Json: TypeAlias = Any
 
@@ -21,9 +21,12 @@ class Value:
     hex: bool = False  # marks read best in hex in text; JSON always takes the number
 
     def text(self) -> str:
-        if self.hex and isinstance(self.literal, int):
-            return f"0x{self.literal:08x}"  # as `nft list` prints marks
-        return str(self.literal)
+        literal = self.literal
+        if type(literal) is str:
+            return literal
+        if self.hex:
+            return f"0x{literal:08x}"  # as `nft list` prints marks
+        return str(literal)
 
     def json(self) -> Json:
         return self.literal
@@ -132,7 +135,7 @@ class Concat:
     items: tuple[Expr, ...]
 
     def text(self) -> str:
-        return " . ".join(i.text() for i in self.items)
+        return " . ".join([i.text() for i in self.items])
 
     def json(self) -> Json:
         return {"concat": [i.json() for i in self.items]}
@@ -163,9 +166,10 @@ class Match:
     op: str = "=="
 
     def text(self) -> str:
-        if self.op in ("==", "in"):
+        op = self.op
+        if op == "==" or op == "in":
             return f"{self.left.text()} {self.right.text()}"
-        return f"{self.left.text()} {self.op} {self.right.text()}"
+        return f"{self.left.text()} {op} {self.right.text()}"
 
     def json(self) -> Json:
         return {"match": {"op": self.op, "left": self.left.json(), "right": self.right.json()}}
@@ -284,7 +288,7 @@ class Rule:
     comment: str | None = None
 
     def text(self) -> str:
-        body = " ".join(s.text() for s in self.statements)
+        body = " ".join([s.text() for s in self.statements])
         return f'{body} comment "{self.comment}"' if self.comment else body
 
     def json(self) -> list[Json]:
@@ -337,6 +341,19 @@ class Chain:
     base: BaseHook | None = None
 
 
+class AnyChain(Protocol):
+    """What printers read of a chain: a `Chain`, or one whose rules are made on demand."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def rules(self) -> tuple[Rule, ...]: ...
+
+    @property
+    def base(self) -> BaseHook | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Ruleset:
     """lbc's whole table: sets and maps, then chains, in canonical order."""
@@ -344,4 +361,4 @@ class Ruleset:
     family: str
     table: str
     sets: tuple[NamedSet, ...]
-    chains: tuple[Chain, ...]
+    chains: tuple[AnyChain, ...]

@@ -84,7 +84,28 @@ def endpoint_readable(service: str, proto: str, address: str, port: int) -> str:
 
 def object_name(prefix: str, content_id: str, readable_part: str) -> str:
     """`<prefix><HASH8>-<readable>`, reduced to identifier characters and the length limit."""
-    head = f"{prefix}{content_id[:HASH_LENGTH]}-"
-    # IPv6 colons become dots; anything else outside nft's identifier alphabet, '_'.
-    tail = _NOT_IN_IDENTIFIER.sub("_", readable_part.replace(":", "."))
-    return (head + tail)[:MAX_NAME]
+    return f"{prefix}{content_id[:HASH_LENGTH]}-{identifier(readable_part)}"[:MAX_NAME]
+
+
+def identifier(text: str) -> str:
+    """`text` in nft's identifier alphabet: IPv6 colons become dots, anything else '_'.
+
+    Character by character, so the parts of a name can be reduced apart and joined.
+    """
+    return _NOT_IN_IDENTIFIER.sub("_", text.replace(":", "."))
+
+
+class EndpointNames:
+    """The names of one pool's endpoint (or affinity) objects: `object_name` of
+    `endpoint_readable`, with the pool's part of the name reduced once."""
+
+    def __init__(self, prefix: str, service: str, proto: str) -> None:
+        self.prefix = prefix
+        self.service_part = identifier(readable(service, proto))
+
+    def name(self, content_id: str, address: str, port: int) -> str:
+        """The name of the object of the backend `content_id` at `address:port`."""
+        # A dotted quad is in the identifier alphabet already.
+        where = address if "." in address and ":" not in address else identifier(address)
+        head = f"{self.prefix}{content_id[:HASH_LENGTH]}-{self.service_part}__{where}/{port}"
+        return head[:MAX_NAME]

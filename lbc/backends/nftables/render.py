@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import (
+    AnyChain,
     BaseHook,
     BinOp,
     Chain,
@@ -72,6 +73,8 @@ _L4PROTO = Meta("l4proto")
 _DPORT = Payload("th", "dport")
 _MARK = Meta("mark")
 _NEW = Match(Ct("state"), Value("new"), op="in")
+# Expressions are immutable: one instance of each serves every rule that uses it.
+_SADDR = {4: Payload("ip", "saddr"), 6: Payload("ip6", "saddr")}
 
 
 def ip_proto(family: int) -> str:
@@ -99,6 +102,62 @@ def shares(weights: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+# Pool and endpoint chains are kept as the facts they are made of, and their rules are
+# made when read: at 100k endpoints the ruleset then holds one small object per chain
+# rather than a dozen per endpoint (rules, matches, values) that the garbage collector
+# would walk again and again while the ruleset grows.
+
+
+@dataclass(frozen=True, slots=True)
+class PoolChain:
+    """A pool's chain: cluster-IP masquerade marks, affinity, then the weighted choice."""
+
+    name: str
+    family: int
+    head: tuple[Rule, ...]  # the masquerade marks of the pool's cluster-IP frontends
+    endpoints: tuple[str, ...]  # the chains of the active backends, in order
+    weights: tuple[int, ...]
+    affinity: tuple[str, ...] | None  # their affinity sets, if the pool has affinity
+    base: None = None
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """Known clients to their backend; then `numgen` chances, the last one certain."""
+        rules = list(self.head)
+        if self.affinity is not None:
+            saddr = _SADDR[self.family]
+            for set_name, chain in zip(self.affinity, self.endpoints, strict=True):
+                rules.append(Rule((Match(saddr, SetRef(set_name)), Verdict("goto", chain))))
+        for chain, (k, m) in zip(self.endpoints, shares(list(self.weights)), strict=False):
+            rules.append(Rule((Match(Numgen(m), Value(k), op="<"), Verdict("goto", chain))))
+        rules.append(Rule((Verdict("goto", self.endpoints[-1]),)))
+        return tuple(rules)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointChain:
+    """One backend's chain: mark hairpin traffic, note the client (affinity), DNAT."""
+
+    name: str
+    backend: Backend
+    family: int
+    proto: Match  # `meta l4proto tcp`, shared
+    set_mark: Mangle  # shared
+    affinity: str | None  # the backend's affinity set, if its pool has affinity
+    base: None = None
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules, made anew."""
+        b = self.backend
+        saddr = _SADDR[self.family]
+        hairpin = Rule((Match(saddr, Value(b.address)), self.set_mark))
+        dnat = Rule((self.proto, Dnat(ip_proto(self.family), b.address, b.port)))
+        if self.affinity is None:
+            return (hairpin, dnat)
+        return (hairpin, Rule((SetUpdate(self.affinity, saddr),)), dnat)
+
+
 def build(program: Program) -> Ruleset:
     """The whole `inet lbc` table for `program`."""
     return _Builder(program).build()
@@ -124,10 +183,14 @@ class _Builder:
         self.mark = Value(program.node.masquerade_mark, hex=True)
         # Statements are immutable: one instance serves every rule (fewer objects to make).
         self.set_mark = Mangle(_MARK, BinOp("|", _MARK, self.mark))
-        self.chains: dict[str, list[Rule]] = {}
+        self.chains: dict[str, list[Rule] | PoolChain | EndpointChain] = {}
         self.sets = _Sets()
         self.affinity: list[NamedSet] = []
         self.cluster_ips: dict[str, list[Frontend]] = {}  # pool id -> its cluster-IP frontends
+        # Shared, made on first use: the transport match of endpoint chains by protocol,
+        # the pod CIDR by family.
+        self.protos: dict[str, Match] = {}
+        self.pod_cidrs: dict[int, Prefix | None] = {}
         for f in program.frontends:
             if f.kind is Kind.CLUSTER_IP:
                 self.cluster_ips.setdefault(f.pool, []).append(f)
@@ -145,7 +208,10 @@ class _Builder:
         for f in self.program.frontends:
             self.external_chain(f)
         shared = self.shared_chains(families)
-        per_service = [Chain(name, tuple(rules)) for name, rules in self.chains.items()]
+        per_service = [
+            Chain(name, tuple(rules)) if isinstance(rules, list) else rules
+            for name, rules in self.chains.items()
+        ]
         return Ruleset(
             family=n.FAMILY,
             table=n.TABLE,
@@ -156,9 +222,9 @@ class _Builder:
     def mark_for_masquerade(self, *matches: Statement, comment: str | None = None) -> Rule:
         return Rule((*matches, self.set_mark), comment)
 
-    def shared_chains(self, families: tuple[int, ...]) -> list[Chain]:
+    def shared_chains(self, families: tuple[int, ...]) -> list[AnyChain]:
         """Base chains and the chains every service shares; only the parts in use."""
-        chains: list[Chain] = []
+        chains: list[AnyChain] = []
 
         def base(name: str, *rules: Rule) -> None:
             chains.append(Chain(name, rules, BaseHook(*n.BASE_CHAINS[name])))
@@ -389,13 +455,11 @@ class _Builder:
         prefix = n.LOCAL if pool.local_only else n.SERVICE
         return n.object_name(prefix, pool.id, n.readable(pool.service, pool.proto))
 
-    def endpoint_name(self, pool: Pool, b: Backend) -> str:
-        part = n.endpoint_readable(pool.service, pool.proto, b.address, b.port)
-        return n.object_name(n.ENDPOINT, b.id, part)
+    def endpoint_names(self, pool: Pool) -> n.EndpointNames:
+        return n.EndpointNames(n.ENDPOINT, pool.service, pool.proto)
 
-    def affinity_name(self, pool: Pool, b: Backend) -> str:
-        part = n.endpoint_readable(pool.service, pool.proto, b.address, b.port)
-        return n.object_name(n.AFFINITY, b.id, part)
+    def affinity_names(self, pool: Pool) -> n.EndpointNames:
+        return n.EndpointNames(n.AFFINITY, pool.service, pool.proto)
 
     def external_name(self, f: Frontend) -> str:
         content = digest(f"{f.pool}/{f.masquerade}/{f.internal_pool}")
@@ -405,38 +469,27 @@ class _Builder:
         active = pool.active
         if not active:
             return
-        family = ip_proto(pool.family)
-        rules: list[Rule] = []
+        head: list[Rule] = []
         for f in self.cluster_ips.get(pool.id, []):
-            rules += self.cluster_masquerade(f)
-        saddr = Payload(family, "saddr")
+            head += self.cluster_masquerade(f)
+        endpoints = self.endpoint_names(pool)
+        names = tuple([endpoints.name(b.id, b.address, b.port) for b in active])
+        sets: tuple[str, ...] | None = None
         if pool.affinity_timeout is not None:
-            for b in active:
-                rules.append(
-                    Rule(
-                        (
-                            Match(saddr, SetRef(self.affinity_name(pool, b))),
-                            Verdict("goto", self.endpoint_name(pool, b)),
-                        )
-                    )
-                )
-        for b, (k, m) in zip(active, shares([b.weight for b in active]), strict=False):
-            chance = Match(Numgen(m), Value(k), op="<")
-            rules.append(Rule((chance, Verdict("goto", self.endpoint_name(pool, b)))))
-        rules.append(Rule((Verdict("goto", self.endpoint_name(pool, active[-1])),)))
-        self.chains[self.pool_name(pool)] = rules
-        for b in active:
-            self.endpoint_chain(pool, b)
+            affinity = self.affinity_names(pool)
+            sets = tuple([affinity.name(b.id, b.address, b.port) for b in active])
+        name = self.pool_name(pool)
+        weights = tuple([b.weight for b in active])
+        self.chains[name] = PoolChain(name, pool.family, tuple(head), names, weights, sets)
+        for i, b in enumerate(active):
+            if names[i] not in self.chains:  # the same backend in a service's two pools
+                affinity_set = None if sets is None else sets[i]
+                self.chains[names[i]] = self.endpoint_chain(pool, b, names[i], affinity_set)
 
-    def endpoint_chain(self, pool: Pool, b: Backend) -> None:
-        name = self.endpoint_name(pool, b)
-        if name in self.chains:
-            return  # the same backend in a service's cluster and local pools
-        family = ip_proto(pool.family)
-        saddr = Payload(family, "saddr")
-        rules = [self.mark_for_masquerade(Match(saddr, Value(b.address)))]
-        if pool.affinity_timeout is not None:
-            affinity = self.affinity_name(pool, b)
+    def endpoint_chain(
+        self, pool: Pool, b: Backend, name: str, affinity: str | None
+    ) -> EndpointChain:
+        if affinity is not None:
             self.affinity.append(
                 NamedSet(
                     affinity,
@@ -445,9 +498,10 @@ class _Builder:
                     timeout=pool.affinity_timeout,
                 )
             )
-            rules.append(Rule((SetUpdate(affinity, saddr),)))
-        rules.append(Rule((Match(_L4PROTO, Value(pool.proto)), Dnat(family, b.address, b.port))))
-        self.chains[name] = rules
+        proto = self.protos.get(pool.proto)
+        if proto is None:
+            proto = self.protos[pool.proto] = Match(_L4PROTO, Value(pool.proto))
+        return EndpointChain(name, b, pool.family, proto, self.set_mark, affinity)
 
     def cluster_masquerade(self, f: Frontend) -> list[Rule]:
         """Mark a cluster-IP frontend's traffic for masquerade, as its policy says."""
@@ -463,10 +517,17 @@ class _Builder:
         """The matches that select the packets to mark, or None for no marking at all."""
         if f.masquerade is Masq.ALWAYS:
             return ()
-        pod_cidr = self.program.node.pod_cidr(f.family)
+        pod_cidr = self.pod_cidr(f.family)
         if f.masquerade is Masq.OFF_CLUSTER and pod_cidr:
-            return (Match(Payload(ip_proto(f.family), "saddr"), _prefix(pod_cidr), op="!="),)
+            return (Match(_SADDR[f.family], pod_cidr, op="!="),)
         return None
+
+    def pod_cidr(self, family: int) -> Prefix | None:
+        """The node's pod CIDR of `family` as a prefix, if it has one."""
+        if family not in self.pod_cidrs:
+            cidr = self.program.node.pod_cidr(family)
+            self.pod_cidrs[family] = _prefix(cidr) if cidr else None
+        return self.pod_cidrs[family]
 
     def external_chain(self, f: Frontend) -> None:
         if f.kind is Kind.CLUSTER_IP or self.target(f) is None:
@@ -480,12 +541,12 @@ class _Builder:
         internal = self.pools[f.internal_pool] if f.internal_pool else None
         if internal is not None and internal.active:
             to_internal = Verdict("goto", self.pool_name(internal))
-            pod_cidr = self.program.node.pod_cidr(f.family)
+            pod_cidr = self.pod_cidr(f.family)
             local = Match(Fib("saddr", "type"), Value("local"))
             if pod_cidr:
                 rules.append(
                     Rule(
-                        (Match(Payload(family, "saddr"), _prefix(pod_cidr)), to_internal),
+                        (Match(Payload(family, "saddr"), pod_cidr), to_internal),
                         "pods reach external addresses through the cluster pool",
                     )
                 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from lbc.backends.nftables.expr import Chain, NamedSet, Ruleset
+from lbc.backends.nftables.expr import AnyChain, NamedSet, Ruleset
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 DYNAMIC_SET_SIZE = 65535
@@ -23,11 +23,19 @@ def to_text(ruleset: Ruleset, node: str) -> str:
         f"delete table {table}",
         f"table {table} {{",
     ]
-    blocks = [_set(s) for s in ruleset.sets] + [_chain(c) for c in ruleset.chains]
-    for i, block in enumerate(blocks):
-        if i:
+    # Blocks go straight into `out`, a blank line between two: a list per block would
+    # be 100k more objects alive at once for the garbage collector to walk.
+    first = True
+    for s in ruleset.sets:
+        if not first:
             out.append("")
-        out += block
+        first = False
+        _set(s, out)
+    for c in ruleset.chains:
+        if not first:
+            out.append("")
+        first = False
+        _chain(c, out)
     out.append("}")
     return "\n".join(out) + "\n"
 
@@ -42,9 +50,9 @@ def duration(seconds: int) -> str:
     return "".join(out) or "0s"
 
 
-def _set(s: NamedSet) -> list[str]:
+def _set(s: NamedSet, out: list[str]) -> None:
     key = " . ".join(s.key_types)
-    out = [f"\t{'map' if s.is_map else 'set'} {s.name} {{"]
+    out.append(f"\t{'map' if s.is_map else 'set'} {s.name} {{")
     out.append(f"\t\ttype {key} : verdict" if s.is_map else f"\t\ttype {key}")
     if "dynamic" in s.flags:
         out.append(f"\t\tsize {DYNAMIC_SET_SIZE}")  # nft's default, which it lists
@@ -57,14 +65,12 @@ def _set(s: NamedSet) -> list[str]:
         out += [f"\t\t\t{e.text()}," for e in s.elements]
         out.append("\t\t}")
     out.append("\t}")
-    return out
 
 
-def _chain(c: Chain) -> list[str]:
-    out = [f"\tchain {c.name} {{"]
+def _chain(c: AnyChain, out: list[str]) -> None:
+    out.append(f"\tchain {c.name} {{")
     if c.base is not None:
         b = c.base
         out.append(f"\t\ttype {b.type} hook {b.hook} priority {b.priority_text}; policy accept;")
     out += [f"\t\t{r.text()}" for r in c.rules]
     out.append("\t}")
-    return out
