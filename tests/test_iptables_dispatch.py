@@ -254,8 +254,9 @@ def test_the_tree_holds_each_flat_rule_exactly_once(endpoints: int) -> None:
 
 
 def test_no_chain_holds_more_than_the_threshold() -> None:
-    """Branch chains have at most 16 children; leaves at most SPLIT_ABOVE rules (one key
-    aside); the nat root adds only its node-address jumps."""
+    """Every dispatch chain holds at most SPLIT_ABOVE rules, branches and frontend rules
+    together (only rules sharing one key could exceed it, and these configs have none);
+    the nat root holds the node-address jumps on top."""
     for rendered in (big(1), big(0), *mixed().values()):
         for key, rules in dispatch_chains(rendered.tree).items():
             branches = [r for r in rules if f"-j {n.DSP}" in r]
