@@ -22,6 +22,7 @@ import pytest
 
 import lbc
 from lbc.backends.ipvs import netlink
+from lbc.backends.ipvs.kernel import IpvsKernel
 from lbc.backends.ipvs.ops import AddService
 from lbc.backends.ipvs.text import canonical_save, sections
 from lbc.ir.nodes import Proto
@@ -119,9 +120,16 @@ def test_the_kernel_holds_what_the_golden_file_says(case: str, netns: Namespaces
         "link set node0 up",
         *(f"addr add {a}/{128 if ':' in a else 32} dev node0" for a in program.node.addresses),
     )
-    ops = tuple(lbc.compile(program, backend="ipvs").data)
+    artifact = lbc.compile(program, backend="ipvs")
+    ops = tuple(artifact.data)
     netlink.execute(ops, netns=node)
     golden = sections((GOLDEN / case / "ipvs.txt").read_text())
+
+    # The apply adapter reads back exactly the state the artifact means: services and
+    # real servers (node ports owned through the helper table), addresses, the
+    # helper table as nft lists it, and the sysctl.
+    adapter = IpvsKernel(node)
+    assert adapter.snapshot() == adapter.desired(artifact)
 
     save = run("ip", "netns", "exec", node, "ipvsadm", "-S", "-n")
     assert canonical_save(save) == golden["ipvs"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from lbc.backends.base import Artifact, Backend, Feature
 from lbc.backends.ipvs.ops import Operation
@@ -42,6 +43,9 @@ from lbc.errors import Unsupported, UnsupportedError
 from lbc.hookspecs import hookimpl
 from lbc.ir.names import hostport
 from lbc.ir.nodes import Program, Scheduler
+
+if TYPE_CHECKING:
+    from lbc.backends.ipvs.kernel import IpvsKernel
 
 
 class IpvsBackend(Backend):
@@ -68,6 +72,12 @@ class IpvsBackend(Backend):
         """Operations, as canonical text ("text") and as a JSON list ("json")."""
         ops: tuple[Operation, ...] = operations(program)
         return Artifact(self.name, formats(ops, program.node.name), data=ops)
+
+    def kernel(self, netns: str | None = None) -> IpvsKernel:
+        """The pyroute2 + libnftables adapter (imported only when applying)."""
+        from lbc.backends.ipvs.kernel import IpvsKernel
+
+        return IpvsKernel(netns)
 
 
 def _ipvs_limits(backend: str, program: Program) -> Iterator[Unsupported]:
