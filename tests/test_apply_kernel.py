@@ -187,10 +187,13 @@ def test_iptables_rules_of_other_tools_survive_apply_reapply_and_delete(
 
 
 def _failing_last(command: str) -> Callable[[Sequence[str], str | None], str]:
-    """A runner whose `command` restore gets one invalid rule appended before its COMMIT."""
+    """A runner whose first `command` restore gets one invalid rule appended before its
+    last COMMIT: the document's earlier tables commit, its last one fails."""
+    failed = []
 
     def run(argv: Sequence[str], stdin: str | None = None) -> str:
-        if stdin and command in argv:
+        if stdin and command in argv and not failed:
+            failed.append(argv)
             head, _, _ = stdin.rstrip("\n").rpartition("COMMIT")
             stdin = head + "-A LBC-SERVICES -j LBC-DOES-NOT-EXIST\nCOMMIT\n"
         return run_command(argv, stdin)

@@ -142,12 +142,20 @@ def packet_for(rule: Rule, source: str) -> Packet:
 
 def is_dispatch(chain: str) -> bool:
     """A root dispatch chain or a chain of a tree under one."""
-    return chain in (n.SERVICES, n.NODEPORTS) or chain.startswith(n.DSP)
+    return chain in (n.SERVICES, n.NODEPORTS, n.CLUSTER_IPS) or chain.startswith(n.DSP)
+
+
+UNKNOWN_PORT = "no service uses this port of the cluster IP"  # the catch-all REJECTs
 
 
 def is_frontend(rule: str) -> bool:
-    """A frontend's own rule, not a branch rule or a node-address jump."""
-    return f"-j {n.DSP}" not in rule and f"-j {n.NODEPORTS}" not in rule
+    """A frontend's own rule, not a branch rule, a node-address jump or a catch-all."""
+    return (
+        f"-j {n.DSP}" not in rule
+        and f"-j {n.NODEPORTS}" not in rule
+        and f"-j {n.CLUSTER_IPS}" not in rule
+        and UNKNOWN_PORT not in rule
+    )
 
 
 def frontend_rules(table: Chains) -> list[Rule]:
@@ -243,11 +251,15 @@ def test_the_tree_holds_each_flat_rule_exactly_once(endpoints: int) -> None:
         outside = [c for c in tree if not c.startswith(n.DSP)]
         assert outside == list(flat)
         for chain in outside:
-            if chain not in (n.SERVICES, n.NODEPORTS):
+            if chain not in (n.SERVICES, n.NODEPORTS, n.CLUSTER_IPS):
                 assert tree[chain] == flat[chain], chain
         in_tree = Counter(r.text for r in frontend_rules(tree))
         assert in_tree == Counter(r.text for r in frontend_rules(flat)), name
         assert all(count == 1 for count in in_tree.values()), name
+        catch_all_tree = Counter(r for c, rules in tree.items() for r in rules if UNKNOWN_PORT in r)
+        catch_all_flat = Counter(r for c, rules in flat.items() for r in rules if UNKNOWN_PORT in r)
+        assert catch_all_tree == catch_all_flat, name
+        assert name == "nat" or len(catch_all_flat) >= BIG, name
         # The node-address jumps stay in the nat root, after the tree.
         jumps = [r for r in flat[n.SERVICES] if f"-j {n.NODEPORTS}" in r]
         assert tree[n.SERVICES][len(tree[n.SERVICES]) - len(jumps) :] == jumps
@@ -420,6 +432,12 @@ def test_a_new_service_changes_only_its_leaf_or_splits_it() -> None:
         before = states(before_config)
         after = states(before_config + "\n" + service("new-one", free[0]))
         touched = changed(before, after)
+        # The new cluster IP's catch-all REJECT joins the tree under LBC-CLUSTER-IPS.
+        catch_all = {k for k in touched if k.startswith("ipv4 filter ")}
+        assert catch_all and all(
+            UNKNOWN_PORT in rule or f"-j {n.DSP}" in rule for k in catch_all for rule in after[k]
+        ), catch_all
+        touched -= catch_all
         own = {k for k in touched if k.split()[2].startswith((n.SVC, n.SEP))}
         assert len(own) == 2, own  # the new service's pool chain and endpoint chain
         assert all(k.startswith("ipv4 nat ") for k in touched), touched

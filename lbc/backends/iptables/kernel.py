@@ -106,20 +106,22 @@ class IptablesKernel:
     def commit(self, live: State, desired: State, plan: Plan) -> None:
         """Write the plan: restore, then jumps, then chain deletions; undo on a late failure.
 
-        The first restore (every added or changed chain written whole, every chain to
-        remove emptied) is atomic, so a failure there changes nothing. If a later step
-        fails, the previous state is written back before the error is raised.
+        A restore is atomic per table, not across the tables of one document: when a
+        table or a later step fails after something was written, the previous state is
+        written back before the error is raised.
         """
         touched = {c.key for c in plan.changes}
         if plan.full:
             touched |= {k for k in desired.objects if not k.endswith(" jumps")}
-        self._restore(desired, touched, delete=False)
         try:
+            self._restore(desired, touched, delete=False)
             self._jumps(live, desired, touched)
             self._restore(desired, touched, delete=True)
         except ApplyError as exc:
+            now = self.snapshot()
+            if now == live:
+                raise  # the step that failed was the first write: nothing changed
             try:
-                now = self.snapshot()
                 back = {c.key for c in plan_between("iptables", now, live).changes}
                 self._restore(live, back, delete=False)
                 self._jumps(now, live, back)

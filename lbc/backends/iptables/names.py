@@ -6,6 +6,7 @@ NODEPORTS = "LBC-NODEPORTS"
 POSTROUTING = "LBC-POSTROUTING"
 MARK_MASQ = "LBC-MARK-MASQ"
 FORWARD = "LBC-FORWARD"
+CLUSTER_IPS = "LBC-CLUSTER-IPS"  # filter: refuse what reaches a cluster IP undiverted
 
 SVC = "LBC-SVC-"  # the cluster-wide pool of a service port
 SVL = "LBC-SVL-"  # its local-endpoints pool (traffic policy Local)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from lbc.backends.iptables import names as n
 from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry, KeySpace, build
 from lbc.ir.names import digest, hostport
-from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program
+from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program, Proto
 
 STATISTIC_STEPS = 1 << 31  # the kernel's resolution of `-m statistic --probability`
 _KIND_LABEL = {
@@ -154,6 +154,20 @@ class _FamilyRenderer:
         # their roots, before the fixed chains and the per-service chains.
         self.filter.declare(n.SERVICES)
         self.place(self.filter, n.SERVICES, self.filter_services, self.by_address)
+        # Then what is left for a cluster IP: a port or protocol no service uses there.
+        unknown = comment("lbc: no service uses this port of the cluster IP")
+        catch_all = [
+            Entry(
+                self.by_address.key(address, Proto.TCP, 0),
+                f"-d {address}{self.host} {unknown} -j REJECT --reject-with {self.reject}",
+            )
+            for address in self.program.reject_unknown
+            if (":" in address) == (self.family == 6)
+        ]
+        if catch_all:
+            self.filter.declare(n.CLUSTER_IPS)
+            self.filter.add(n.SERVICES, f"-j {n.CLUSTER_IPS}")
+            self.place(self.filter, n.CLUSTER_IPS, catch_all, self.by_address)
         self.filter.declare(n.FORWARD)
         for hook, rule in BUILTIN_HOOKS["filter"]:
             self.filter.add(hook, rule)
