@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lbc import plugins
@@ -45,9 +45,10 @@ def _engine(
     kernel: KernelAdapter | None,
     lock_path: Path,
     lock_timeout: float,
+    progress: Callable[[str], None] | None = None,
 ) -> Engine:
     chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
-    return Engine(chosen, kernel or chosen.kernel(netns), lock_path, lock_timeout)
+    return Engine(chosen, kernel or chosen.kernel(netns), lock_path, lock_timeout, progress)
 
 
 def plan(
@@ -84,12 +85,14 @@ def apply(
     kernel: KernelAdapter | None = None,
     lock_path: Path = DEFAULT_LOCK,
     lock_timeout: float = 30.0,
+    progress: Callable[[str], None] | None = None,
 ) -> ApplyResult:
     """Make the kernel match `source` atomically; raises `ApplyError` with nothing changed.
 
-    Only what differs is written; `full=True` rewrites everything lbc owns.
+    Only what differs is written; `full=True` rewrites everything lbc owns. `progress`
+    is told each phase (lock, read, commit, verify) as it starts.
     """
-    engine = _engine(backend, netns, kernel, lock_path, lock_timeout)
+    engine = _engine(backend, netns, kernel, lock_path, lock_timeout, progress)
     return engine.apply(compile(source, engine.backend), dry_run=dry_run, full=full)
 
 

@@ -6,6 +6,7 @@ import gc
 import ipaddress
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -242,6 +243,11 @@ def plan_cmd(file: Path, backend: str, netns: str | None, fmt: str) -> None:
 @_lock_options
 @click.option("--dry-run", is_flag=True, help="Plan and print, change nothing.")
 @click.option("--full", is_flag=True, help="Rewrite everything lbc owns, not only changes.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Print each phase on stderr as it starts (default: when stderr is a terminal).",
+)
 def apply_cmd(
     file: Path,
     backend: str,
@@ -250,8 +256,15 @@ def apply_cmd(
     lock_timeout: float,
     dry_run: bool,
     full: bool,
+    progress: bool | None,
 ) -> None:
     """Apply FILE to the kernel atomically (root)."""
+    show = sys.stderr.isatty() if progress is None else progress
+    started = time.perf_counter()
+
+    def phase(message: str) -> None:
+        click.echo(f"lbc: {time.perf_counter() - started:7.3f}s {message}", err=True)
+
     try:
         result = api.apply(
             load(file),
@@ -261,6 +274,7 @@ def apply_cmd(
             full=full,
             lock_path=lock_file,
             lock_timeout=lock_timeout,
+            progress=phase if show else None,
         )
     except LbcError as exc:
         _fail(exc)

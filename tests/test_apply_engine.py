@@ -178,3 +178,14 @@ def test_full_resync_rewrites_even_when_in_sync(lock: Path) -> None:
     assert result.applied and result.plan.full and result.plan.in_sync
     assert kernel.commits == 2
     assert "full resync" in result.summary()
+
+
+def test_progress_reports_each_phase_of_an_apply(lock: Path) -> None:
+    phases: list[str] = []
+    kernel = FakeKernel()
+    lbc.apply(lbc.load(HOSTNAMES), "ir", kernel=kernel, lock_path=lock, progress=phases.append)
+    assert [p.split()[0] for p in phases] == ["waiting", "reading", "committing:", "reading"]
+    assert phases[2].startswith("committing: ") and "to add" in phases[2]
+    phases.clear()
+    lbc.apply(lbc.load(HOSTNAMES), "ir", kernel=kernel, lock_path=lock, progress=phases.append)
+    assert [p.split()[0] for p in phases] == ["waiting", "reading"], "in sync: no commit"

@@ -462,3 +462,24 @@ def test_full_resync_rewrites_everything(node: netns.Netns, tmp_path: Path) -> N
     rewritten = {line for doc in documents for line in doc.splitlines() if line.startswith(":")}
     assert {":LBC-SERVICES - [0:0]", ":LBC-POSTROUTING - [0:0]"} <= rewritten
     assert lbc.verify(lbc.load(HOSTNAMES), "iptables", netns=node.name).in_sync
+
+
+def test_apply_command_prints_its_phases(node: netns.Netns, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(HOSTNAMES),
+            "--netns",
+            node.name,
+            "-b",
+            "nftables",
+            "--progress",
+            "--lock-file",
+            str(tmp_path / "lock"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    phases = [line for line in result.stderr.splitlines() if line.startswith("lbc: ")]
+    assert [line.split()[2] for line in phases] == ["waiting", "reading", "committing:", "reading"]
+    assert "nftables: applied:" in result.stdout

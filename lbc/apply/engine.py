@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,12 @@ class Engine:
     kernel: KernelAdapter
     lock_path: Path = DEFAULT_LOCK
     lock_timeout: float = 30.0
+    # Told each phase of a long apply as it starts (the CLI prints them); never required.
+    progress: Callable[[str], None] | None = None
+
+    def _step(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
 
     def plan(self, artifact: Artifact) -> Plan:
         """What apply would change (reads the kernel, writes nothing)."""
@@ -61,6 +68,7 @@ class Engine:
         resync) instead of only what differs.
         """
         start = time.perf_counter()
+        self._step(f"waiting for the lock {self.lock_path}")
         with host_lock(self.lock_path, self.lock_timeout):
             desired = self.kernel.desired(artifact)
             return self._converge(desired, dry_run, start, full)
@@ -74,11 +82,14 @@ class Engine:
     def _converge(
         self, desired: State, dry_run: bool, start: float, full: bool = False
     ) -> ApplyResult:
+        self._step(f"reading {self.backend.name} state from the kernel")
         live = self.kernel.snapshot()
         plan = plan_between(self.backend.name, live, desired, full)
         if (plan.in_sync and not full) or dry_run:
             return ApplyResult(plan, False, time.perf_counter() - start)
+        self._step(f"committing: {plan.summary()}")
         self.kernel.commit(live, desired, plan)
+        self._step("reading back to verify")
         after = self.kernel.snapshot()
         drift = plan_between(self.backend.name, after, desired)
         if not drift.in_sync:
@@ -87,6 +98,7 @@ class Engine:
 
     def _roll_back(self, now: State, previous: State, drift: Plan) -> None:
         back = plan_between(self.backend.name, now, previous)
+        self._step(f"read-back differs ({drift.summary()}): rolling back")
         try:
             self.kernel.commit(now, previous, back)
         except ApplyError as exc:
