@@ -32,3 +32,13 @@ def test_chains_are_created_in_hash_order_not_name_order() -> None:
     declared = [line for line in document(50).splitlines() if line.startswith(":")]
     assert len(declared) == 50 and declared != sorted(declared)
     assert declared == [line for line in document(50).splitlines() if line.startswith(":")]
+
+
+def test_stale_chains_are_deleted_in_the_same_restore_unless_jumped_to() -> None:
+    stale = {key(4, "nat", "LBC-SEP-OLD"), key(4, "nat", "LBC-SERVICES")}
+    kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
+    first = kernel._restore_document(4, State({}), stale, delete=False).splitlines()
+    assert "-X LBC-SEP-OLD" in first and "-X LBC-SERVICES" not in first
+    assert ":LBC-SERVICES - [0:0]" in first, "emptied in the first pass"
+    second = kernel._restore_document(4, State({}), stale, delete=True).splitlines()
+    assert second == ["*nat", "-X LBC-SERVICES", "COMMIT"]

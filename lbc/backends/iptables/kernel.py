@@ -24,6 +24,8 @@ TABLES = ("filter", "nat")
 # From this many chains written in one table, a restore starts with `-S` (see
 # `_restore_document`; measured with bench/iptables_restore.py).
 LIST_FIRST_FROM = 2000
+# The chains jumped to from built-in chains: deleted only after those jumps.
+HOOKED = frozenset({n.SERVICES, n.FORWARD, n.POSTROUTING})
 COMMANDS = {
     4: ("iptables", "iptables-save", "iptables-restore"),
     6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),
@@ -146,8 +148,9 @@ class IptablesKernel:
     def _restore_document(
         self, family: int, desired: State, touched: set[str], delete: bool
     ) -> str:
-        """Under --noflush, declaring a chain empties it: changed chains are written whole,
-        chains to remove are emptied (first pass) and then deleted (second pass)."""
+        """Under --noflush, declaring a chain empties it: changed chains are written whole
+        and stale chains emptied and deleted, all in the first pass. Only the chains that
+        built-in chains jump to wait for the second pass, after those jumps are gone."""
         out: list[str] = []
         for table in TABLES:
             head = f"ipv{family} {table} {n.PREFIX}"
@@ -157,12 +160,14 @@ class IptablesKernel:
             mine = sorted((k for k in touched if k.startswith(head)), key=_scatter)
             written = [k for k in mine if k in desired.objects]
             removed = [k for k in mine if k not in desired.objects]
+            hooked = [k for k in removed if k.split()[2] in HOOKED]
             if delete:
-                lines = [f"-X {k.split()[2]}" for k in removed]
+                lines = [f"-X {k.split()[2]}" for k in hooked]
             else:
                 lines = [f":{k.split()[2]} - [0:0]" for k in written + removed]
                 for k in written:
                     lines += desired.objects[k]
+                lines += [f"-X {k.split()[2]}" for k in removed if k not in hooked]
             if lines:
                 # A chainless command first makes iptables-nft's --noflush restore skip
                 # its per-line walk of a sorted list of the chains it needs (quadratic
