@@ -16,6 +16,7 @@ EXTERNAL = "203.0.113.5"  # a client outside the node, inside the LB source rang
 OUTSIDER = "198.18.0.5"  # a client outside the node and outside the LB source range
 POD = "10.244.9.9"  # a pod on this node
 NODE = "192.168.49.2"  # the node itself
+LOOPBACK = "127.0.0.1"  # the node itself, on its loopback address
 EXTERNAL6 = "2001:db8::5"
 POD6 = "fd00:244::9:9"
 
@@ -157,6 +158,24 @@ FLOWS: tuple[Flow, ...] = (
         True,
     ),
     Flow("an unused node port is not lbc's", "node-port", EXTERNAL, NODE, 30081, PASS),
+    Flow(
+        "localhost node port from the node itself",
+        "localhost-node-port",
+        LOOPBACK,
+        LOOPBACK,
+        30090,
+        TWO,
+        True,
+    ),
+    Flow(
+        "a localhost node port service on the node address",
+        "localhost-node-port",
+        EXTERNAL,
+        NODE,
+        30090,
+        TWO,
+        True,
+    ),
     Flow(
         "LB IP from inside the source range",
         "load-balancer",

@@ -483,3 +483,28 @@ def test_apply_command_prints_its_phases(node: netns.Netns, tmp_path: Path) -> N
     phases = [line for line in result.stderr.splitlines() if line.startswith("lbc: ")]
     assert [line.split()[2] for line in phases] == ["waiting", "reading", "committing:", "reading"]
     assert "nftables: applied:" in result.stdout
+
+
+def test_localhost_node_ports_work_after_apply(
+    seed: netns.Seed, node: netns.Netns, tmp_path: Path
+) -> None:
+    """`localhost_node_ports`: apply turns route_localnet on, and 127.0.0.1:NODEPORT
+    from the node reaches the pods, masqueraded."""
+    node.sysctl("net.ipv4.conf.all.route_localnet", 0)
+    cluster = lbc.loads(
+        '[node]\nname = "node-1"\naddresses = ["192.168.49.2"]\npod_cidrs = ["10.244.0.0/16"]\n'
+        "localhost_node_ports = true\n"
+        '[[services]]\nname = "hostnames"\ntype = "NodePort"\ncluster_ips = ["10.0.1.175"]\n'
+        'ports = [{ name = "default", port = 80, target_port = 9376, node_port = 30090 }]\n'
+        'endpoints = [{ ip = "10.244.1.7" }, { ip = "10.244.2.3" }]\n'
+    )
+    try:
+        lbc.apply(cluster, "iptables", netns=node.name, lock_path=tmp_path / "lock")
+        assert node.exec("sysctl", "-n", "net.ipv4.conf.all.route_localnet").strip() == "1"
+        result = node.request("127.0.0.1", 30090, count=30, source="127.0.0.1")
+        print(f"  127.0.0.1:30090 from the node: {dict(result.sources)}")
+        assert not result.errors, result
+        assert {name for name, _ in result.sources} == {"hostnames-yp2kp", "hostnames-bvc05"}
+        assert all(not source.startswith("127.") for _, source in result.sources)
+    finally:
+        node.sysctl("net.ipv4.conf.all.route_localnet", 0)

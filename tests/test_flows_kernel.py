@@ -55,6 +55,7 @@ from tests.flows import (
     EXTERNAL,
     EXTERNAL6,
     FLOWS,
+    LOOPBACK,
     NODE,
     OUTSIDER,
     PASS,
@@ -228,6 +229,8 @@ def flow_topology() -> Iterator[Flows]:
             # Every REJECT answers at once, however many rows ask in a row.
             ("net.ipv4.icmp_ratelimit", 0),
             ("net.ipv6.icmp.ratelimit", 0),
+            # Node ports on 127.0.0.1: what `lbc apply` sets (rules here are loaded raw).
+            ("net.ipv4.conf.all.route_localnet", 1),
         ):
             node.sysctl(key, value)
 
@@ -263,7 +266,7 @@ def flow_topology() -> Iterator[Flows]:
         pod.ip("-6", "route", "add", "default", "via", netns.gateway(POD6))
 
         clients = {EXTERNAL: outside, OUTSIDER: outside, EXTERNAL6: outside}
-        clients |= {POD: pod, POD6: pod, NODE: node, NODE6: node}
+        clients |= {POD: pod, POD6: pod, NODE: node, NODE6: node, LOOPBACK: node}
         gateways = {}
         ports = listeners()
         by_network: dict[object, list[str]] = defaultdict(list)

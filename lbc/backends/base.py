@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class Feature(StrEnum):
     NODE_PORT = "node-port"
     SOURCE_RANGES = "source-ranges"
     LOCAL_POLICY = "local-traffic-policy"
+    LOCALHOST_NODE_PORT = "localhost-node-port"
 
 
 _KIND_FEATURE = {
@@ -113,6 +115,8 @@ def requirements(program: Program) -> Iterator[tuple[Feature | Scheduler, str, s
         who = f"{f.service}/{f.proto} ipv{f.family}"
         if f.kind in _KIND_FEATURE:
             yield _KIND_FEATURE[f.kind], who, f"{f.kind} frontend {f.address}:{f.port}"
+        if f.kind is Kind.NODE_PORT and ipaddress.ip_address(f.address).is_loopback:
+            yield Feature.LOCALHOST_NODE_PORT, who, f"node port on {f.address}:{f.port}"
         if f.source_ranges:
             yield Feature.SOURCE_RANGES, who, "load_balancer_source_ranges"
         if f.internal_pool or f.masquerade is Masquerade.NEVER:

@@ -29,6 +29,7 @@ from lbc.ir.nodes import (
 )
 
 _KIND_ORDER = {k: n for n, k in enumerate(Kind)}
+LOCALHOST = "127.0.0.1"  # where node ports also listen with `localhost_node_ports`
 # Enum lookups by value without EnumType.__call__, once per service port.
 _PROTOS = {p.value: p for p in Proto}
 _SCHEDULERS = {s.value: s for s in Scheduler}
@@ -45,6 +46,7 @@ def lower(cluster: Cluster) -> Program:
         pod_cidrs=tuple(str(c) for c in sorted(node.pod_cidrs, key=lambda c: c.version)),
         masquerade_mark=int(node.masquerade_mark),
         masquerade_all=node.masquerade_all,
+        localhost_node_ports=node.localhost_node_ports,
     )
     pools: list[Pool] = []
     frontends: list[tuple[_FrontendKey, Frontend]] = []
@@ -170,6 +172,8 @@ def _lower_port(
     node_ips = []
     if port.node_port is not None:
         node_ips = [a for a in node.addresses if (":" in a) == (family == 6)]
+        if family == 4 and node.localhost_node_ports:
+            node_ips.append(LOCALHOST)
     has_external = bool(external_ips or lb_ips or node_ips)
     external = internal  # replaced below whenever an external frontend exists
     ext_masq, ext_internal = Masquerade.ALWAYS, None

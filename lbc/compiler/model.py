@@ -142,6 +142,11 @@ class Node(_Strict):
     masquerade_all: bool = Field(
         default=False, description="Masquerade all traffic to service IPs, as kube-proxy's flag."
     )
+    localhost_node_ports: bool = Field(
+        default=False,
+        description="Also open IPv4 node ports on 127.0.0.1 (iptables only; applying sets "
+        "net.ipv4.conf.all.route_localnet=1, as kube-proxy does).",
+    )
 
 
 class ServicePort(_Strict):

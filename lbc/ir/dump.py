@@ -17,6 +17,8 @@ def dump(program: Program) -> str:
         f"  masquerade-mark {node.masquerade_mark:#x}",
         f"  masquerade-all {'yes' if node.masquerade_all else 'no'}",
     ]
+    if node.localhost_node_ports:
+        out.append("  localhost-node-ports yes")
     out += [f"  address {a}" for a in node.addresses]
     out += [f"  pod-cidr {c}" for c in node.pod_cidrs]
     out += [f"  reject-unknown-ports {a}" for a in program.reject_unknown]

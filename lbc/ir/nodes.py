@@ -118,6 +118,7 @@ class NodeInfo:
     pod_cidrs: tuple[str, ...]
     masquerade_mark: int
     masquerade_all: bool
+    localhost_node_ports: bool = False  # node ports also on 127.0.0.1
 
     def pod_cidr(self, family: int) -> str | None:
         """The pod CIDR of `family` (4 or 6), if there is one."""

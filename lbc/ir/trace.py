@@ -61,7 +61,7 @@ class Trace:
 def origin_of(program: Program, source: str) -> Origin:
     """Classify `source`: a node address, an address in a pod CIDR, or external."""
     ip = ipaddress.ip_address(source)
-    if source in program.node.addresses:
+    if source in program.node.addresses or ip.is_loopback:
         return Origin.NODE
     for cidr in program.node.pod_cidrs:
         net = ipaddress.ip_network(cidr)

@@ -24,6 +24,7 @@ TABLES = ("filter", "nat")
 # From this many chains written in one table, a restore starts with `-S` (see
 # `_restore_document`; measured with bench/iptables_restore.py).
 LIST_FIRST_FROM = 2000
+LOCALHOST_MATCH = "-d 127.0.0.1/32 "
 # The chains jumped to from built-in chains: deleted only after those jumps.
 HOOKED = frozenset({n.SERVICES, n.FORWARD, n.POSTROUTING})
 COMMANDS = {
@@ -115,6 +116,10 @@ class IptablesKernel:
         touched = {c.key for c in plan.changes}
         if plan.full:
             touched |= {k for k in desired.objects if not k.endswith(" jumps")}
+        if any(LOCALHOST_MATCH in rule for rules in desired.objects.values() for rule in rules):
+            # Node ports on 127.0.0.1: the kernel must route DNATed loopback traffic out
+            # (kube-proxy sets the same). A shared setting: lbc turns it on, never off.
+            self._run(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
         try:
             self._restore(desired, touched, delete=False)
             self._jumps(live, desired, touched)

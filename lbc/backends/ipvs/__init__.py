@@ -54,7 +54,7 @@ class IpvsBackend(Backend):
     name = "ipvs"
     extension = "txt"
     description = "kube-proxy-style IPVS: dummy interface, virtual services, nftables helpers"
-    features = frozenset(Feature)
+    features = frozenset(Feature) - {Feature.LOCALHOST_NODE_PORT}  # no route_localnet DNAT
     schedulers = frozenset({Scheduler.DEFAULT, *NATIVE})
 
     def check(self, program: Program) -> None:

@@ -28,7 +28,7 @@ class NftablesBackend(Backend):
     name = "nftables"
     extension = "nft"
     description = "kube-proxy-style nftables ruleset (table inet lbc; nft -f text or JSON)"
-    features = frozenset(Feature)
+    features = frozenset(Feature) - {Feature.LOCALHOST_NODE_PORT}  # as kube-proxy's nftables
     schedulers = frozenset({Scheduler.DEFAULT, Scheduler.RANDOM})
 
     def render(self, program: Program) -> Artifact:
