@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,6 +36,26 @@ _KIND_FEATURE = {
     Kind.LOAD_BALANCER: Feature.LOAD_BALANCER,
     Kind.NODE_PORT: Feature.NODE_PORT,
 }
+
+
+class LazyFormats(Mapping[str, str]):
+    """An artifact's formats, each printed on first use (a large ruleset's JSON takes
+    seconds to print, and most callers only ask for the text)."""
+
+    def __init__(self, printers: dict[str, Callable[[], str]]) -> None:
+        self._printers = printers
+        self._done: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> str:
+        if key not in self._done:
+            self._done[key] = self._printers[key]()
+        return self._done[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._printers)
+
+    def __len__(self) -> int:
+        return len(self._printers)
 
 
 @dataclass(frozen=True)

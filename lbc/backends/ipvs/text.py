@@ -8,9 +8,8 @@ The text has one paragraph per kind of kernel object, each headed by
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
 
-from lbc.backends.base import dumps_json
+from lbc.backends.base import LazyFormats, dumps_json
 from lbc.backends.ipvs import names as n
 from lbc.backends.ipvs.ops import (
     IPVSADM_PROTO,
@@ -56,29 +55,9 @@ def to_text(ops: tuple[Operation, ...], node: str) -> str:
     return "\n".join(out) + "\n"
 
 
-class Formats(Mapping[str, str]):
-    """An artifact's formats, each printed on first use (the JSON of 100k operations
-    takes seconds, and most callers ask only for the text)."""
-
-    def __init__(self, printers: dict[str, Callable[[], str]]) -> None:
-        self._printers = printers
-        self._done: dict[str, str] = {}
-
-    def __getitem__(self, key: str) -> str:
-        if key not in self._done:
-            self._done[key] = self._printers[key]()
-        return self._done[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._printers)
-
-    def __len__(self) -> int:
-        return len(self._printers)
-
-
-def formats(ops: tuple[Operation, ...], node: str) -> Formats:
+def formats(ops: tuple[Operation, ...], node: str) -> LazyFormats:
     """The artifact's formats of `ops`: "text" and "json", printed on demand."""
-    return Formats({"text": lambda: to_text(ops, node), "json": lambda: to_json(ops)})
+    return LazyFormats({"text": lambda: to_text(ops, node), "json": lambda: to_json(ops)})
 
 
 def to_json(ops: tuple[Operation, ...]) -> str:

@@ -7,11 +7,10 @@ document a kernel adapter hands to `Nftables().json_cmd` (format "json").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lbc.backends.base import Artifact, Backend, Feature
-from lbc.backends.nftables.expr import Ruleset
+from lbc.backends.base import Artifact, Backend, Feature, LazyFormats
 from lbc.backends.nftables.jsonform import dumps, to_json
 from lbc.backends.nftables.render import build
 from lbc.backends.nftables.text import to_text
@@ -34,35 +33,22 @@ class NftablesBackend(Backend):
     def render(self, program: Program) -> Artifact:
         """The `inet lbc` table as nft text and libnftables JSON; `data` is the ruleset."""
         ruleset = build(program)
-        return Artifact(self.name, _Formats(ruleset, program.node.name), data=ruleset)
+        return Artifact(
+            self.name,
+            LazyFormats(
+                {
+                    "text": lambda: to_text(ruleset, program.node.name),
+                    "json": lambda: dumps(to_json(ruleset)),
+                }
+            ),
+            data=ruleset,
+        )
 
     def kernel(self, netns: str | None = None) -> NftablesKernel:
         """The libnftables adapter (imported only when applying)."""
         from lbc.backends.nftables.kernel import NftablesKernel
 
         return NftablesKernel(netns)
-
-
-class _Formats(Mapping[str, str]):
-    """The artifact's formats, each printed on first use (JSON for 30k services takes s)."""
-
-    def __init__(self, ruleset: Ruleset, node: str) -> None:
-        self._printers: dict[str, Callable[[], str]] = {
-            "text": lambda: to_text(ruleset, node),
-            "json": lambda: dumps(to_json(ruleset)),
-        }
-        self._done: dict[str, str] = {}
-
-    def __getitem__(self, key: str) -> str:
-        if key not in self._done:
-            self._done[key] = self._printers[key]()
-        return self._done[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._printers)
-
-    def __len__(self) -> int:
-        return len(self._printers)
 
 
 @hookimpl
