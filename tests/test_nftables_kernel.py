@@ -8,11 +8,10 @@ two-sided probability below 6e-7, so a failure means the rules are wrong, not lu
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ import lbc
 from lbc.backends.nftables import kernel as nft_kernel
 from tests import netns
 from tests.golden import GOLDEN
+from tests.test_iptables_kernel import assert_shares
 from tests.test_nftables_render import OUTPUTS, Parsed, chosen_shares, parse_nft, worst_case_config
 
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parent.parent
-Z = 5.0
 TABLE = ("inet", "lbc")
 # Ports the seed pods serve: hostnames 9376, udp-sctp 5353, most goldens 8080, LB 8443.
 POD_PORTS = (netns.POD_PORT, 5353, 8080, 8443)
@@ -89,17 +88,6 @@ def held_chains(ns: netns.Netns) -> Parsed:
         elif chain is not None and body and not body.startswith("type "):
             parsed.chains[chain].append(body)
     return parsed
-
-
-def assert_shares(label: str, counts: Counter[str], weights: Mapping[str, int]) -> None:
-    """Each name's count is within Z standard deviations of its binomial mean."""
-    n, total = sum(counts.values()), sum(weights.values())
-    assert set(counts) == {k for k, w in weights.items() if w}, f"{label}: {counts}"
-    for name, w in weights.items():
-        p = w / total
-        mean, sigma = n * p, math.sqrt(n * p * (1 - p))
-        print(f"  {label}: {name} {counts[name]}/{n} (expected {mean:.1f} ± {Z * sigma:.1f})")
-        assert abs(counts[name] - mean) <= Z * sigma, f"{label}: {name} got {counts[name]}/{n}"
 
 
 @pytest.fixture
