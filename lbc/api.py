@@ -71,8 +71,7 @@ def verify(
     kernel: KernelAdapter | None = None,
 ) -> Plan:
     """Drift between the kernel and `source`; `.in_sync` is True when there is none."""
-    engine = _engine(backend, netns, kernel, DEFAULT_LOCK, 0)
-    return engine.verify(compile(source, engine.backend))
+    return plan(source, backend, netns=netns, kernel=kernel)
 
 
 def apply(
