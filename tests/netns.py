@@ -300,6 +300,28 @@ class Netns:
         return Results(Counter(data["replies"]), Counter(data["errors"]), data["seconds"])
 
 
+def start_server(
+    lab: Lab, ns: Netns, script_and_args: list[str], what: str
+) -> subprocess.Popen[str]:
+    """Run a Python server script in `ns` (killed with `lab`); wait for its "ready" line."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-c", *script_and_args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lab.processes.append(proc)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if line.strip() != "ready":
+        proc.kill()
+        _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+        raise NetnsError(f"{what} in {ns.name} did not start: {err}")
+    return proc
+
+
 @dataclass
 class Load:
     """Requests sent back to back by a background client until `stop`."""
@@ -369,23 +391,12 @@ class Lab:
         """Start a server in `ns` answering `name <source>` on address:port (TCP and UDP)."""
         if not ports:
             raise ValueError("serve needs at least one port")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns.name, sys.executable, "-c", SERVER, name, address]
-            + [str(p) for p in ports],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        return start_server(
+            self,
+            ns,
+            [SERVER, name, address, *(str(p) for p in ports)],
+            f"server {name} on {address}",
         )
-        self.processes.append(proc)
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT)
-        line = proc.stdout.readline() if ready else ""
-        if line.strip() != "ready":
-            proc.kill()
-            _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
-            raise NetnsError(f"server {name} on {address} in {ns.name} did not start: {err}")
-        return proc
 
     def load(self, ns: Netns, host: str, port: int, seconds: float = 60.0) -> Load:
         """Start a client in `ns` connecting to host:port over and over, for `seconds` at most."""
@@ -720,21 +731,7 @@ def serve_addresses(lab: Lab, ns: Netns, listeners: Mapping[str, Sequence[int]])
     if not listeners or not all(listeners.values()):
         raise ValueError("serve_addresses needs at least one port per address")
     spec = json.dumps([[address, list(ports)] for address, ports in listeners.items()])
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", ns.name, sys.executable, "-c", MANY_SERVER, spec],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lab.processes.append(proc)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT)
-    line = proc.stdout.readline() if ready else ""
-    if line.strip() != "ready":
-        proc.kill()
-        _, err = proc.communicate(timeout=COMMAND_TIMEOUT)
-        raise NetnsError(f"server for {len(listeners)} addresses in {ns.name} did not start: {err}")
+    start_server(lab, ns, [MANY_SERVER, spec], f"server for {len(listeners)} addresses")
 
 
 def sctp_request(
