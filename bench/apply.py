@@ -8,7 +8,11 @@ For each size and backend, in throwaway network namespaces (root):
 - `full apply`: `lbc.apply` of the same, already compiled, program into an empty
   namespace (snapshot, plan, commit, read-back verify), and its ratio to the tool;
 - `one-endpoint change`: one more endpoint on one service, end to end from the
-  in-memory cluster model: lower + render + snapshot + plan + commit + verify.
+  in-memory cluster model: lower + render + snapshot + plan + commit + verify, as a
+  one-shot `lbc.apply` does it;
+- `session change`: the same change through a `lbc.Session` that applied the cluster
+  before (what a node agent runs): only the changed service is lowered and rendered,
+  the kernel is not read while its ruleset generation is the one the session left.
 Figures are wall-clock medians of `--repeat` runs; the machine is shared, so compare
 the ratios.
 """
@@ -74,25 +78,35 @@ def with_one_more_endpoint(cluster: Cluster) -> Cluster:
     return cluster.model_copy(update={"services": [changed, *cluster.services[1:]]})
 
 
-def measure(backend: str, services: int, endpoints: int, repeat: int) -> dict[str, float]:
+def measure(
+    backend: str, services: int, endpoints: int, repeat: int, one_shot: bool = True
+) -> dict[str, float]:
     text, _ = generate(services, endpoints, seed=1)
     cluster = lbc.loads(text)
     program = lbc.lower(cluster)
     artifact = lbc.compile(program, backend)
     artifact.text()  # print once, outside the timings
     lock = Path(tempfile.mkdtemp()) / "lock"
-    tool, full, change = [], [], []
+    tool, full, change, session_change = [], [], [], []
     bigger = with_one_more_endpoint(cluster)
     for _ in range(repeat):
         with namespace() as ns:
             tool.append(timed(lambda: tool_alone(backend, artifact, ns)))
         with namespace() as ns:
             full.append(timed(lambda: lbc.apply(program, backend, netns=ns, lock_path=lock)))
-            change.append(timed(lambda: lbc.apply(bigger, backend, netns=ns, lock_path=lock)))
+            if one_shot:
+                change.append(timed(lambda: lbc.apply(bigger, backend, netns=ns, lock_path=lock)))
+        with namespace() as ns:
+            session = lbc.Session(backend, netns=ns, lock_path=lock)
+            session.apply(cluster)
+            session.apply(bigger)  # warm: the first change pays for imports
+            for version in (cluster, bigger) * 2:
+                session_change.append(timed(lambda: session.apply(version)))  # noqa: B023
     return {
         "tool": statistics.median(tool),
         "full": statistics.median(full),
-        "change": statistics.median(change),
+        "change": statistics.median(change) if change else float("nan"),
+        "session": statistics.median(session_change),
     }
 
 
@@ -102,17 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--backend", nargs="+", default=["nftables", "iptables"])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--no-one-shot",
+        action="store_true",
+        help="skip the one-shot lbc.apply change (seconds at 10k services)",
+    )
     args = parser.parse_args(argv)
     print(
         f"{'backend':<9} {'services':>8} {'tool alone':>11} {'full apply':>11} "
-        f"{'ratio':>6} {'1-endpoint change':>18}"
+        f"{'ratio':>6} {'1-endpoint change':>18} {'session change':>15}"
     )
     for backend in args.backend:
         for n in args.services:
-            m = measure(backend, n, args.endpoints, args.repeat)
+            m = measure(backend, n, args.endpoints, args.repeat, not args.no_one_shot)
             print(
                 f"{backend:<9} {n:>8} {m['tool']:>10.3f}s {m['full']:>10.3f}s "
-                f"{m['full'] / m['tool']:>6.2f} {m['change'] * 1000:>16.1f}ms",
+                f"{m['full'] / m['tool']:>6.2f} {m['change'] * 1000:>16.1f}ms "
+                f"{m['session'] * 1000:>13.1f}ms",
                 flush=True,
             )
     return 0

@@ -25,6 +25,7 @@ from lbc.errors import (
     UnsupportedError,
 )
 from lbc.ir.nodes import Program
+from lbc.session import Session
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "PluginError",
     "Problem",
     "Program",
+    "Session",
     "Unsupported",
     "UnsupportedError",
     "__version__",

@@ -29,16 +29,36 @@ class FakeKernel:
     """An in-memory kernel: objects are whatever the artifact's canonical text says.
 
     `fail_on` makes the commit of a plan touching that object key fail, like a kernel
-    rejecting a transaction; the state is then left exactly as it was.
+    rejecting a transaction; the state is then left exactly as it was. With
+    `generations`, it numbers its states as nftables numbers ruleset generations: each
+    commit that changes something advances the generation by one.
     """
 
-    def __init__(self, objects: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self, objects: dict[str, tuple[str, ...]] | None = None, generations: bool = False
+    ) -> None:
         self.objects: dict[str, tuple[str, ...]] = dict(objects or {})
         self.commits = 0
+        self.snapshots = 0
         self.fail_on: str | None = None
+        self.generations = generations
+        self.current = 1
+
+    def generation(self) -> int | None:
+        """The generation of the objects (None unless made with `generations`)."""
+        return self.current if self.generations else None
+
+    def write(self, key: str, lines: tuple[str, ...] | None) -> None:
+        """Another writer changes an object (a new generation, as the kernel counts)."""
+        if lines is None:
+            self.objects.pop(key, None)
+        else:
+            self.objects[key] = lines
+        self.current += 1
 
     def snapshot(self) -> State:
         """A copy of the objects."""
+        self.snapshots += 1
         return State(dict(self.objects))
 
     def desired(self, artifact: Artifact) -> State:
@@ -60,3 +80,4 @@ class FakeKernel:
             else:
                 self.objects[change.key] = change.after
         self.commits += 1
+        self.current += 1

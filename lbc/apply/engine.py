@@ -1,4 +1,14 @@
-"""The apply engine: lock, snapshot, plan, atomic commit, verify, roll back on failure."""
+"""The apply engine: lock, snapshot, plan, atomic commit, verify, roll back on failure.
+
+Verifying a commit: an adapter whose kernel numbers its ruleset generations (nftables
+does: every committed transaction in a network namespace advances the generation by
+one, and nothing else does) lets the engine verify without reading everything back.
+When the generation after the commit is exactly one past the generation read before
+the snapshot, lbc's transaction was the only change in between, and the kernel
+accepted it whole, so the table holds the plan's result. Any other generation means
+another writer was at work: the engine then reads the state back and compares it
+with the plan, as it does for adapters without generations.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +19,17 @@ from pathlib import Path
 
 from lbc.apply.adapter import KernelAdapter
 from lbc.apply.lock import DEFAULT_LOCK, host_lock
-from lbc.apply.state import Plan, State, plan_between
+from lbc.apply.state import Change, Plan, State, plan_between
 from lbc.backends.base import Artifact, Backend
 from lbc.errors import ApplyError
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the kernel held at one ruleset generation (the state lbc last wrote)."""
+
+    generation: int
+    state: State
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +39,11 @@ class ApplyResult:
     plan: Plan
     applied: bool
     seconds: float
+    # The kernel's ruleset generation after the apply (None: the adapter has none).
+    generation: int | None = None
+    # Whether the live state was read from the kernel (False: a caller's known state
+    # was still current, as the generation proved).
+    read: bool = True
 
     def summary(self) -> str:
         """One line for people."""
@@ -51,6 +74,11 @@ class Engine:
         if self.progress is not None:
             self.progress(message)
 
+    def generation(self) -> int | None:
+        """The kernel's ruleset generation, if the adapter can tell it."""
+        reader = getattr(self.kernel, "generation", None)
+        return None if reader is None else reader()
+
     def plan(self, artifact: Artifact) -> Plan:
         """What apply would change (reads the kernel, writes nothing)."""
         return plan_between(
@@ -79,22 +107,61 @@ class Engine:
         with host_lock(self.lock_path, self.lock_timeout):
             return self._converge(State({}), dry_run, start)
 
-    def _converge(
-        self, desired: State, dry_run: bool, start: float, full: bool = False
+    def converge(
+        self,
+        desired: State,
+        *,
+        dry_run: bool = False,
+        full: bool = False,
+        known: Known | None = None,
+        changes: tuple[Change, ...] | None = None,
     ) -> ApplyResult:
-        self._step(f"reading {self.backend.name} state from the kernel")
-        live = self.kernel.snapshot()
-        plan = plan_between(self.backend.name, live, desired, full)
+        """Make the kernel hold `desired`, under the lock.
+
+        `known` is the caller's record of the live state at some generation; while the
+        kernel is still at that generation it is used instead of a snapshot, and
+        `changes` (if given) are the plan from it, so the cost follows the change.
+        """
+        start = time.perf_counter()
+        self._step(f"waiting for the lock {self.lock_path}")
+        with host_lock(self.lock_path, self.lock_timeout):
+            return self._converge(desired, dry_run, start, full, known, changes)
+
+    def _converge(
+        self,
+        desired: State,
+        dry_run: bool,
+        start: float,
+        full: bool = False,
+        known: Known | None = None,
+        changes: tuple[Change, ...] | None = None,
+    ) -> ApplyResult:
+        before = self.generation()
+        read = known is None or before is None or known.generation != before
+        if read:
+            self._step(f"reading {self.backend.name} state from the kernel")
+            live = self.kernel.snapshot()
+        else:
+            assert known is not None
+            live = known.state
+        if changes is not None and not read:
+            plan = Plan(self.backend.name, changes, full)
+        else:
+            plan = plan_between(self.backend.name, live, desired, full)
         if (plan.in_sync and not full) or dry_run:
-            return ApplyResult(plan, False, time.perf_counter() - start)
+            return ApplyResult(plan, False, time.perf_counter() - start, before, read)
         self._step(f"committing: {plan.summary()}")
         self.kernel.commit(live, desired, plan)
-        self._step("reading back to verify")
-        after = self.kernel.snapshot()
-        drift = plan_between(self.backend.name, after, desired)
-        if not drift.in_sync:
-            self._roll_back(after, live, drift)
-        return ApplyResult(plan, True, time.perf_counter() - start)
+        after_generation = self.generation()
+        if before is not None and after_generation == before + 1:
+            self._step("verified: the commit was the only change to the ruleset")
+        else:
+            self._step("reading back to verify")
+            after = self.kernel.snapshot()
+            drift = plan_between(self.backend.name, after, desired)
+            if not drift.in_sync:
+                self._roll_back(after, live, drift)
+        return ApplyResult(plan, True, time.perf_counter() - start, after_generation, read)
 
     def _roll_back(self, now: State, previous: State, drift: Plan) -> None:
         back = plan_between(self.backend.name, now, previous)

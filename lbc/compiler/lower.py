@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -39,8 +40,19 @@ _ntoa = socket.inet_ntoa
 
 def lower(cluster: Cluster) -> Program:
     """Lower a validated cluster to its IR program (pure; canonical order)."""
+    info = node_info(cluster)
+    pools: list[Pool] = []
+    frontends: list[tuple[_FrontendKey, Frontend]] = []
+    for svc in sorted(cluster.services, key=lambda s: (s.namespace, s.name)):
+        _lower_service(info, svc, pools, frontends)
+    cluster_ips = {ip for svc in cluster.services for ip in svc.cluster_ips}
+    return assemble(info, pools, frontends, cluster_ips)
+
+
+def node_info(cluster: Cluster) -> NodeInfo:
+    """The node facts every part of the program shares."""
     node = cluster.node
-    info = NodeInfo(
+    return NodeInfo(
         name=node.name,
         addresses=tuple(str(a) for a in sorted(node.addresses, key=_ip_key)),
         pod_cidrs=tuple(str(c) for c in sorted(node.pod_cidrs, key=lambda c: c.version)),
@@ -48,25 +60,51 @@ def lower(cluster: Cluster) -> Program:
         masquerade_all=node.masquerade_all,
         localhost_node_ports=node.localhost_node_ports,
     )
+
+
+def lower_service(info: NodeInfo, svc: Service) -> Program:
+    """The program of one service alone on the node (what it adds to the whole).
+
+    `lower` of a cluster holds exactly the pools, frontends and cluster IPs of the
+    `lower_service` programs of its services, so a change to one service can be
+    lowered without the others (`lbc.Session` does).
+    """
     pools: list[Pool] = []
     frontends: list[tuple[_FrontendKey, Frontend]] = []
-    for svc in sorted(cluster.services, key=lambda s: (s.namespace, s.name)):
-        families = sorted({ip.version for ip in svc.cluster_ips})
-        # Endpoint selection depends on the service and family, not on the port:
-        # done once here rather than for every port.
-        chosen = {family: _Chosen.of(svc, family, node.name) for family in families}
-        for port in svc.ports:
-            for family in families:
-                _lower_port(info, svc, port, family, chosen[family], pools, frontends)
+    _lower_service(info, svc, pools, frontends)
+    return assemble(info, pools, frontends, set(svc.cluster_ips))
+
+
+def assemble(
+    info: NodeInfo,
+    pools: list[Pool],
+    frontends: list[tuple[_FrontendKey, Frontend]],
+    cluster_ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+) -> Program:
+    """The program of lowered parts, in canonical order."""
     pools.sort(key=lambda p: (p.service, p.family, p.proto, p.local_only))
     frontends.sort(key=itemgetter(0))  # stable, and never compares the frontends
-    cluster_ips = sorted({ip for svc in cluster.services for ip in svc.cluster_ips}, key=_ip_key)
     return Program(
         node=info,
         pools=tuple(pools),
         frontends=tuple(f for _, f in frontends),
-        reject_unknown=tuple(str(ip) for ip in cluster_ips),
+        reject_unknown=tuple(str(ip) for ip in sorted(cluster_ips, key=_ip_key)),
     )
+
+
+def _lower_service(
+    info: NodeInfo,
+    svc: Service,
+    pools: list[Pool],
+    frontends: list[tuple[_FrontendKey, Frontend]],
+) -> None:
+    families = sorted({ip.version for ip in svc.cluster_ips})
+    # Endpoint selection depends on the service and family, not on the port:
+    # done once here rather than for every port.
+    chosen = {family: _Chosen.of(svc, family, info.name) for family in families}
+    for port in svc.ports:
+        for family in families:
+            _lower_port(info, svc, port, family, chosen[family], pools, frontends)
 
 
 # What a backend needs of an endpoint: its address as text, weight, whether it runs
@@ -251,3 +289,15 @@ def _address_int(address: str) -> int:
     if ":" not in address:
         return int.from_bytes(socket.inet_aton(address), "big")
     return int(ipaddress.ip_address(address))
+
+
+def merge(info: NodeInfo, programs: Iterable[Program]) -> Program:
+    """One program of the programs of single services (`lower_service`), as `lower` makes."""
+    pools: list[Pool] = []
+    frontends: list[tuple[_FrontendKey, Frontend]] = []
+    cluster_ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for program in programs:
+        pools += program.pools
+        frontends += [(_frontend_key(f), f) for f in program.frontends]
+        cluster_ips.update(ipaddress.ip_address(a) for a in program.reject_unknown)
+    return assemble(info, pools, frontends, cluster_ips)

@@ -182,6 +182,30 @@ class NftablesKernel:
     def __init__(self, netns: str | None = None, runner: Runner | None = None) -> None:
         self.netns = netns
         self.runner = runner or self._libnftables
+        self._kernel = runner is None  # a stand-in runner has no generations to read
+
+    def generation(self) -> int | None:
+        """The namespace's nftables ruleset generation (netlink NFT_MSG_GETGEN).
+
+        The kernel advances it by one for every committed transaction that changes
+        anything, in any table, so an unchanged generation means an unchanged ruleset.
+        """
+        if not self._kernel:
+            return None
+        from pyroute2.netlink import NLM_F_REQUEST
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket, nft_gen_msg
+
+        with self._inside():
+            sock = NFTSocket()
+        try:
+            request = nft_gen_msg()
+            request["nfgen_family"] = 0
+            reply = sock.request_get(request, NFT_MSG_GETGEN, NLM_F_REQUEST)
+            return int(reply[0].get_attr("NFTA_GEN_ID"))
+        except (OSError, IndexError, TypeError) as exc:
+            raise ApplyError(f"cannot read the nftables generation: {exc}") from exc
+        finally:
+            sock.close()
 
     @contextmanager
     def _inside(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lbc.backends.nftables import names as n
@@ -224,121 +225,9 @@ class _Builder:
 
     def shared_chains(self, families: tuple[int, ...]) -> list[AnyChain]:
         """Base chains and the chains every service shares; only the parts in use."""
-        chains: list[AnyChain] = []
-
-        def base(name: str, *rules: Rule) -> None:
-            chains.append(Chain(name, rules, BaseHook(*n.BASE_CHAINS[name])))
-
-        firewall = [f for f in families if self.sets.has(n.per_family(n.FIREWALL_IPS, f))]
-        no_endpoints = [
-            f
-            for f in families
-            if self.sets.has(n.per_family(n.NO_ENDPOINT_SERVICES, f))
-            or self.sets.has(n.per_family(n.NO_ENDPOINT_NODEPORTS, f))
-        ]
-        if firewall:
-            to_firewall = Rule((_NEW, Verdict("jump", n.FIREWALL_CHECK)))
-            base(n.FILTER_PREROUTING, to_firewall)
-            base(n.FILTER_OUTPUT, to_firewall)
-        cluster_ips = [f for f in families if self.sets.has(n.per_family(n.CLUSTER_IPS, f))]
-        # After DNAT: whatever still heads for a frontend or a cluster IP found no backend.
-        post_dnat: dict[str, list[Rule]] = {
-            n.FILTER_INPUT: [],
-            n.FILTER_FORWARD: [],
-            n.FILTER_OUTPUT_POST_DNAT: [],
-        }
-        if no_endpoints:
-            to_check = Rule((_NEW, Verdict("jump", n.ENDPOINTS_CHECK)))
-            for rules in post_dnat.values():
-                rules.append(to_check)
-        if cluster_ips:
-            to_cluster_check = Rule((_NEW, Verdict("jump", n.CLUSTER_IPS_CHECK)))
-            post_dnat[n.FILTER_FORWARD].append(to_cluster_check)
-            post_dnat[n.FILTER_OUTPUT_POST_DNAT].append(to_cluster_check)
-        for name, rules in post_dnat.items():
-            if rules:
-                base(name, *rules)
-        to_services = Rule((Verdict("jump", n.SERVICES),))
-        base(n.NAT_PREROUTING, to_services)
-        base(n.NAT_OUTPUT, to_services)
-        base(
-            n.NAT_POSTROUTING,
-            Rule(
-                (
-                    Match(BinOp("&", _MARK, self.mark), Value(0, hex=True), op="!="),
-                    Mangle(_MARK, BinOp("^", _MARK, self.mark)),
-                    Masquerade(),
-                ),
-                "masquerade what lbc marked",
-            ),
+        return shared_chains(
+            self.program.node.masquerade_mark, families, self.sets.has, self.uses_reject()
         )
-        chains.append(
-            Chain(n.SERVICES, tuple(self.lookups(families, n.SERVICE_IPS, n.SERVICE_NODEPORTS)))
-        )
-        if firewall:
-            rules = []
-            for family in firewall:
-                daddr = Payload(ip_proto(family), "daddr")
-                saddr = Payload(ip_proto(family), "saddr")
-                frontend = Concat((daddr, _L4PROTO, _DPORT))
-                allowed = Concat((daddr, _L4PROTO, _DPORT, saddr))
-                rules.append(
-                    Rule(
-                        (
-                            Match(frontend, SetRef(n.per_family(n.FIREWALL_IPS, family))),
-                            Match(
-                                allowed,
-                                SetRef(n.per_family(n.FIREWALL_ALLOW, family)),
-                                op="!=",
-                            ),
-                            Verdict("drop"),
-                        ),
-                        "source not in the frontend's source ranges",
-                    )
-                )
-            chains.append(Chain(n.FIREWALL_CHECK, tuple(rules)))
-        if no_endpoints:
-            rules = self.lookups(no_endpoints, n.NO_ENDPOINT_SERVICES, n.NO_ENDPOINT_NODEPORTS)
-            chains.append(Chain(n.ENDPOINTS_CHECK, tuple(rules)))
-        if cluster_ips:
-            checks = tuple(
-                Rule(
-                    (
-                        Match(
-                            Payload(ip_proto(f), "daddr"),
-                            SetRef(n.per_family(n.CLUSTER_IPS, f)),
-                        ),
-                        Reject(f),
-                    ),
-                    "a port or protocol no service uses on a cluster IP",
-                )
-                for f in cluster_ips
-            )
-            chains.append(Chain(n.CLUSTER_IPS_CHECK, checks))
-        if self.uses_reject():
-            chains.append(Chain(n.REJECT_CHAIN, (Rule((Reject(),)),)))
-        return chains
-
-    def lookups(
-        self, families: tuple[int, ...] | list[int], by_ip: str, by_port: str
-    ) -> list[Rule]:
-        """The one-lookup dispatch rules of each family: by address, then node ports."""
-        rules = []
-        for family in families:
-            daddr = Payload(ip_proto(family), "daddr")
-            if self.sets.has(n.per_family(by_ip, family)):
-                key = Concat((daddr, _L4PROTO, _DPORT))
-                rules.append(Rule((Vmap(key, n.per_family(by_ip, family)),)))
-            if self.sets.has(n.per_family(by_port, family)):
-                rules.append(
-                    Rule(
-                        (
-                            Match(daddr, SetRef(n.per_family(n.NODEPORT_IPS, family))),
-                            Vmap(Concat((_L4PROTO, _DPORT)), n.per_family(by_port, family)),
-                        )
-                    )
-                )
-        return rules
 
     def uses_reject(self) -> bool:
         return any(
@@ -350,21 +239,7 @@ class _Builder:
     def named_sets(self, families: tuple[int, ...]) -> list[NamedSet]:
         out = []
         for family in families:
-            addr = addr_type(family)
-            by_ip = (addr, "inet_proto", "inet_service")
-            by_port = ("inet_proto", "inet_service")
-            shapes: list[tuple[str, tuple[str, ...], bool, tuple[str, ...]]] = [
-                (n.SERVICE_IPS, by_ip, True, ()),
-                (n.NODEPORT_IPS, (addr,), False, ()),
-                (n.SERVICE_NODEPORTS, by_port, True, ()),
-                (n.NO_ENDPOINT_SERVICES, by_ip, True, ()),
-                (n.NO_ENDPOINT_NODEPORTS, by_port, True, ()),
-                (n.FIREWALL_IPS, by_ip, False, ()),
-                (n.FIREWALL_ALLOW, (*by_ip, addr), False, ("interval",)),
-                (n.CLUSTER_IPS, (addr,), False, ()),
-            ]
-            for base_name, key_types, is_map, flags in shapes:
-                name = n.per_family(base_name, family)
+            for name, key_types, is_map, flags in set_shapes(family):
                 if self.sets.has(name):
                     elements = tuple(self.sets.elements[name])
                     out.append(NamedSet(name, key_types, elements, is_map, flags))
@@ -560,6 +435,154 @@ class _Builder:
         if pool.active:
             rules.append(Rule((Verdict("goto", self.pool_name(pool)),)))
         self.chains[name] = rules
+
+
+SetShape = tuple[str, tuple[str, ...], bool, tuple[str, ...]]
+
+
+def set_shapes(family: int) -> list[SetShape]:
+    """(name, key types, is a map, flags) of every shared set and map of `family`."""
+    addr = addr_type(family)
+    by_ip = (addr, "inet_proto", "inet_service")
+    by_port = ("inet_proto", "inet_service")
+    shapes: list[SetShape] = [
+        (n.SERVICE_IPS, by_ip, True, ()),
+        (n.NODEPORT_IPS, (addr,), False, ()),
+        (n.SERVICE_NODEPORTS, by_port, True, ()),
+        (n.NO_ENDPOINT_SERVICES, by_ip, True, ()),
+        (n.NO_ENDPOINT_NODEPORTS, by_port, True, ()),
+        (n.FIREWALL_IPS, by_ip, False, ()),
+        (n.FIREWALL_ALLOW, (*by_ip, addr), False, ("interval",)),
+        (n.CLUSTER_IPS, (addr,), False, ()),
+    ]
+    return [
+        (n.per_family(name, family), keys, is_map, flags) for name, keys, is_map, flags in shapes
+    ]
+
+
+def shared_chains(
+    masquerade_mark: int,
+    families: tuple[int, ...],
+    has: Callable[[str], bool],
+    uses_reject: bool,
+) -> list[AnyChain]:
+    """Base chains and the chains every service shares; only the parts in use.
+
+    They depend on the services only through which shared sets have elements (`has`)
+    and whether any no-endpoint verdict goes to the reject chain.
+    """
+    chains: list[AnyChain] = []
+    mark = Value(masquerade_mark, hex=True)
+
+    def base(name: str, *rules: Rule) -> None:
+        chains.append(Chain(name, rules, BaseHook(*n.BASE_CHAINS[name])))
+
+    def lookups(families: tuple[int, ...] | list[int], by_ip: str, by_port: str) -> list[Rule]:
+        """The one-lookup dispatch rules of each family: by address, then node ports."""
+        rules = []
+        for family in families:
+            daddr = Payload(ip_proto(family), "daddr")
+            if has(n.per_family(by_ip, family)):
+                key = Concat((daddr, _L4PROTO, _DPORT))
+                rules.append(Rule((Vmap(key, n.per_family(by_ip, family)),)))
+            if has(n.per_family(by_port, family)):
+                rules.append(
+                    Rule(
+                        (
+                            Match(daddr, SetRef(n.per_family(n.NODEPORT_IPS, family))),
+                            Vmap(Concat((_L4PROTO, _DPORT)), n.per_family(by_port, family)),
+                        )
+                    )
+                )
+        return rules
+
+    firewall = [f for f in families if has(n.per_family(n.FIREWALL_IPS, f))]
+    no_endpoints = [
+        f
+        for f in families
+        if has(n.per_family(n.NO_ENDPOINT_SERVICES, f))
+        or has(n.per_family(n.NO_ENDPOINT_NODEPORTS, f))
+    ]
+    if firewall:
+        to_firewall = Rule((_NEW, Verdict("jump", n.FIREWALL_CHECK)))
+        base(n.FILTER_PREROUTING, to_firewall)
+        base(n.FILTER_OUTPUT, to_firewall)
+    cluster_ips = [f for f in families if has(n.per_family(n.CLUSTER_IPS, f))]
+    # After DNAT: whatever still heads for a frontend or a cluster IP found no backend.
+    post_dnat: dict[str, list[Rule]] = {
+        n.FILTER_INPUT: [],
+        n.FILTER_FORWARD: [],
+        n.FILTER_OUTPUT_POST_DNAT: [],
+    }
+    if no_endpoints:
+        to_check = Rule((_NEW, Verdict("jump", n.ENDPOINTS_CHECK)))
+        for rules in post_dnat.values():
+            rules.append(to_check)
+    if cluster_ips:
+        to_cluster_check = Rule((_NEW, Verdict("jump", n.CLUSTER_IPS_CHECK)))
+        post_dnat[n.FILTER_FORWARD].append(to_cluster_check)
+        post_dnat[n.FILTER_OUTPUT_POST_DNAT].append(to_cluster_check)
+    for name, rules in post_dnat.items():
+        if rules:
+            base(name, *rules)
+    to_services = Rule((Verdict("jump", n.SERVICES),))
+    base(n.NAT_PREROUTING, to_services)
+    base(n.NAT_OUTPUT, to_services)
+    base(
+        n.NAT_POSTROUTING,
+        Rule(
+            (
+                Match(BinOp("&", _MARK, mark), Value(0, hex=True), op="!="),
+                Mangle(_MARK, BinOp("^", _MARK, mark)),
+                Masquerade(),
+            ),
+            "masquerade what lbc marked",
+        ),
+    )
+    chains.append(Chain(n.SERVICES, tuple(lookups(families, n.SERVICE_IPS, n.SERVICE_NODEPORTS))))
+    if firewall:
+        rules = []
+        for family in firewall:
+            daddr = Payload(ip_proto(family), "daddr")
+            saddr = Payload(ip_proto(family), "saddr")
+            frontend = Concat((daddr, _L4PROTO, _DPORT))
+            allowed = Concat((daddr, _L4PROTO, _DPORT, saddr))
+            rules.append(
+                Rule(
+                    (
+                        Match(frontend, SetRef(n.per_family(n.FIREWALL_IPS, family))),
+                        Match(
+                            allowed,
+                            SetRef(n.per_family(n.FIREWALL_ALLOW, family)),
+                            op="!=",
+                        ),
+                        Verdict("drop"),
+                    ),
+                    "source not in the frontend's source ranges",
+                )
+            )
+        chains.append(Chain(n.FIREWALL_CHECK, tuple(rules)))
+    if no_endpoints:
+        rules = lookups(no_endpoints, n.NO_ENDPOINT_SERVICES, n.NO_ENDPOINT_NODEPORTS)
+        chains.append(Chain(n.ENDPOINTS_CHECK, tuple(rules)))
+    if cluster_ips:
+        checks = tuple(
+            Rule(
+                (
+                    Match(
+                        Payload(ip_proto(f), "daddr"),
+                        SetRef(n.per_family(n.CLUSTER_IPS, f)),
+                    ),
+                    Reject(f),
+                ),
+                "a port or protocol no service uses on a cluster IP",
+            )
+            for f in cluster_ips
+        )
+        chains.append(Chain(n.CLUSTER_IPS_CHECK, checks))
+    if uses_reject:
+        chains.append(Chain(n.REJECT_CHAIN, (Rule((Reject(),)),)))
+    return chains
 
 
 def _prefix(cidr: str) -> Prefix:

@@ -50,16 +50,30 @@ def duration(seconds: int) -> str:
     return "".join(out) or "0s"
 
 
-def _set(s: NamedSet, out: list[str]) -> None:
+def declaration(s: NamedSet) -> list[str]:
+    """A set's or map's declaration lines (type, size, flags, timeout), unindented."""
     key = " . ".join(s.key_types)
-    out.append(f"\t{'map' if s.is_map else 'set'} {s.name} {{")
-    out.append(f"\t\ttype {key} : verdict" if s.is_map else f"\t\ttype {key}")
+    out = [f"type {key} : verdict" if s.is_map else f"type {key}"]
     if "dynamic" in s.flags:
-        out.append(f"\t\tsize {DYNAMIC_SET_SIZE}")  # nft's default, which it lists
+        out.append(f"size {DYNAMIC_SET_SIZE}")  # nft's default, which it lists
     if s.flags:
-        out.append(f"\t\tflags {','.join(s.flags)}")
+        out.append(f"flags {','.join(s.flags)}")
     if s.timeout is not None:
-        out.append(f"\t\ttimeout {duration(s.timeout)}")
+        out.append(f"timeout {duration(s.timeout)}")
+    return out
+
+
+def hook_line(c: AnyChain) -> str | None:
+    """A base chain's `type ... hook ... priority ...; policy accept;` line."""
+    b = c.base
+    if b is None:
+        return None
+    return f"type {b.type} hook {b.hook} priority {b.priority_text}; policy accept;"
+
+
+def _set(s: NamedSet, out: list[str]) -> None:
+    out.append(f"\t{'map' if s.is_map else 'set'} {s.name} {{")
+    out += [f"\t\t{line}" for line in declaration(s)]
     if s.elements:
         out.append("\t\telements = {")
         out += [f"\t\t\t{e.text()}," for e in s.elements]
@@ -69,8 +83,8 @@ def _set(s: NamedSet, out: list[str]) -> None:
 
 def _chain(c: AnyChain, out: list[str]) -> None:
     out.append(f"\tchain {c.name} {{")
-    if c.base is not None:
-        b = c.base
-        out.append(f"\t\ttype {b.type} hook {b.hook} priority {b.priority_text}; policy accept;")
+    hook = hook_line(c)
+    if hook is not None:
+        out.append(f"\t\t{hook}")
     out += [f"\t\t{r.text()}" for r in c.rules]
     out.append("\t}")

@@ -1,0 +1,189 @@
+"""A long-lived apply loop for node agents: each apply costs what changed.
+
+`lbc.apply` compiles the whole cluster and reads the kernel's whole state on every
+call. A `Session` remembers, between applies, what it last wrote and the ruleset
+generation the kernel was at afterwards, and keeps every service's lowered program:
+
+- only services whose model changed (a new object that is not equal to the old one)
+  are lowered again;
+- with nftables, only their chains and map elements are rendered again, and the plan
+  is the objects they touched (`backends.nftables.incremental.Table`); other
+  backends render the whole program again from the kept per-service programs;
+- while the kernel's generation is the one the session left, its record of the live
+  state is used instead of a snapshot; after the commit, a generation advanced by
+  exactly one proves the transaction was the only change (see `lbc.apply.engine`).
+  Anything else (another writer, an adapter without generations) falls back to
+  reading the kernel, so the result is the same as `lbc.apply`'s.
+
+    session = lbc.Session("nftables", netns="node-a")
+    session.apply(cluster)            # the first apply: everything
+    session.apply(changed_cluster)    # later: in proportion to the change
+
+Models are frozen; change a cluster with `model_copy(update=...)` rather than by
+mutating its lists in place, or the session cannot see the change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lbc import plugins
+from lbc.apply.adapter import KernelAdapter
+from lbc.apply.engine import ApplyResult, Engine, Known
+from lbc.apply.lock import DEFAULT_LOCK
+from lbc.apply.state import Action, State
+from lbc.backends.base import Backend
+from lbc.compiler.lower import lower_service, merge, node_info
+from lbc.compiler.model import Cluster, Service
+from lbc.errors import ApplyError
+from lbc.ir.nodes import NodeInfo, Program
+
+if TYPE_CHECKING:
+    from lbc.backends.nftables.incremental import Part, Table
+
+Changed = dict[str, tuple[Service, Program] | None]  # service key -> new model and program
+
+
+class Session:
+    """Applies successive versions of a cluster to one kernel, incrementally."""
+
+    def __init__(
+        self,
+        backend: str | Backend = "nftables",
+        *,
+        netns: str | None = None,
+        kernel: KernelAdapter | None = None,
+        lock_path: Path = DEFAULT_LOCK,
+        lock_timeout: float = 30.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
+        adapter = kernel or chosen.kernel(netns)
+        self.engine = Engine(chosen, adapter, lock_path, lock_timeout, progress)
+        self._node: NodeInfo | None = None
+        self._services: dict[str, tuple[Service, Program]] = {}
+        self._table: Table | None = None  # nftables: the table kept per service
+        self._live: dict[str, tuple[str, ...]] = {}  # what the kernel holds (if known)
+        self._known_generation: int | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The backend this session applies."""
+        return self.engine.backend
+
+    def apply(self, cluster: Cluster, *, dry_run: bool = False, full: bool = False) -> ApplyResult:
+        """Make the kernel match `cluster` (as `lbc.apply`), doing work in proportion to
+        what changed since the last apply; raises `ApplyError` with nothing changed."""
+        info = node_info(cluster)
+        if info != self._node:
+            self._services = {}
+            self._table = None
+            self._node = info
+        changed = self._changed(info, cluster)
+        for entry in changed.values():
+            if entry is not None:
+                self.backend.check(entry[1])
+        if self.backend.name == "nftables":
+            return self._apply_nftables(info, changed, dry_run, full)
+        return self._apply_whole(info, changed, dry_run, full)
+
+    def _changed(self, info: NodeInfo, cluster: Cluster) -> Changed:
+        """Each new or changed service with its lowered program; None for each one gone."""
+        seen: set[str] = set()
+        changed: Changed = {}
+        for svc in cluster.services:
+            key = f"{svc.namespace}/{svc.name}"
+            seen.add(key)
+            old = self._services.get(key)
+            if old is None or (old[0] is not svc and old[0] != svc):
+                changed[key] = (svc, lower_service(info, svc))
+        for key in self._services.keys() - seen:
+            changed[key] = None
+        return changed
+
+    def _kept(self, changed: Changed) -> None:
+        """Record the services as applied."""
+        for key, entry in changed.items():
+            if entry is None:
+                del self._services[key]
+            else:
+                self._services[key] = entry
+
+    def _known(self) -> Known | None:
+        if self._known_generation is None:
+            return None
+        return Known(self._known_generation, State(self._live))
+
+    def _remember(self, result: ApplyResult, desired: Mapping[str, tuple[str, ...]]) -> None:
+        """After a commit or a confirmed no-op, the kernel holds `desired`."""
+        if result.read or result.plan.full:
+            self._live = dict(desired)
+        else:
+            for change in result.plan.changes:
+                if change.action is Action.REMOVE:
+                    self._live.pop(change.key, None)
+                else:
+                    self._live[change.key] = change.after
+        self._known_generation = result.generation
+
+    def _apply_nftables(
+        self, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
+    ) -> ApplyResult:
+        from lbc.backends.nftables.incremental import ConflictError, Table, part_of
+
+        fresh = self._table is None
+        if self._table is None:
+            self._table = Table(info.masquerade_mark)
+        table = self._table
+        previous = {key: table.parts.get(key) for key in changed}
+        try:
+            changes = table.update(
+                {key: None if e is None else part_of(e[1]) for key, e in changed.items()}
+            )
+        except ConflictError as exc:
+            raise ApplyError(f"nftables: {exc}") from exc
+        try:
+            result = self.engine.converge(
+                State(table.objects),
+                dry_run=dry_run,
+                full=full,
+                known=self._known(),
+                # The changes are from the table's last state, which is what the kernel
+                # holds, unless the table was only just made.
+                changes=None if fresh else changes,
+            )
+        except BaseException:
+            self._undo(table, previous, fresh)
+            raise
+        if dry_run:
+            self._undo(table, previous, fresh)
+            return result
+        self._kept(changed)
+        self._remember(result, table.objects)
+        return result
+
+    def _undo(self, table: Table, previous: dict[str, Part | None], fresh: bool) -> None:
+        """Put the table back as it was before a failed or dry-run apply."""
+        if fresh:
+            self._table = None
+        else:
+            table.update(previous)
+
+    def _apply_whole(
+        self, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
+    ) -> ApplyResult:
+        programs = {key: program for key, (_, program) in self._services.items()}
+        for key, entry in changed.items():
+            if entry is None:
+                programs.pop(key, None)
+            else:
+                programs[key] = entry[1]
+        artifact = self.backend.compile(merge(info, programs.values()))
+        desired = self.engine.kernel.desired(artifact)
+        result = self.engine.converge(desired, dry_run=dry_run, full=full, known=self._known())
+        if not dry_run:
+            self._kept(changed)
+            self._remember(result, desired.objects)
+        return result
