@@ -481,7 +481,13 @@ def test_apply_command_prints_its_phases(node: netns.Netns, tmp_path: Path) -> N
     )
     assert result.exit_code == 0, result.output
     phases = [line for line in result.stderr.splitlines() if line.startswith("lbc: ")]
-    assert [line.split()[2] for line in phases] == ["waiting", "reading", "committing:", "reading"]
+    # nftables verifies by generation: nothing else wrote, so no read-back.
+    assert [line.split()[2] for line in phases] == [
+        "waiting",
+        "reading",
+        "committing:",
+        "verified:",
+    ]
     assert "nftables: applied:" in result.stdout
 
 
@@ -508,3 +514,41 @@ def test_localhost_node_ports_work_after_apply(
         assert all(not source.startswith("127.") for _, source in result.sources)
     finally:
         node.sysctl("net.ipv4.conf.all.route_localnet", 0)
+
+
+# --- sessions (node agents) --------------------------------------------------------------
+def test_nftables_session_changes_leave_the_whole_table_in_the_kernel(
+    seed: netns.Seed, node: netns.Netns, tmp_path: Path
+) -> None:
+    """A session's incremental transactions, verified by generation only, leave exactly
+    the table a full read-back expects, and traffic follows each change."""
+    session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
+    pods = list(PODS.values())
+    for i, size in enumerate([3, 5, 1, 4, 2]):
+        endpoints = [(a, 1) for a in pods[i:] + pods[:i]][:size]
+        cluster = config(endpoints, extra=6 - i)
+        result = session.apply(cluster)
+        assert result.applied and result.read == (i == 0), "only the first apply reads"
+        assert lbc.verify(cluster, "nftables", netns=node.name).in_sync
+        answered = set(seed.client.request(VIP, 80, count=60).names)
+        by_address = {address: name for name, address in PODS.items()}
+        assert answered == {by_address[a] for a, _ in endpoints}
+
+
+def test_nftables_session_reads_again_after_another_writer(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
+    cluster = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=3)
+    session.apply(cluster)
+    node.exec("nft", "add", "table", "ip", "another-tool")
+    try:
+        untouched = session.apply(cluster)
+        assert untouched.read and untouched.plan.in_sync, "a new generation: read, all in sync"
+        node.exec("nft", "flush", "chain", "inet", "lbc", "services")
+        repaired = session.apply(cluster)
+        assert repaired.read and [c.key for c in repaired.plan.changes] == ["chain services"]
+        assert lbc.verify(cluster, "nftables", netns=node.name).in_sync
+        assert "table ip another-tool" in node.exec("nft", "list", "tables")
+    finally:
+        node.exec("nft", "delete", "table", "ip", "another-tool")
