@@ -19,6 +19,7 @@ from typing import Any
 from lbc.apply.state import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.nftables import names as n
+from lbc.backends.nftables.generation import GenerationReader
 from lbc.errors import ApplyError
 
 TABLE = f"{n.FAMILY} {n.TABLE}"
@@ -183,6 +184,10 @@ class NftablesKernel:
         self.netns = netns
         self.runner = runner or self._libnftables
         self._kernel = runner is None  # a stand-in runner has no generations to read
+        # Opened inside the namespace on first use and kept: a libnftables context and
+        # a netlink socket belong to the namespace they were made in.
+        self._context: Any = None
+        self._generations: GenerationReader | None = None
 
     def generation(self) -> int | None:
         """The namespace's nftables ruleset generation (netlink NFT_MSG_GETGEN).
@@ -192,20 +197,13 @@ class NftablesKernel:
         """
         if not self._kernel:
             return None
-        from pyroute2.netlink import NLM_F_REQUEST
-        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket, nft_gen_msg
-
-        with self._inside():
-            sock = NFTSocket()
         try:
-            request = nft_gen_msg()
-            request["nfgen_family"] = 0
-            reply = sock.request_get(request, NFT_MSG_GETGEN, NLM_F_REQUEST)
-            return int(reply[0].get_attr("NFTA_GEN_ID"))
-        except (OSError, IndexError, TypeError) as exc:
-            raise ApplyError(f"cannot read the nftables generation: {exc}") from exc
-        finally:
-            sock.close()
+            if self._generations is None:
+                with self._inside():
+                    self._generations = GenerationReader()
+            return self._generations.read()
+        except OSError as exc:
+            raise ApplyError(f"cannot read the nftables ruleset generation: {exc}") from exc
 
     @contextmanager
     def _inside(self) -> Iterator[None]:
@@ -230,9 +228,10 @@ class NftablesKernel:
             raise ApplyError(
                 f"the nftables binding is not usable ({exc}); install Debian's libnftables1"
             ) from exc
-        with self._inside():
-            nft = nftables.Nftables()
-            rc, out, err = nft.cmd(script)
+        if self._context is None:
+            with self._inside():
+                self._context = nftables.Nftables()
+        rc, out, err = self._context.cmd(script)
         if rc != 0:
             raise ApplyError(f"nftables refused the transaction: {err.strip()}")
         return str(out)

@@ -1,0 +1,65 @@
+"""The nftables ruleset generation of a network namespace, read over netlink.
+
+The kernel numbers the ruleset: every transaction that changes anything, in any
+table, advances the generation by one (`nf_tables_commit`), and NFT_MSG_GETGEN
+returns it. One request and one reply on a socket kept open, about a tenth of a
+millisecond, so the apply engine can ask before and after every commit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
+_NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id
+_ATTR = struct.Struct("=HH")  # nlattr: length, type
+
+
+class GenerationReader:
+    """A netlink socket of the namespace it is made in, asking for the generation."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sequence = 0
+
+    def read(self) -> int:
+        """The current generation; raises OSError when the kernel refuses."""
+        self._sequence += 1
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
+        body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
+        self._sock.send(
+            _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST, self._sequence, 0) + body
+        )
+        while True:
+            reply = self._sock.recv(65536)
+            length, got, _, sequence, _ = _HEADER.unpack_from(reply)
+            if sequence != self._sequence:
+                continue  # an answer to an earlier request that timed out
+            if got == NLMSG_ERROR:
+                (error,) = struct.unpack_from("=i", reply, _HEADER.size)
+                raise OSError(-error, os.strerror(-error))
+            return _generation(reply[_HEADER.size + _NFGEN.size : length])
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+
+def _generation(attributes: bytes) -> int:
+    offset = 0
+    while offset + _ATTR.size <= len(attributes):
+        size, kind = _ATTR.unpack_from(attributes, offset)
+        if kind & 0x3FFF == NFTA_GEN_ID:
+            (value,) = struct.unpack_from(">I", attributes, offset + _ATTR.size)
+            return int(value)
+        offset += (size + 3) & ~3
+    raise OSError("the kernel's generation reply has no NFTA_GEN_ID")
