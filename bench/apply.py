@@ -5,8 +5,9 @@
 For each size and backend, in throwaway network namespaces (root):
 - `tool alone`: `nft -f` (or `iptables-restore` per family) of lbc's own rendered rules
   into an empty namespace — the floor for a full apply;
-- `full apply`: `lbc.apply` of the same, already compiled, program into an empty
-  namespace (snapshot, plan, commit, read-back verify), and its ratio to the tool;
+- `full apply`: the apply engine given the same compiled artifact, into an empty
+  namespace (lock, snapshot, plan, commit, verify), and its ratio to the tool: the
+  engine's overhead (compiling is `bench/compile.py`'s subject);
 - `one-endpoint change`: one more endpoint on one service, end to end from the
   in-memory cluster model: lower + render + snapshot + plan + commit + verify, as a
   one-shot `lbc.apply` does it;
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lbc
 from bench.gen import generate
+from lbc.apply import Engine
 from lbc.compiler.model import Cluster, Endpoint
 
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
@@ -70,6 +72,12 @@ def tool_alone(backend: str, artifact: lbc.Artifact, ns: str) -> None:
         )
 
 
+def engine(backend: str, ns: str, lock: Path) -> Engine:
+    """The apply engine of `backend` for namespace `ns`."""
+    chosen = lbc.backends()[backend]
+    return Engine(chosen, chosen.kernel(ns), lock)
+
+
 def with_one_more_endpoint(cluster: Cluster) -> Cluster:
     """The cluster with one new ready endpoint on its first service."""
     first = cluster.services[0]
@@ -93,7 +101,7 @@ def measure(
         with namespace() as ns:
             tool.append(timed(lambda: tool_alone(backend, artifact, ns)))
         with namespace() as ns:
-            full.append(timed(lambda: lbc.apply(program, backend, netns=ns, lock_path=lock)))
+            full.append(timed(lambda: engine(backend, ns, lock).apply(artifact)))
             if one_shot:
                 change.append(timed(lambda: lbc.apply(bigger, backend, netns=ns, lock_path=lock)))
         with namespace() as ns:

@@ -131,7 +131,7 @@ class Session:
     def _apply_nftables(
         self, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
     ) -> ApplyResult:
-        from lbc.backends.nftables.incremental import ConflictError, Table, part_of
+        from lbc.backends.nftables.incremental import ConflictError, Table, TableState, part_of
 
         fresh = self._table is None
         if self._table is None:
@@ -146,7 +146,7 @@ class Session:
             raise ApplyError(f"nftables: {exc}") from exc
         try:
             result = self.engine.converge(
-                State(table.objects),
+                TableState(table.objects, table),
                 dry_run=dry_run,
                 full=full,
                 known=self._known(),

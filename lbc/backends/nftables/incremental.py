@@ -21,9 +21,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from lbc.apply.state import Action, Change
+from lbc.apply.state import Action, Change, State
 from lbc.backends.nftables import names as n
-from lbc.backends.nftables.expr import AnyChain, NamedSet, Ruleset
+from lbc.backends.nftables.expr import AnyChain, Element, NamedSet, Ruleset
 from lbc.backends.nftables.render import build, set_shapes, shared_chains
 from lbc.backends.nftables.text import declaration, hook_line
 from lbc.ir.nodes import Program
@@ -77,25 +77,47 @@ class Part:
     elements: tuple[tuple[str, str], ...]  # (shared set name, element line)
     families: frozenset[int]  # the families it has frontends in
     rejects: bool  # some frontend of it rejects (it needs the reject chain)
+    # The same as structures, for writers that need more than text (netlink):
+    sources: Mapping[str, AnyChain | NamedSet]  # object key -> chain or set
+    element_sources: tuple[Element, ...]  # aligned with `elements`
 
 
 def part_of(program: Program) -> Part:
     """The contribution of the program of one service (`lower.lower_service`)."""
     ruleset = build(program)
     own: dict[str, Lines] = {}
+    sources: dict[str, AnyChain | NamedSet] = {}
     elements: list[tuple[str, str]] = []
+    element_sources: list[Element] = []
     rejects = False
     for c in ruleset.chains:
         if c.name in SHARED_CHAINS:
             rejects = rejects or c.name == n.REJECT_CHAIN
         else:
             own[f"chain {c.name}"] = chain_lines(c)
+            sources[f"chain {c.name}"] = c
     for s in ruleset.sets:
         if s.name.startswith(n.AFFINITY):
             own[set_key(s)] = set_lines(s, ())
+            sources[set_key(s)] = s
         else:
             elements += [(s.name, ELEMENT + e.text()) for e in s.elements]
-    return Part(own, tuple(elements), frozenset(program.families()), rejects)
+            element_sources += s.elements
+    return Part(
+        own,
+        tuple(elements),
+        frozenset(program.families()),
+        rejects,
+        sources,
+        tuple(element_sources),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TableState(State):
+    """A desired state that also carries the table it came from (for netlink writers)."""
+
+    table: Table | None = None
 
 
 class ConflictError(ValueError):
@@ -113,6 +135,11 @@ class Table:
         self._elements: dict[str, set[str]] = {}  # shared set name -> its elements
         self._families: Counter[int] = Counter()
         self._rejecting = 0
+        # For netlink writers: the chain or set of each service object, and the element
+        # of each element line (those of the last update's removed parts included).
+        self.sources: dict[str, AnyChain | NamedSet] = {}
+        self.element_sources: dict[tuple[str, str], Element] = {}
+        self._gone_elements: dict[tuple[str, str], Element] = {}
 
     def update(self, parts: Mapping[str, Part | None]) -> tuple[Change, ...]:
         """Give each named service its new part (None: the service is gone).
@@ -129,6 +156,7 @@ class Table:
                 made.add(key)
         touched: dict[str, Lines | None] = {}  # key -> its lines before this update
         sets: set[str] = set()  # shared sets whose elements changed
+        self._gone_elements = {}
         for name in parts:
             old = self.parts.pop(name, None)
             if old is not None:
@@ -143,11 +171,13 @@ class Table:
     def _remove(self, part: Part, touched: dict[str, Lines | None], sets: set[str]) -> None:
         for key in part.objects:
             self._put(key, None, touched)
-        for ref in part.elements:
+            self.sources.pop(key, None)
+        for ref, element in zip(part.elements, part.element_sources, strict=True):
             self._refs[ref] -= 1
             if not self._refs[ref]:
                 del self._refs[ref]
                 self._elements[ref[0]].discard(ref[1])
+                self._gone_elements[ref] = self.element_sources.pop(ref, element)
                 sets.add(ref[0])
         self._families.subtract(part.families)
         self._rejecting -= part.rejects
@@ -155,10 +185,12 @@ class Table:
     def _add(self, part: Part, touched: dict[str, Lines | None], sets: set[str]) -> None:
         for key, lines in part.objects.items():
             self._put(key, lines, touched)
-        for ref in part.elements:
+        self.sources.update(part.sources)
+        for ref, element in zip(part.elements, part.element_sources, strict=True):
             self._refs[ref] += 1
             if self._refs[ref] == 1:
                 self._elements.setdefault(ref[0], set()).add(ref[1])
+                self.element_sources[ref] = element
                 sets.add(ref[0])
         self._families.update(part.families)
         self._rejecting += part.rejects
@@ -186,6 +218,14 @@ class Table:
                     self._put(key, None, touched)
                 elif name in sets or key not in self.objects:
                     self._put(key, set_lines(shape, self._elements[name]), touched)
+
+    def element(self, set_name: str, line: str) -> Element:
+        """The element of an element line now in the table or removed by the last update."""
+        ref = (set_name, line)
+        found = self.element_sources.get(ref) or self._gone_elements.get(ref)
+        if found is None:
+            raise KeyError(ref)
+        return found
 
     def _put(self, key: str, lines: Lines | None, touched: dict[str, Lines | None]) -> None:
         before = self.objects.get(key)

@@ -19,7 +19,10 @@ from typing import Any
 from lbc.apply.state import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.nftables import names as n
+from lbc.backends.nftables.expr import Ruleset
 from lbc.backends.nftables.generation import GenerationReader
+from lbc.backends.nftables.incremental import objects
+from lbc.backends.nftables.netlink import Batch, BatchError, Unencodable, Writer, batch_for
 from lbc.errors import ApplyError
 
 TABLE = f"{n.FAMILY} {n.TABLE}"
@@ -167,10 +170,12 @@ def incremental_script(live: State, desired: State, plan: Plan) -> str | None:
                 out.append(f"add rule {TABLE} {name} {line}")
     for name, items in add_elements:
         out.append(f"add element {TABLE} {name} {{ {', '.join(items)} }}")
-    for name in removed_chains:
-        out.append(f"delete chain {TABLE} {name}")
+    # Sets and maps go before chains: a removed map's elements may still name a
+    # removed chain, and the kernel refuses to delete a chain something points to.
     for kind, name in removed_sets:
         out.append(f"delete {kind} {TABLE} {name}")
+    for name in removed_chains:
+        out.append(f"delete chain {TABLE} {name}")
     return "\n".join(out) + "\n"
 
 
@@ -188,6 +193,8 @@ class NftablesKernel:
         # a netlink socket belong to the namespace they were made in.
         self._context: Any = None
         self._generations: GenerationReader | None = None
+        self._writer: Writer | None = None
+        self.netlink_commits = 0  # changes sent as a netlink batch, without libnftables
 
     def generation(self) -> int | None:
         """The namespace's nftables ruleset generation (netlink NFT_MSG_GETGEN).
@@ -236,6 +243,16 @@ class NftablesKernel:
             raise ApplyError(f"nftables refused the transaction: {err.strip()}")
         return str(out)
 
+    def _send(self, batch: Batch) -> None:
+        try:
+            if self._writer is None:
+                with self._inside():
+                    self._writer = Writer()
+            self._writer.send(batch)
+        except (OSError, BatchError) as exc:
+            raise ApplyError(f"nftables refused the transaction: {exc}") from exc
+        self.netlink_commits += 1
+
     def snapshot(self) -> State:
         """Equivalent to `nft list table inet lbc` (empty when the table does not exist)."""
         try:
@@ -247,7 +264,9 @@ class NftablesKernel:
         return State(parse(listing))
 
     def desired(self, artifact: Artifact) -> State:
-        """The objects of the artifact's nft text."""
+        """The objects of the artifact's ruleset (the same as parsing its nft text)."""
+        if isinstance(artifact.data, Ruleset):
+            return State(objects(artifact.data))
         return State(parse(artifact.text()))
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
@@ -255,6 +274,15 @@ class NftablesKernel:
         if not desired.objects:
             self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
             return
+        table = getattr(desired, "table", None)
+        if live.objects and not plan.full and table is not None and self._kernel:
+            try:
+                batch = batch_for(plan, table, n.TABLE)
+            except Unencodable:
+                pass
+            else:
+                self._send(batch)
+                return
         script = None
         if live.objects and not plan.full:
             script = incremental_script(live, desired, plan)
