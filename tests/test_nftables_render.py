@@ -15,7 +15,8 @@ import pytest
 
 import lbc
 from lbc.backends.nftables import names as n
-from lbc.backends.nftables.render import shares
+from lbc.backends.nftables.expr import Ruleset
+from lbc.backends.nftables.render import build, shares
 from lbc.ir.nodes import (
     Backend,
     Empty,
@@ -473,3 +474,21 @@ def test_render_imports_nothing_heavy() -> None:
     subprocess.run(
         [sys.executable, "-c", code, str(GOLDEN / "hostnames" / "cluster.toml")], check=True
     )
+
+
+def _ruleset(case: str) -> Ruleset:
+    if case == "worst-case":
+        cluster = lbc.loads(worst_case_config())
+    else:
+        cluster = lbc.load(GOLDEN / case / "cluster.toml")
+    return build(lbc.lower(cluster))
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_chains_print_the_text_of_their_rules(case: str) -> None:
+    # The printer reads `lines()`, which pool and endpoint chains make without making
+    # their rules; the JSON form and the kernel adapters read `rules`.
+    chains = _ruleset(case).chains
+    assert chains
+    for chain in chains:
+        assert chain.lines() == [r.text() for r in chain.rules], chain.name

@@ -340,6 +340,10 @@ class Chain:
     rules: tuple[Rule, ...]
     base: BaseHook | None = None
 
+    def lines(self) -> list[str]:
+        """The text of each rule."""
+        return [r.text() for r in self.rules]
+
 
 class AnyChain(Protocol):
     """What printers read of a chain: a `Chain`, or one whose rules are made on demand."""
@@ -352,6 +356,10 @@ class AnyChain(Protocol):
 
     @property
     def base(self) -> BaseHook | None: ...
+
+    def lines(self) -> list[str]:
+        """The text of each rule, as `[r.text() for r in rules]` (printed without them)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

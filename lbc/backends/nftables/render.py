@@ -35,6 +35,8 @@ import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from typing import NamedTuple
 
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import (
@@ -67,7 +69,7 @@ from lbc.backends.nftables.expr import (
     Vmap,
 )
 from lbc.ir.names import digest
-from lbc.ir.nodes import Backend, Empty, Frontend, Kind, Pool, Program
+from lbc.ir.nodes import Empty, Frontend, Kind, Pool, Program
 from lbc.ir.nodes import Masquerade as Masq
 
 _L4PROTO = Meta("l4proto")
@@ -106,27 +108,54 @@ def shares(weights: list[int]) -> list[tuple[int, int]]:
 # Pool and endpoint chains are kept as the facts they are made of, and their rules are
 # made when read: at 100k endpoints the ruleset then holds one small object per chain
 # rather than a dozen per endpoint (rules, matches, values) that the garbage collector
-# would walk again and again while the ruleset grows.
+# would walk again and again while the ruleset grows. An endpoint chain is a tuple of
+# strings and integers, which the collector stops tracking altogether. Both print
+# their rules' text directly (`lines`), the same text as their rules' `text()`.
 
 
-@dataclass(frozen=True, slots=True)
-class PoolChain:
+@cache
+def _mark_text(mark: int) -> str:
+    """`meta mark set meta mark | 0x00004000`: the statement that marks for masquerade."""
+    return Mangle(_MARK, BinOp("|", _MARK, Value(mark, hex=True))).text()
+
+
+# (address, protocol, port, pod CIDR or "") of a cluster-IP frontend whose traffic the
+# pool's chain marks for masquerade: all of it, or what does not come from the pod CIDR.
+MarkedFrontend = tuple[str, str, int, str]
+
+
+class PoolChain(NamedTuple):
     """A pool's chain: cluster-IP masquerade marks, affinity, then the weighted choice."""
 
     name: str
     family: int
-    head: tuple[Rule, ...]  # the masquerade marks of the pool's cluster-IP frontends
+    head: tuple[MarkedFrontend, ...]  # the pool's cluster-IP frontends to mark
     endpoints: tuple[str, ...]  # the chains of the active backends, in order
     weights: tuple[int, ...]
     affinity: tuple[str, ...] | None  # their affinity sets, if the pool has affinity
-    base: None = None
+    mark: int  # the masquerade mark
+
+    @property
+    def base(self) -> None:
+        """Never a base chain."""
+        return None
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """Known clients to their backend; then `numgen` chances, the last one certain."""
-        rules = list(self.head)
+        saddr = _SADDR[self.family]
+        family = ip_proto(self.family)
+        set_mark = Mangle(_MARK, BinOp("|", _MARK, Value(self.mark, hex=True)))
+        rules = []
+        for address, proto, port, pod_cidr in self.head:
+            this: tuple[Statement, ...] = (
+                Match(Payload(family, "daddr"), Value(address)),
+                Match(Payload(proto, "dport"), Value(port)),
+            )
+            if pod_cidr:
+                this += (Match(saddr, _prefix(pod_cidr), op="!="),)
+            rules.append(Rule((*this, set_mark)))
         if self.affinity is not None:
-            saddr = _SADDR[self.family]
             for set_name, chain in zip(self.affinity, self.endpoints, strict=True):
                 rules.append(Rule((Match(saddr, SetRef(set_name)), Verdict("goto", chain))))
         for chain, (k, m) in zip(self.endpoints, shares(list(self.weights)), strict=False):
@@ -134,29 +163,72 @@ class PoolChain:
         rules.append(Rule((Verdict("goto", self.endpoints[-1]),)))
         return tuple(rules)
 
+    def lines(self) -> list[str]:
+        """The text of `rules`."""
+        family = ip_proto(self.family)
+        mark = _mark_text(self.mark)
+        out = [
+            f"{family} daddr {address} {proto} dport {port} {family} saddr != {pod_cidr} {mark}"
+            if pod_cidr
+            else f"{family} daddr {address} {proto} dport {port} {mark}"
+            for address, proto, port, pod_cidr in self.head
+        ]
+        endpoints = self.endpoints
+        if self.affinity is not None:
+            out += [
+                f"{family} saddr @{set_name} goto {chain}"
+                for set_name, chain in zip(self.affinity, endpoints, strict=True)
+            ]
+        out += [
+            f"numgen random mod {m} < {k} goto {chain}"
+            for chain, (k, m) in zip(endpoints, shares(list(self.weights)), strict=False)
+        ]
+        out.append(f"goto {endpoints[-1]}")
+        return out
 
-@dataclass(frozen=True, slots=True)
-class EndpointChain:
+
+class EndpointChain(NamedTuple):
     """One backend's chain: mark hairpin traffic, note the client (affinity), DNAT."""
 
     name: str
-    backend: Backend
     family: int
-    proto: Match  # `meta l4proto tcp`, shared
-    set_mark: Mangle  # shared
+    address: str
+    port: int
+    proto: str  # tcp, udp or sctp
+    mark: int  # the masquerade mark
     affinity: str | None  # the backend's affinity set, if its pool has affinity
-    base: None = None
+
+    @property
+    def base(self) -> None:
+        """Never a base chain."""
+        return None
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The rules, made anew."""
-        b = self.backend
         saddr = _SADDR[self.family]
-        hairpin = Rule((Match(saddr, Value(b.address)), self.set_mark))
-        dnat = Rule((self.proto, Dnat(ip_proto(self.family), b.address, b.port)))
+        set_mark = Mangle(_MARK, BinOp("|", _MARK, Value(self.mark, hex=True)))
+        hairpin = Rule((Match(saddr, Value(self.address)), set_mark))
+        proto = Match(_L4PROTO, Value(self.proto))
+        dnat = Rule((proto, Dnat(ip_proto(self.family), self.address, self.port)))
         if self.affinity is None:
             return (hairpin, dnat)
         return (hairpin, Rule((SetUpdate(self.affinity, saddr),)), dnat)
+
+    def lines(self) -> list[str]:
+        """The text of `rules`."""
+        _, family, address, port, proto, mark, affinity = self
+        if family == 4:
+            hairpin = f"ip saddr {address} {_mark_text(mark)}"
+            dnat = f"meta l4proto {proto} dnat ip to {address}:{port}"
+            saddr = "ip saddr"
+        else:
+            hairpin = f"ip6 saddr {address} {_mark_text(mark)}"
+            dnat = f"meta l4proto {proto} dnat ip6 to [{address}]:{port}"
+            saddr = "ip6 saddr"
+        if affinity is None:
+            return [hairpin, dnat]
+        return [hairpin, f"update @{affinity} {{ {saddr} }}", dnat]
 
 
 def build(program: Program) -> Ruleset:
@@ -188,9 +260,7 @@ class _Builder:
         self.sets = _Sets()
         self.affinity: list[NamedSet] = []
         self.cluster_ips: dict[str, list[Frontend]] = {}  # pool id -> its cluster-IP frontends
-        # Shared, made on first use: the transport match of endpoint chains by protocol,
-        # the pod CIDR by family.
-        self.protos: dict[str, Match] = {}
+        # Shared, made on first use: the pod CIDR by family.
         self.pod_cidrs: dict[int, Prefix | None] = {}
         for f in program.frontends:
             if f.kind is Kind.CLUSTER_IP:
@@ -344,49 +414,52 @@ class _Builder:
         active = pool.active
         if not active:
             return
-        head: list[Rule] = []
+        head = []
         for f in self.cluster_ips.get(pool.id, []):
-            head += self.cluster_masquerade(f)
-        endpoints = self.endpoint_names(pool)
-        names = tuple([endpoints.name(b.id, b.address, b.port) for b in active])
+            marked = self.marked(f)
+            if marked is not None:
+                head.append(marked)
+        name_of = self.endpoint_names(pool).name
+        names = tuple([name_of(b.id, b.address, b.port) for b in active])
         sets: tuple[str, ...] | None = None
-        if pool.affinity_timeout is not None:
+        timeout = pool.affinity_timeout
+        if timeout is not None:
             affinity = self.affinity_names(pool)
             sets = tuple([affinity.name(b.id, b.address, b.port) for b in active])
         name = self.pool_name(pool)
         weights = tuple([b.weight for b in active])
-        self.chains[name] = PoolChain(name, pool.family, tuple(head), names, weights, sets)
+        chains = self.chains
+        mark = self.program.node.masquerade_mark
+        chains[name] = PoolChain(name, pool.family, tuple(head), names, weights, sets, mark)
+        family, proto = pool.family, str(pool.proto)
         for i, b in enumerate(active):
-            if names[i] not in self.chains:  # the same backend in a service's two pools
-                affinity_set = None if sets is None else sets[i]
-                self.chains[names[i]] = self.endpoint_chain(pool, b, names[i], affinity_set)
-
-    def endpoint_chain(
-        self, pool: Pool, b: Backend, name: str, affinity: str | None
-    ) -> EndpointChain:
-        if affinity is not None:
-            self.affinity.append(
-                NamedSet(
-                    affinity,
-                    (addr_type(pool.family),),
-                    flags=("dynamic", "timeout"),
-                    timeout=pool.affinity_timeout,
+            chain = names[i]
+            if chain in chains:  # the same backend in a service's two pools
+                continue
+            affinity_set = None
+            if sets is not None:
+                affinity_set = sets[i]
+                self.affinity.append(
+                    NamedSet(
+                        affinity_set,
+                        (addr_type(family),),
+                        flags=("dynamic", "timeout"),
+                        timeout=timeout,
+                    )
                 )
+            chains[chain] = EndpointChain(
+                chain, family, b.address, b.port, proto, mark, affinity_set
             )
-        proto = self.protos.get(pool.proto)
-        if proto is None:
-            proto = self.protos[pool.proto] = Match(_L4PROTO, Value(pool.proto))
-        return EndpointChain(name, b, pool.family, proto, self.set_mark, affinity)
 
-    def cluster_masquerade(self, f: Frontend) -> list[Rule]:
-        """Mark a cluster-IP frontend's traffic for masquerade, as its policy says."""
-        family = ip_proto(f.family)
-        this = (
-            Match(Payload(family, "daddr"), Value(f.address)),
-            Match(Payload(f.proto, "dport"), Value(f.port)),
-        )
-        masq = self.masquerade(f)
-        return [self.mark_for_masquerade(*this, *masq)] if masq is not None else []
+    def marked(self, f: Frontend) -> MarkedFrontend | None:
+        """A cluster-IP frontend whose traffic its pool marks for masquerade, as its policy
+        says (all of it, or from outside the pod CIDR), or None when it marks none."""
+        if f.masquerade is Masq.ALWAYS:
+            return (f.address, str(f.proto), f.port, "")
+        pod_cidr = self.pod_cidr(f.family)
+        if f.masquerade is Masq.OFF_CLUSTER and pod_cidr:
+            return (f.address, str(f.proto), f.port, pod_cidr.text())
+        return None
 
     def masquerade(self, f: Frontend) -> tuple[Statement, ...] | None:
         """The matches that select the packets to mark, or None for no marking at all."""

@@ -82,9 +82,10 @@ def _set(s: NamedSet, out: list[str]) -> None:
 
 
 def _chain(c: AnyChain, out: list[str]) -> None:
-    out.append(f"\tchain {c.name} {{")
+    # One string per chain: fewer, longer strings to keep and join.
+    lines = c.lines()
     hook = hook_line(c)
     if hook is not None:
-        out.append(f"\t\t{hook}")
-    out += [f"\t\t{r.text()}" for r in c.rules]
-    out.append("\t}")
+        lines.insert(0, hook)
+    body = "".join([f"\n\t\t{line}" for line in lines])
+    out.append(f"\tchain {c.name} {{{body}\n\t}}")
