@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
-from lbc.apply.engine import ApplyResult, Engine, Known
+from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
-from lbc.apply.state import Action, State
+from lbc.apply.state import Action, Known, State
 from lbc.backends.base import Backend
 from lbc.compiler.lower import lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Service

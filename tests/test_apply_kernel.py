@@ -552,3 +552,30 @@ def test_nftables_session_reads_again_after_another_writer(
         assert "table ip another-tool" in node.exec("nft", "list", "tables")
     finally:
         node.exec("nft", "delete", "table", "ip", "another-tool")
+
+
+def test_one_shot_applies_remember_the_ruleset_between_runs(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    """`lbc apply` leaves a record beside its lock file; the next run plans from it
+    while the namespace's ruleset generation is unchanged, and reads the kernel when
+    anything else wrote."""
+    lock = tmp_path / "lock"
+    small = config([("10.244.1.7", 1)], extra=2)
+    big = config([("10.244.1.7", 1), ("10.244.2.3", 2)], extra=3)
+    first = lbc.apply(small, "nftables", netns=node.name, lock_path=lock)
+    assert first.read
+    (record,) = tmp_path.glob("lock.nftables.netns-*.json")
+    second = lbc.apply(big, "nftables", netns=node.name, lock_path=lock)
+    assert second.applied and not second.read, "planned from the record"
+    assert lbc.verify(big, "nftables", netns=node.name).in_sync
+    node.exec("nft", "add", "table", "ip", "another-tool")
+    try:
+        third = lbc.apply(small, "nftables", netns=node.name, lock_path=lock)
+        assert third.read, "another writer: the record no longer holds"
+        assert lbc.verify(small, "nftables", netns=node.name).in_sync
+    finally:
+        node.exec("nft", "delete", "table", "ip", "another-tool")
+    record.write_text('{"generation": "garbled"')
+    fourth = lbc.apply(big, "nftables", netns=node.name, lock_path=lock)
+    assert fourth.read and lbc.verify(big, "nftables", netns=node.name).in_sync

@@ -16,7 +16,7 @@ import pytest
 import lbc
 from bench.gen import generate
 from lbc.apply import Action, Engine, FakeKernel, State
-from lbc.apply.engine import Known
+from lbc.apply.state import Known
 from lbc.backends.nftables.incremental import Table, objects, part_of
 from lbc.backends.nftables.kernel import parse
 from lbc.backends.nftables.render import build

@@ -17,19 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lbc.apply import memory
 from lbc.apply.adapter import KernelAdapter
 from lbc.apply.lock import DEFAULT_LOCK, host_lock
-from lbc.apply.state import Change, Plan, State, plan_between
+from lbc.apply.state import Change, Known, Plan, State, plan_between
 from lbc.backends.base import Artifact, Backend
 from lbc.errors import ApplyError
-
-
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What the kernel held at one ruleset generation (the state lbc last wrote)."""
-
-    generation: int
-    state: State
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +62,8 @@ class Engine:
     lock_timeout: float = 30.0
     # Told each phase of a long apply as it starts (the CLI prints them); never required.
     progress: Callable[[str], None] | None = None
+    # Keep a record of what was written beside the lock file, for the next run.
+    remember: bool = True
 
     def _step(self, message: str) -> None:
         if self.progress is not None:
@@ -99,13 +94,36 @@ class Engine:
         self._step(f"waiting for the lock {self.lock_path}")
         with host_lock(self.lock_path, self.lock_timeout):
             desired = self.kernel.desired(artifact)
-            return self._converge(desired, dry_run, start, full)
+            return self._remembered(desired, dry_run, start, full)
 
     def delete(self, dry_run: bool = False) -> ApplyResult:
         """Remove every object lbc owns, and nothing else."""
         start = time.perf_counter()
         with host_lock(self.lock_path, self.lock_timeout):
-            return self._converge(State({}), dry_run, start)
+            return self._remembered(State({}), dry_run, start)
+
+    def _record(self) -> Path | None:
+        """The on-disk record of this kernel's state (`lbc.apply.memory`), if it has one."""
+        identity = getattr(self.kernel, "identity", None)
+        name = identity() if identity is not None and self.remember else None
+        return None if name is None else memory.record_path(self.lock_path, self.backend.name, name)
+
+    def _remembered(
+        self, desired: State, dry_run: bool, start: float, full: bool = False
+    ) -> ApplyResult:
+        """`_converge` starting from the record of the last run, and leaving one."""
+        record = self._record()
+        known = memory.load(record) if record is not None else None
+        try:
+            result = self._converge(desired, dry_run, start, full, known)
+        except BaseException:
+            if record is not None:
+                memory.forget(record)
+            raise
+        written = result.applied or result.plan.in_sync  # the kernel now holds `desired`
+        if record is not None and result.generation is not None and written:
+            memory.save(record, Known(result.generation, desired))
+        return result
 
     def converge(
         self,

@@ -19,6 +19,14 @@ class State:
         return len(self.objects)
 
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the kernel held at one ruleset generation (the state lbc last wrote)."""
+
+    generation: int
+    state: State
+
+
 class Action(StrEnum):
     """What a plan does to one object."""
 

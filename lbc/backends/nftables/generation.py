@@ -18,6 +18,7 @@ NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
+SO_NETNS_COOKIE = 71
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id
 _ATTR = struct.Struct("=HH")  # nlattr: length, type
@@ -48,6 +49,15 @@ class GenerationReader:
                 (error,) = struct.unpack_from("=i", reply, _HEADER.size)
                 raise OSError(-error, os.strerror(-error))
             return _generation(reply[_HEADER.size + _NFGEN.size : length])
+
+    def cookie(self) -> int | None:
+        """The namespace's cookie (SO_NETNS_COOKIE): unique for the boot, never reused,
+        unlike the namespace's inode number. None on kernels older than 5.14."""
+        try:
+            raw = self._sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError:
+            return None
+        return int(struct.unpack("=Q", raw)[0])
 
     def close(self) -> None:
         """Close the socket."""

@@ -243,6 +243,16 @@ class NftablesKernel:
             raise ApplyError(f"nftables refused the transaction: {err.strip()}")
         return str(out)
 
+    def identity(self) -> str | None:
+        """Which ruleset this is, for remembering it between runs: the network
+        namespace's cookie (unique for the boot; /run does not outlive a boot)."""
+        if not self._kernel:
+            return None
+        self.generation()  # opens the socket inside the namespace
+        assert self._generations is not None
+        cookie = self._generations.cookie()
+        return None if cookie is None else f"netns-{cookie}"
+
     def _send(self, batch: Batch) -> None:
         try:
             if self._writer is None:
