@@ -60,6 +60,14 @@ def address_text(family: int, value: int) -> str:
     return ipaddress.IPv6Address(value).compressed
 
 
+def _address_int(address: str) -> int:
+    """`int(ip_address(address))`; a dotted quad through inet_pton, in C."""
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, address))
+    except OSError:
+        return int(ipaddress.ip_address(address))
+
+
 @dataclass(frozen=True, slots=True)
 class KeySpace:
     """How keys read: an address of `address_bits` (0: none), a protocol digit, a port."""
@@ -74,7 +82,7 @@ class KeySpace:
 
     def key(self, address: str | None, proto: Proto, port: int) -> int:
         """The key of a rule matching `-d address -p proto --dport port`."""
-        head = int(ipaddress.ip_address(address)) if address is not None else 0
+        head = 0 if address is None else _address_int(address)
         return (head << (PROTO_BITS + PORT_BITS)) | (_PROTO_CODE[proto] << PORT_BITS) | port
 
     def match(self, value: int, length: int) -> str:

@@ -60,10 +60,15 @@ BUILTIN_HOOKS = {
 
 @dataclass
 class _Table:
-    """One table: lbc's chains (declared, in order) and the rules of every chain."""
+    """One table: lbc's chains (declared, in order) and the rules of every chain.
+
+    A chain's rules are its `-A` lines: a list while rules are added, or a tuple of
+    lines already joined (an endpoint chain's, made whole at once: a tuple of strings
+    is one object the garbage collector soon stops tracking).
+    """
 
     name: str
-    chains: dict[str, list[str]] = field(default_factory=dict)
+    chains: dict[str, list[str] | tuple[str]] = field(default_factory=dict)
     hooks: list[str] = field(default_factory=list)
 
     def declare(self, chain: str) -> bool:
@@ -74,8 +79,10 @@ class _Table:
         return True
 
     def add(self, chain: str, rule: str) -> None:
-        if chain in self.chains:
-            self.chains[chain].append(f"-A {chain} {rule}")
+        rules = self.chains.get(chain)
+        if rules is not None:
+            assert isinstance(rules, list), f"{chain} is already complete"
+            rules.append(f"-A {chain} {rule}")
         else:  # a built-in chain
             self.hooks.append(f"-A {chain} {rule}")
 
@@ -88,8 +95,12 @@ class _Table:
 
 def comment(text: str) -> str:
     """A `-m comment` match; quotes and backslashes are escaped for iptables-restore."""
-    safe = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'-m comment --comment "{safe}"'
+    return f'-m comment --comment "{_escape(text)}"'
+
+
+def _escape(text: str) -> str:
+    """`text` as it goes between the quotes of a comment."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def probabilities(weights: Sequence[int]) -> list[str]:
@@ -143,6 +154,7 @@ class _FamilyRenderer:
         self.pools = program.pool_index()
         self.filter = _Table("filter")
         self.nat = _Table("nat")
+        self.probabilities: dict[tuple[int, ...], list[str]] = {}
 
     # --- whole document -----------------------------------------------------------
     def render(self) -> str:
@@ -286,47 +298,54 @@ class _FamilyRenderer:
         if not active:
             return
         name = self.pool_name(pool)
-        self.nat.declare(name)
+        nat = self.nat
+        nat.declare(name)
         for f in cluster_ips:
             self.cluster_masquerade(name, f)
-        what = pool.service
-        if pool.affinity_timeout is not None:
-            for b in active:
-                sep = n.SEP + b.id
-                self.nat.add(
-                    name,
-                    f"{comment(f'{what} -> {hostport(b.address, b.port)}')} -m recent "
-                    f"--rcheck --seconds {pool.affinity_timeout} --reap --name {sep} "
-                    f"--mask {self.mask()} --rsource -j {sep}",
-                )
-        chances = probabilities([b.weight for b in active])
-        for i, b in enumerate(active):
-            sep = n.SEP + b.id
-            chance = ""
-            if i < len(chances):
-                chance = f" -m statistic --mode random --probability {chances[i]}"
-            self.nat.add(
-                name,
-                f"{comment(f'{what} -> {hostport(b.address, b.port)}')}{chance} -j {sep}",
-            )
-        for b in active:
-            sep = n.SEP + b.id
-            if not self.nat.declare(sep):
+        rules = nat.chains[name]
+        assert isinstance(rules, list)
+        what = _escape(pool.service)
+        # Each endpoint's `ip:port`, its chain, and the start of its rules in the pool's
+        # chain (the comment names the pool's service and the endpoint).
+        ends = [(b, n.SEP + b.id, hostport(b.address, b.port)) for b in active]
+        to = f'-A {name} -m comment --comment "{what} -> '
+        timeout = pool.affinity_timeout
+        if timeout is not None:
+            recent = f" -m recent --rcheck --seconds {timeout} --reap --name "
+            rsource = f" --mask {self.mask()} --rsource -j "
+            rules += [f'{to}{where}"{recent}{sep}{rsource}{sep}' for _, sep, where in ends]
+        chances = self.chances(tuple([b.weight for b in active]))
+        statistic = " -m statistic --mode random --probability "
+        rules += [
+            f'{to}{where}"{statistic}{chance} -j {sep}'
+            for (_, sep, where), chance in zip(ends, chances, strict=False)
+        ]
+        rules += [f'{to}{where}" -j {sep}' for _, sep, where in ends[len(chances) :]]
+        chains = nat.chains
+        proto, host, note = pool.proto, self.host, f'-m comment --comment "{what}"'
+        if timeout is not None:
+            dnat = f" -m recent --set --name {{sep}} --mask {self.mask()} --rsource -m {proto}"
+        for b, sep, where in ends:
+            if sep in chains:
                 continue  # the same endpoint in a cluster and a local pool
-            self.nat.add(sep, f"-s {b.address}{self.host} {comment(what)} -j {n.MARK_MASQ}")
-            if pool.affinity_timeout is not None:
-                self.nat.add(
-                    sep,
-                    f"-p {pool.proto} {comment(what)} -m recent --set --name {sep} "
-                    f"--mask {self.mask()} --rsource -m {pool.proto} -j DNAT "
-                    f"--to-destination {hostport(b.address, b.port)}",
+            hairpin = f"-A {sep} -s {b.address}{host} {note} -j {n.MARK_MASQ}"
+            if timeout is None:
+                chains[sep] = (
+                    f"{hairpin}\n-A {sep} -p {proto} {note} -m {proto} -j DNAT "
+                    f"--to-destination {where}",
                 )
             else:
-                self.nat.add(
-                    sep,
-                    f"-p {pool.proto} {comment(what)} -m {pool.proto} -j DNAT "
-                    f"--to-destination {hostport(b.address, b.port)}",
+                chains[sep] = (
+                    f"{hairpin}\n-A {sep} -p {proto} {note}{dnat.format(sep=sep)} -j DNAT "
+                    f"--to-destination {where}",
                 )
+
+    def chances(self, weights: tuple[int, ...]) -> list[str]:
+        """`probabilities(weights)`, made once for each list of weights."""
+        found = self.probabilities.get(weights)
+        if found is None:
+            found = self.probabilities[weights] = probabilities(weights)
+        return found
 
     def mask(self) -> str:
         return "255.255.255.255" if self.family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
