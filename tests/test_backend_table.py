@@ -46,7 +46,7 @@ ROWS: dict[str, tuple[str, dict[str, Expected]]] = {
         {
             "ir": "backend 10.244.2.3:8080 weight 1",
             "iptables": "--probability 0.50000000000 -j LBC-SEP-",
-            "nftables": "numgen random mod 2 < 1 goto endpoint-",
+            "nftables": "numgen random mod 2 < 1 dnat ip to 10.244.1.7:8080",
             "ipvs": "-A -t 10.0.0.10:80 -s rr",
         },
     ),
@@ -55,7 +55,7 @@ ROWS: dict[str, tuple[str, dict[str, Expected]]] = {
         {
             "ir": "backend 10.244.2.3:8080 weight 3",
             "iptables": "--probability 0.25000000000 -j LBC-SEP-",
-            "nftables": "numgen random mod 4 < 1 goto endpoint-",
+            "nftables": "numgen random mod 4 < 1 dnat ip to 10.244.1.7:8080",
             "ipvs": "-a -t 10.0.0.10:80 -r 10.244.2.3:8080 -m -w 3",
         },
     ),
@@ -109,7 +109,7 @@ ROWS: dict[str, tuple[str, dict[str, Expected]]] = {
         {
             "ir": "service default/t:p udp ipv4",
             "iptables": '-p udp -m comment --comment "default/t:p" -m udp -j DNAT',
-            "nftables": "meta l4proto udp dnat ip to 10.244.1.7:8080",
+            "nftables": "meta l4proto udp numgen random mod 2 < 1 dnat ip to 10.244.1.7:8080",
             "ipvs": "-A -u 10.0.0.10:80 -s rr",
         },
     ),

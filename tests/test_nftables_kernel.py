@@ -8,7 +8,6 @@ two-sided probability below 6e-7, so a failure means the rules are wrong, not lu
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -174,13 +173,13 @@ def test_a_broken_document_changes_nothing(scratch: netns.Netns) -> None:
     before = listing(scratch)
     weighted_text, weighted_json = OUTPUTS["weighted"], json_form("weighted")
     last = parse_nft(weighted_text).chains
-    victim = next(c for c in last if c.startswith("endpoint-"))
-    bad_text = weighted_text.replace(f"goto {victim}", "goto endpoint-NOWHERE", 1)
+    victim = next(c for c in last if c.startswith("service-"))
+    bad_text = weighted_text.replace(f"goto {victim}", "goto service-NOWHERE", 1)
     assert bad_text != weighted_text
     with pytest.raises(netns.NetnsError, match="NOWHERE"):
         load_text(scratch, bad_text)
     assert listing(scratch) == before
-    bad_json = weighted_json.replace(f'"target":"{victim}"', '"target":"endpoint-NOWHERE"', 1)
+    bad_json = weighted_json.replace(f'"target":"{victim}"', '"target":"service-NOWHERE"', 1)
     assert json.loads(bad_json) != json.loads(weighted_json)
     with pytest.raises(netns.NetnsError):
         load_json(scratch, bad_json)
@@ -193,7 +192,7 @@ def test_the_kernel_keeps_the_exact_shares(scratch: netns.Netns) -> None:
     held = held_chains(scratch)
     (chain,) = [c for c in held.chains if c.startswith("service-")]
     got = chosen_shares(held, chain)
-    by_address = {re.sub(r".*__(.*)/\d+$", r"\1", k): v for k, v in got.items()}
+    by_address = {k.rsplit(":", 1)[0]: v for k, v in got.items()}
     assert by_address == {
         "10.244.1.7": Fraction(1, 6),
         "10.244.2.3": Fraction(2, 6),

@@ -32,7 +32,11 @@ from lbc.ir.nodes import (
 from tests.golden import CASES, GOLDEN
 
 IDENTIFIER = re.compile(r"^[A-Za-z_.][A-Za-z0-9/_.-]*$")  # nft 1.0.6's unquoted names
-NUMGEN = re.compile(r"^numgen random mod (\d+) < (\d+) goto (\S+)$")
+# A pool's choice: `meta l4proto P numgen random mod M < K [update @set { ip saddr }]
+# dnat ip to ADDRESS:PORT`; the last choice has no numgen; known clients come first.
+_TO = r"(?:update @\S+ \{ ip6? saddr \} )?dnat ip6? to (\S+)"
+NUMGEN = re.compile(r"^meta l4proto \S+ numgen random mod (\d+) < (\d+) " + _TO + "$")
+LAST = re.compile(r"^meta l4proto \S+ " + _TO + "$")
 TARGET = re.compile(r"\b(?:goto|jump) (\S+?)(?:,|$| )")
 SET_REF = re.compile(r"@([^\s,]+)")
 NODE = '[node]\nname = "node-1"\naddresses = ["192.168.49.2"]\npod_cidrs = ["10.244.0.0/16"]\n'
@@ -96,18 +100,19 @@ def nft_text(config: str) -> str:
 
 
 def chosen_shares(parsed: Parsed, chain: str) -> dict[str, Fraction]:
-    """Each endpoint chain's exact chance of being picked by a pool chain's numgen rules."""
+    """Each backend's (`address:port`) exact chance of being picked by a pool chain's
+    numgen rules."""
     left, out = Fraction(1), {}
     for rule in parsed.chains[chain]:
-        if rule.startswith("ip saddr @") or rule.startswith("ip6 saddr @"):
+        if " saddr @affinity-" in rule:
             continue  # affinity: only for clients seen before
         if (m := NUMGEN.match(rule)) is not None:
             mod, below, target = int(m[1]), int(m[2]), m[3]
             assert 0 < below < mod
             out[target] = out.get(target, Fraction(0)) + left * Fraction(below, mod)
             left *= 1 - Fraction(below, mod)
-        elif rule.startswith("goto "):
-            target = rule.split()[1]
+        elif (m := LAST.match(rule)) is not None:
+            target = m[1]
             out[target] = out.get(target, Fraction(0)) + left
             left = Fraction(0)
     assert left == 0, f"{chain} can fall through with chance {left}"
@@ -236,13 +241,12 @@ def test_each_backend_gets_exactly_weight_over_total(weights: list[int]) -> None
     (chain,) = [c for c in parsed.chains if c.startswith(n.SERVICE)]
     got = chosen_shares(parsed, chain)
     total = sum(weights)
-    endpoints = [c for c in parsed.chains if c.startswith(n.ENDPOINT)]
-    assert len(endpoints) == sum(1 for w in weights if w), "one chain per active backend"
     active = [(i, w) for i, w in enumerate(weights) if w]
-    for (i, w), name in zip(active, endpoints, strict=True):
-        assert f"10.244.{i // 250}.{i % 250 + 1}/8080" in name
-        assert got[name] == Fraction(w, total), name
-        assert abs(float(got[name]) - w / total) < 1e-9
+    assert len(got) == len(active), "one choice per active backend"
+    for i, w in active:
+        backend = f"10.244.{i // 250}.{i % 250 + 1}:8080"
+        assert got[backend] == Fraction(w, total), backend
+        assert abs(float(got[backend]) - w / total) < 1e-9
     assert sum(got.values()) == 1
 
 
@@ -256,14 +260,16 @@ def test_affinity_is_checked_before_the_random_choice() -> None:
     parsed = parse_nft(text_of(program([1, 1], affinity=600)))
     (chain,) = [c for c in parsed.chains if c.startswith(n.SERVICE)]
     rules = parsed.chains[chain]
-    affinity = [r for r in rules if r.startswith("ip saddr @affinity-")]
+    affinity = [r for r in rules if r.startswith("meta l4proto tcp ip saddr @affinity-")]
     assert len(affinity) == 2 and rules.index(affinity[-1]) < rules.index(
-        next(r for r in rules if r.startswith("numgen"))
+        next(r for r in rules if " numgen " in r)
     )
     for rule in affinity:
-        aset, target = rule.split()[2][1:], rule.split()[-1]
-        assert aset in parsed.sets and target in parsed.chains
-        assert f"update @{aset} {{ ip saddr }}" in parsed.chains[target]
+        aset, backend = rule.split()[5][1:], rule.split()[-1]
+        assert aset in parsed.sets
+        assert f"update @{aset} {{ ip saddr }} dnat ip to {backend}" in rule
+        chosen = [r for r in rules if r not in affinity and r.endswith(f"to {backend}")]
+        assert chosen and all(f"update @{aset} {{ ip saddr }}" in r for r in chosen)
     assert all(
         "timeout 10m" in t
         for t in re.findall(r"set affinity-[^{]+\{[^}]+\}", text_of(program([1, 1], affinity=600)))
@@ -298,7 +304,7 @@ def test_worst_case_names_are_cut_to_the_limit_and_stay_unique() -> None:
     parsed = parse_nft(OUTPUTS["worst-case"])
     longest = max([*parsed.chains, *parsed.sets], key=len)
     assert len(longest) == n.MAX_NAME
-    assert any(".ffff.ffff" in c for c in parsed.chains), "IPv6 colons become dots"
+    assert any(".ffff.ffff" in c for c in parsed.sets), "IPv6 colons become dots"
 
 
 @pytest.mark.parametrize("case", sorted(OUTPUTS))
@@ -408,11 +414,14 @@ endpoints = [{ ip = "10.244.9.9" }, { ip = "10.244.1.10" }]
 
 def test_names_carry_the_ir_ids() -> None:
     """`service-<first 8 of the pool id>-...`: a chain can be looked up in the IR dump."""
-    ir = (GOLDEN / "hostnames" / "ir.txt").read_text(encoding="utf-8")
-    parsed = parse_nft(OUTPUTS["hostnames"])
-    for chain in parsed.chains:
-        if chain.startswith((n.SERVICE, n.ENDPOINT)):
-            assert f" {chain.split('-')[1]}" in ir, chain
+    for case in ("hostnames", "affinity"):
+        ir = (GOLDEN / case / "ir.txt").read_text(encoding="utf-8")
+        parsed = parse_nft(OUTPUTS[case])
+        named = [c for c in parsed.chains if c.startswith(n.SERVICE)]
+        named += [s for s in parsed.sets if s.startswith(n.AFFINITY)]
+        assert named
+        for name in named:
+            assert f" {name.split('-')[1]}" in ir, name
     assert "service-7ADJGQOF-default/sticky/tcp/http" in OUTPUTS["affinity"]
 
 

@@ -187,7 +187,8 @@ def test_session_reads_the_kernel_once_then_trusts_its_generation(
     assert kernel.commits == 2
     assert kernel.objects == whole(bigger)
     svc = bigger.services[3].name
-    assert result.plan.changes and all(svc in c.key for c in result.plan.changes)
+    assert result.plan.changes
+    assert all(svc in c.key or c.key == "set hairpin-ips4" for c in result.plan.changes)
 
 
 def test_session_reads_again_after_another_writer_and_repairs(cluster: Cluster, lock: Path) -> None:

@@ -17,6 +17,7 @@ proves that the table equals the whole-program build after any sequence of updat
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -132,7 +133,13 @@ class Table:
         self.objects: dict[str, Lines] = {}  # the whole desired table
         self.parts: dict[str, Part] = {}
         self._refs: Counter[tuple[str, str]] = Counter()
-        self._elements: dict[str, set[str]] = {}  # shared set name -> its elements
+        # Shared set name -> its element lines, kept sorted (bisect) so that a change
+        # costs no sort of a 100k-element set.
+        self._elements: dict[str, list[str]] = {}
+        # What the last update did to each shared set (element lines gone, came), and
+        # the lines of each object it touched before it: writers that diff sets use it.
+        self.last_delta: dict[str, tuple[list[str], list[str]]] = {}
+        self.last_before: dict[str, Lines | None] = {}
         self._families: Counter[int] = Counter()
         self._rejecting = 0
         # For netlink writers: the chain or set of each service object, and the element
@@ -157,6 +164,8 @@ class Table:
         touched: dict[str, Lines | None] = {}  # key -> its lines before this update
         sets: set[str] = set()  # shared sets whose elements changed
         self._gone_elements = {}
+        self._came: dict[str, list[str]] = {}
+        self._went: dict[str, list[str]] = {}
         for name in parts:
             old = self.parts.pop(name, None)
             if old is not None:
@@ -166,6 +175,11 @@ class Table:
                 self.parts[name] = new
                 self._add(new, touched, sets)
         self._shared(touched, sets)
+        self.last_before = touched
+        self.last_delta = {}
+        for name in sets:
+            went, came = set(self._went.get(name, ())), set(self._came.get(name, ()))
+            self.last_delta[name] = (sorted(went - came), sorted(came - went))
         return self._changes(touched)
 
     def _remove(self, part: Part, touched: dict[str, Lines | None], sets: set[str]) -> None:
@@ -176,7 +190,9 @@ class Table:
             self._refs[ref] -= 1
             if not self._refs[ref]:
                 del self._refs[ref]
-                self._elements[ref[0]].discard(ref[1])
+                lines = self._elements[ref[0]]
+                del lines[bisect_left(lines, ref[1])]
+                self._went.setdefault(ref[0], []).append(ref[1])
                 self._gone_elements[ref] = self.element_sources.pop(ref, element)
                 sets.add(ref[0])
         self._families.subtract(part.families)
@@ -189,7 +205,8 @@ class Table:
         for ref, element in zip(part.elements, part.element_sources, strict=True):
             self._refs[ref] += 1
             if self._refs[ref] == 1:
-                self._elements.setdefault(ref[0], set()).add(ref[1])
+                insort(self._elements.setdefault(ref[0], []), ref[1])
+                self._came.setdefault(ref[0], []).append(ref[1])
                 self.element_sources[ref] = element
                 sets.add(ref[0])
         self._families.update(part.families)
@@ -217,7 +234,7 @@ class Table:
                 if not present:
                     self._put(key, None, touched)
                 elif name in sets or key not in self.objects:
-                    self._put(key, set_lines(shape, self._elements[name]), touched)
+                    self._put(key, (*declaration(shape), *self._elements[name]), touched)
 
     def element(self, set_name: str, line: str) -> Element:
         """The element of an element line now in the table or removed by the last update."""

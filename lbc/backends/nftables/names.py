@@ -53,12 +53,12 @@ NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # l4proto . port : reject or dr
 FIREWALL_IPS = "firewall-ips"  # load-balancer frontends that have source ranges
 FIREWALL_ALLOW = "firewall-allow"  # address . l4proto . port . allowed source range
 CLUSTER_IPS = "cluster-ips"  # every cluster IP: what reaches one undiverted is rejected
+HAIRPIN = "hairpin-ips"  # backend . backend: a backend that reached itself, masqueraded
 
 # Per-service objects.
 SERVICE = "service-"  # the cluster-wide pool of a service port
 LOCAL = "local-"  # its local-endpoints pool (traffic policy Local)
 EXTERNAL = "external-"  # external traffic of a service port: masquerade, policy
-ENDPOINT = "endpoint-"  # one backend: hairpin mark, DNAT
 AFFINITY = "affinity-"  # the clients a backend has seen recently (ClientIP affinity)
 
 MAX_NAME = 255  # NFT_CHAIN_MAXNAMELEN and NFT_SET_MAXNAMELEN, less the NUL

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lbc.apply.state import Action, Plan
+from lbc.apply.state import Action, Change, Plan
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import (
     BinOp,
@@ -468,6 +468,24 @@ def _acks(sock: socket.socket, expected: set[int]) -> Iterator[tuple[int, int]]:
             offset += (length + 3) & ~3
 
 
+def _element_delta(change: Change, name: str, table: Table) -> tuple[list[str], list[str]]:
+    """The element lines a set change removes and adds. When the change is the table's
+    own last update (the same line tuples), the table says, without a scan of the set."""
+    declaration = [x for x in change.after[:8] if not x.startswith(ELEMENT_PREFIX)]
+    if any(x.startswith("flags") and "interval" in x for x in declaration):
+        raise Unencodable(f"{change.key}: interval set")
+    own = table.last_before.get(change.key) is change.before
+    if own and table.objects.get(change.key) is change.after and name in table.last_delta:
+        return table.last_delta[name]
+    before = [x for x in change.before if not x.startswith(ELEMENT_PREFIX)]
+    after = [x for x in change.after if not x.startswith(ELEMENT_PREFIX)]
+    if before != after:
+        raise Unencodable(f"{change.key}: its declaration changed")
+    old = {x for x in change.before if x.startswith(ELEMENT_PREFIX)}
+    new = {x for x in change.after if x.startswith(ELEMENT_PREFIX)}
+    return sorted(old - new), sorted(new - old)
+
+
 class Writer:
     """A netlink socket of the namespace it is made in, sending batches on it."""
 
@@ -523,16 +541,9 @@ def batch_for(plan: Plan, table: Table, table_name: str) -> Batch:
             else:
                 raise Unencodable(change.key)
             continue
-        before = [x for x in change.before if not x.startswith(ELEMENT_PREFIX)]
-        after = [x for x in change.after if not x.startswith(ELEMENT_PREFIX)]
-        if before != after:
-            raise Unencodable(f"{change.key}: its declaration changed")
-        old = {x for x in change.before if x.startswith(ELEMENT_PREFIX)}
-        new = {x for x in change.after if x.startswith(ELEMENT_PREFIX)}
-        if "interval" in " ".join(after):
-            raise Unencodable(f"{change.key}: interval set")
-        gone.append((name, [table.element(name, x) for x in sorted(old - new)]))
-        came.append((name, [table.element(name, x) for x in sorted(new - old)]))
+        went, arrived = _element_delta(change, name, table)
+        gone.append((name, [table.element(name, x) for x in went]))
+        came.append((name, [table.element(name, x) for x in arrived]))
     for s in new_sets:
         batch.add_set(s)
     for name in new_chains:

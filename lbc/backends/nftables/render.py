@@ -15,10 +15,20 @@ set or map: every anonymous set in a transaction is named `__map%d` by the kerne
 number, and every named set is found by walking the table's set list. So instead of
 kube-proxy's `numgen random mod N vmap { 0 : goto a, ... }`, a pool picks its backend
 with chained rules, as iptables does with probabilities:
-`numgen random mod 6 < 1 goto a`, `numgen random mod 5 < 2 goto b`, `goto c` gives
-weights 1:2:3 the shares 1/6, 2/6, 3/6 exactly. The one exception is session affinity,
-which needs a dynamic set per backend (kube-proxy's `affinity-` sets), so services
-with ClientIP affinity still cost more to load, in proportion to their backends.
+`numgen random mod 6 < 1 dnat to a`, `numgen random mod 5 < 2 dnat to b`, `dnat to c`
+gives weights 1:2:3 the shares 1/6, 2/6, 3/6 exactly. The one exception is session
+affinity, which needs a dynamic set per backend (kube-proxy's `affinity-` sets), so
+services with ClientIP affinity still cost more to load, in proportion to their
+backends.
+
+No chain per endpoint: the rule that picks a backend also DNATs to it, and hairpin
+traffic (a backend reaching its own service) is marked for masquerade in nat
+postrouting by one lookup of `saddr . daddr` in `hairpin-ips4`/`hairpin-ips6`, which
+hold a `backend . backend` pair per backend (after DNAT, such a packet's source and
+destination are the same backend). kube-proxy makes a chain per endpoint for the
+hairpin mark; at 10k services × 10 endpoints that is 100k chains more, which makes
+loading several times slower and the kernel's validation of the table — repeated on
+every transaction that adds a rule — about five times longer.
 
 Why one `inet` table rather than `ip lbc` and `ip6 lbc`: lbc compiles both families
 from one program and replaces its rules in one transaction, so one table is one
@@ -125,12 +135,14 @@ MarkedFrontend = tuple[str, str, int, str]
 
 
 class PoolChain(NamedTuple):
-    """A pool's chain: cluster-IP masquerade marks, affinity, then the weighted choice."""
+    """A pool's chain: cluster-IP masquerade marks, affinity, then the weighted choice,
+    each choice a DNAT in the same rule (no chain per endpoint)."""
 
     name: str
     family: int
     head: tuple[MarkedFrontend, ...]  # the pool's cluster-IP frontends to mark
-    endpoints: tuple[str, ...]  # the chains of the active backends, in order
+    backends: tuple[tuple[str, int], ...]  # (address, port) of the active backends
+    proto: str  # tcp, udp or sctp
     weights: tuple[int, ...]
     affinity: tuple[str, ...] | None  # their affinity sets, if the pool has affinity
     mark: int  # the masquerade mark
@@ -142,10 +154,11 @@ class PoolChain(NamedTuple):
 
     @property
     def rules(self) -> tuple[Rule, ...]:
-        """Known clients to their backend; then `numgen` chances, the last one certain."""
+        """Marks; known clients to their backend; `numgen` chances, the last one certain."""
         saddr = _SADDR[self.family]
         family = ip_proto(self.family)
         set_mark = Mangle(_MARK, BinOp("|", _MARK, Value(self.mark, hex=True)))
+        l4proto = Match(_L4PROTO, Value(self.proto))
         rules = []
         for address, proto, port, pod_cidr in self.head:
             this: tuple[Statement, ...] = (
@@ -155,12 +168,19 @@ class PoolChain(NamedTuple):
             if pod_cidr:
                 this += (Match(saddr, _prefix(pod_cidr), op="!="),)
             rules.append(Rule((*this, set_mark)))
+
+        def to(i: int) -> tuple[Statement, ...]:
+            """Remember the client (affinity), then DNAT to backend i."""
+            address, port = self.backends[i]
+            remember = (SetUpdate(self.affinity[i], saddr),) if self.affinity else ()
+            return (*remember, Dnat(family, address, port))
+
         if self.affinity is not None:
-            for set_name, chain in zip(self.affinity, self.endpoints, strict=True):
-                rules.append(Rule((Match(saddr, SetRef(set_name)), Verdict("goto", chain))))
-        for chain, (k, m) in zip(self.endpoints, shares(list(self.weights)), strict=False):
-            rules.append(Rule((Match(Numgen(m), Value(k), op="<"), Verdict("goto", chain))))
-        rules.append(Rule((Verdict("goto", self.endpoints[-1]),)))
+            for i, set_name in enumerate(self.affinity):
+                rules.append(Rule((l4proto, Match(saddr, SetRef(set_name)), *to(i))))
+        for i, (k, m) in enumerate(shares(list(self.weights))):
+            rules.append(Rule((l4proto, Match(Numgen(m), Value(k), op="<"), *to(i))))
+        rules.append(Rule((l4proto, *to(len(self.backends) - 1))))
         return tuple(rules)
 
     def lines(self) -> list[str]:
@@ -173,62 +193,27 @@ class PoolChain(NamedTuple):
             else f"{family} daddr {address} {proto} dport {port} {mark}"
             for address, proto, port, pod_cidr in self.head
         ]
-        endpoints = self.endpoints
-        if self.affinity is not None:
+        l4proto = f"meta l4proto {self.proto}"
+        if self.family == 4:
+            dnat = [f"dnat ip to {address}:{port}" for address, port in self.backends]
+        else:
+            dnat = [f"dnat ip6 to [{address}]:{port}" for address, port in self.backends]
+        affinity = self.affinity
+        if affinity is not None:
+            dnat = [
+                f"update @{set_name} {{ {family} saddr }} {to}"
+                for set_name, to in zip(affinity, dnat, strict=True)
+            ]
             out += [
-                f"{family} saddr @{set_name} goto {chain}"
-                for set_name, chain in zip(self.affinity, endpoints, strict=True)
+                f"{l4proto} {family} saddr @{set_name} {to}"
+                for set_name, to in zip(affinity, dnat, strict=True)
             ]
         out += [
-            f"numgen random mod {m} < {k} goto {chain}"
-            for chain, (k, m) in zip(endpoints, shares(list(self.weights)), strict=False)
+            f"{l4proto} numgen random mod {m} < {k} {to}"
+            for to, (k, m) in zip(dnat, shares(list(self.weights)), strict=False)
         ]
-        out.append(f"goto {endpoints[-1]}")
+        out.append(f"{l4proto} {dnat[-1]}")
         return out
-
-
-class EndpointChain(NamedTuple):
-    """One backend's chain: mark hairpin traffic, note the client (affinity), DNAT."""
-
-    name: str
-    family: int
-    address: str
-    port: int
-    proto: str  # tcp, udp or sctp
-    mark: int  # the masquerade mark
-    affinity: str | None  # the backend's affinity set, if its pool has affinity
-
-    @property
-    def base(self) -> None:
-        """Never a base chain."""
-        return None
-
-    @property
-    def rules(self) -> tuple[Rule, ...]:
-        """The rules, made anew."""
-        saddr = _SADDR[self.family]
-        set_mark = Mangle(_MARK, BinOp("|", _MARK, Value(self.mark, hex=True)))
-        hairpin = Rule((Match(saddr, Value(self.address)), set_mark))
-        proto = Match(_L4PROTO, Value(self.proto))
-        dnat = Rule((proto, Dnat(ip_proto(self.family), self.address, self.port)))
-        if self.affinity is None:
-            return (hairpin, dnat)
-        return (hairpin, Rule((SetUpdate(self.affinity, saddr),)), dnat)
-
-    def lines(self) -> list[str]:
-        """The text of `rules`."""
-        _, family, address, port, proto, mark, affinity = self
-        if family == 4:
-            hairpin = f"ip saddr {address} {_mark_text(mark)}"
-            dnat = f"meta l4proto {proto} dnat ip to {address}:{port}"
-            saddr = "ip saddr"
-        else:
-            hairpin = f"ip6 saddr {address} {_mark_text(mark)}"
-            dnat = f"meta l4proto {proto} dnat ip6 to [{address}]:{port}"
-            saddr = "ip6 saddr"
-        if affinity is None:
-            return [hairpin, dnat]
-        return [hairpin, f"update @{affinity} {{ {saddr} }}", dnat]
 
 
 def build(program: Program) -> Ruleset:
@@ -256,7 +241,9 @@ class _Builder:
         self.mark = Value(program.node.masquerade_mark, hex=True)
         # Statements are immutable: one instance serves every rule (fewer objects to make).
         self.set_mark = Mangle(_MARK, BinOp("|", _MARK, self.mark))
-        self.chains: dict[str, list[Rule] | PoolChain | EndpointChain] = {}
+        self.chains: dict[str, list[Rule] | PoolChain] = {}
+        self.affinity_made: set[str] = set()
+        self.hairpin_made: set[tuple[str, str]] = set()
         self.sets = _Sets()
         self.affinity: list[NamedSet] = []
         self.cluster_ips: dict[str, list[Frontend]] = {}  # pool id -> its cluster-IP frontends
@@ -400,9 +387,6 @@ class _Builder:
         prefix = n.LOCAL if pool.local_only else n.SERVICE
         return n.object_name(prefix, pool.id, n.readable(pool.service, pool.proto))
 
-    def endpoint_names(self, pool: Pool) -> n.EndpointNames:
-        return n.EndpointNames(n.ENDPOINT, pool.service, pool.proto)
-
     def affinity_names(self, pool: Pool) -> n.EndpointNames:
         return n.EndpointNames(n.AFFINITY, pool.service, pool.proto)
 
@@ -419,37 +403,37 @@ class _Builder:
             marked = self.marked(f)
             if marked is not None:
                 head.append(marked)
-        name_of = self.endpoint_names(pool).name
-        names = tuple([name_of(b.id, b.address, b.port) for b in active])
         sets: tuple[str, ...] | None = None
         timeout = pool.affinity_timeout
+        family = pool.family
         if timeout is not None:
             affinity = self.affinity_names(pool)
             sets = tuple([affinity.name(b.id, b.address, b.port) for b in active])
+            for set_name in sets:
+                if set_name not in self.affinity_made:  # a backend in a service's two pools
+                    self.affinity_made.add(set_name)
+                    self.affinity.append(
+                        NamedSet(
+                            set_name,
+                            (addr_type(family),),
+                            flags=("dynamic", "timeout"),
+                            timeout=timeout,
+                        )
+                    )
         name = self.pool_name(pool)
         weights = tuple([b.weight for b in active])
-        chains = self.chains
+        backends = tuple([(b.address, b.port) for b in active])
         mark = self.program.node.masquerade_mark
-        chains[name] = PoolChain(name, pool.family, tuple(head), names, weights, sets, mark)
-        family, proto = pool.family, str(pool.proto)
-        for i, b in enumerate(active):
-            chain = names[i]
-            if chain in chains:  # the same backend in a service's two pools
-                continue
-            affinity_set = None
-            if sets is not None:
-                affinity_set = sets[i]
-                self.affinity.append(
-                    NamedSet(
-                        affinity_set,
-                        (addr_type(family),),
-                        flags=("dynamic", "timeout"),
-                        timeout=timeout,
-                    )
-                )
-            chains[chain] = EndpointChain(
-                chain, family, b.address, b.port, proto, mark, affinity_set
-            )
+        self.chains[name] = PoolChain(
+            name, family, tuple(head), backends, str(pool.proto), weights, sets, mark
+        )
+        # A backend that reaches its own service is masqueraded (hairpin): nat
+        # postrouting marks `saddr . daddr` pairs of this set, after DNAT.
+        hairpin = n.per_family(n.HAIRPIN, family)
+        for address, _ in backends:
+            if (hairpin, address) not in self.hairpin_made:
+                self.hairpin_made.add((hairpin, address))
+                self.sets.add(hairpin, Element(Concat((Value(address), Value(address)))))
 
     def marked(self, f: Frontend) -> MarkedFrontend | None:
         """A cluster-IP frontend whose traffic its pool marks for masquerade, as its policy
@@ -527,6 +511,7 @@ def set_shapes(family: int) -> list[SetShape]:
         (n.FIREWALL_IPS, by_ip, False, ()),
         (n.FIREWALL_ALLOW, (*by_ip, addr), False, ("interval",)),
         (n.CLUSTER_IPS, (addr,), False, ()),
+        (n.HAIRPIN, (addr, addr), False, ()),
     ]
     return [
         (n.per_family(name, family), keys, is_map, flags) for name, keys, is_map, flags in shapes
@@ -601,8 +586,23 @@ def shared_chains(
     to_services = Rule((Verdict("jump", n.SERVICES),))
     base(n.NAT_PREROUTING, to_services)
     base(n.NAT_OUTPUT, to_services)
+    hairpin = [
+        Rule(
+            (
+                Match(
+                    Concat((Payload(ip_proto(f), "saddr"), Payload(ip_proto(f), "daddr"))),
+                    SetRef(n.per_family(n.HAIRPIN, f)),
+                ),
+                Mangle(_MARK, BinOp("|", _MARK, mark)),
+            ),
+            "a backend reaching itself through a service",
+        )
+        for f in families
+        if has(n.per_family(n.HAIRPIN, f))
+    ]
     base(
         n.NAT_POSTROUTING,
+        *hairpin,
         Rule(
             (
                 Match(BinOp("&", _MARK, mark), Value(0, hex=True), op="!="),
