@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 import lbc
+from lbc.compiler.lower import _backend
 from lbc.ir import Empty, Kind, Masquerade, Program
+from lbc.ir.nodes import Backend
 
 NODE = """
 [node]
@@ -191,3 +193,10 @@ def test_names_come_from_content_not_positions() -> None:
     ids_one = {p.id for p in one.pools} | {b.id for p in one.pools for b in p.backends}
     ids_two = {p.id for p in two.pools} | {b.id for p in two.pools for b in p.backends}
     assert ids_one < ids_two
+
+
+def test_a_backend_made_by_lowering_is_the_dataclass_made_by_its_constructor() -> None:
+    args = ("ABCDEFGHIJKLMNOP", "10.0.0.1", 8080, 3, True, False)
+    fast, plain = _backend(*args), Backend(*args)
+    assert type(fast) is Backend
+    assert fast == plain and hash(fast) == hash(plain) and repr(fast) == repr(plain)

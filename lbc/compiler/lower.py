@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
-from operator import itemgetter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from operator import attrgetter, itemgetter
 
 from lbc.compiler.model import Cluster, Service, ServicePort
 from lbc.ir.names import digest, service_port_name
@@ -36,6 +36,10 @@ _PROTOS = {p.value: p for p in Proto}
 _SCHEDULERS = {s.value: s for s in Scheduler}
 _FrontendKey = tuple[int, int, int, str, int]
 _ntoa = socket.inet_ntoa
+_IPv4 = ipaddress.IPv4Address
+_IPv6 = ipaddress.IPv6Address
+# An endpoint's address as an integer, `int(e.ip)` without a Python-level call.
+_ip_int = attrgetter("ip._ip")
 
 
 def lower(cluster: Cluster) -> Program:
@@ -123,7 +127,8 @@ class _Chosen:
     def of(svc: Service, family: int, node: str) -> _Chosen:
         """Endpoints of `family` in address order, then kube-proxy's readiness rule:
         the ready ones; when there are none, the serving terminating ones."""
-        numbered = [(int(e.ip), e) for e in svc.endpoints if e.ip.version == family]
+        kind = _IPv4 if family == 4 else _IPv6
+        numbered = [(_ip_int(e), e) for e in svc.endpoints if isinstance(e.ip, kind)]
         numbered.sort(key=itemgetter(0))  # stable; addresses are unique (checked)
         ready: list[_Pick] = []
         serving: list[_Pick] = []
@@ -137,7 +142,7 @@ class _Chosen:
                 usable, usable_here = serving, local_serving
             else:
                 continue
-            address = _ntoa(number.to_bytes(4, "big")) if family == 4 else str(e.ip)
+            address = _ntoa(number.to_bytes(4)) if family == 4 else str(e.ip)
             local = e.node == node
             pick = (address, e.weight, local, terminating)
             usable.append(pick)
@@ -168,7 +173,7 @@ def _lower_port(
     def backends(selected: list[_Pick]) -> tuple[Backend, ...]:
         return tuple(
             [
-                Backend(
+                _backend(
                     digest(f"{id_prefix}{open_bracket}{address}{port_suffix}"),
                     address,
                     target,
@@ -267,6 +272,31 @@ def _lower_port(
             masquerade=ext_masq,
             internal_pool=ext_internal,
         )
+
+
+def _slot_setters(cls: type) -> list[Callable[[object, object], None]]:
+    """The setters of the instance slots of a slotted dataclass, in field order."""
+    return [vars(cls)[f.name].__set__ for f in fields(cls)]
+
+
+_set_backend = _slot_setters(Backend)
+_new = object.__new__
+
+
+def _backend(
+    id: str, address: str, port: int, weight: int, local: bool, terminating: bool
+) -> Backend:
+    """`Backend(...)`: the same frozen instance, its slots set without the frozen
+    dataclass's `object.__setattr__` per field (a backend is made per endpoint and port)."""
+    b: Backend = _new(Backend)
+    set_id, set_address, set_port, set_weight, set_local, set_terminating = _set_backend
+    set_id(b, id)
+    set_address(b, address)
+    set_port(b, port)
+    set_weight(b, weight)
+    set_local(b, local)
+    set_terminating(b, terminating)
+    return b
 
 
 def _ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
