@@ -136,9 +136,13 @@ class AddDestination:
         """The service this destination belongs to, as ipvsadm names it."""
         return f"{IPVSADM_PROTO[self.proto]} {hostport(self.service_address, self.service_port)}"
 
-    def line(self) -> str:
-        """`-a -t 10.0.1.175:80 -r 10.244.1.7:9376 -m -w 1`, as `ipvsadm -S -n` prints it."""
-        return f"-a {self.virtual()} -r {hostport(self.address, self.port)} -m -w {self.weight}"
+    def line(self, virtual: str | None = None) -> str:
+        """`-a -t 10.0.1.175:80 -r 10.244.1.7:9376 -m -w 1`, as `ipvsadm -S -n` prints it.
+
+        `virtual`: this destination's `virtual()`, when the caller has it already.
+        """
+        mine = self.virtual() if virtual is None else virtual
+        return f"-a {mine} -r {hostport(self.address, self.port)} -m -w {self.weight}"
 
     def describe(self) -> str:
         """The command-line equivalent (`-m`: masquerading, IPVS's NAT forwarding)."""

@@ -10,6 +10,8 @@ order; `text.canonical_save` sorts its output the way lbc does).
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from lbc.backends.ipvs import names as n
 from lbc.backends.ipvs.ops import (
     PROTO_NUMBER,
@@ -23,7 +25,7 @@ from lbc.backends.ipvs.ops import (
 )
 from lbc.backends.ipvs.rules import address_key, render_rules, virtual_addresses
 from lbc.errors import Unsupported, UnsupportedError
-from lbc.ir.nodes import Frontend, Pool, Program, Scheduler
+from lbc.ir.nodes import Backend, Frontend, Pool, Program, Scheduler
 
 # IR schedulers IPVS has under the same name (IPVS has no random scheduler).
 NATIVE = {
@@ -68,9 +70,28 @@ def operations(program: Program) -> tuple[Operation, ...]:
         ops.append(
             AddService(f.proto, f.address, f.port, scheduler_name(pool), pool.affinity_timeout)
         )
-        for b in sorted(pool.active, key=lambda b: (*address_key(b.address), b.port)):
-            ops.append(AddDestination(f.proto, f.address, f.port, b.address, b.port, b.weight))
+        proto, address, port = f.proto, f.address, f.port
+        ops += [
+            AddDestination(proto, address, port, b.address, b.port, b.weight)
+            for b in _in_order(pool.active)
+        ]
     if frontends:
         ops += [SetSysctl(key, value) for key, value in n.SYSCTLS]
     ops.append(LoadRules(n.TABLE_FAMILY, n.TABLE, render_rules(program)))
     return tuple(ops)
+
+
+def _destination_key(b: Backend) -> tuple[int, int, int]:
+    return (*address_key(b.address), b.port)
+
+
+def _in_order(backends: tuple[Backend, ...]) -> tuple[Backend, ...] | list[Backend]:
+    """`backends` in the real servers' order: family, address, port.
+
+    Lowering lists a pool's backends in that order already; they are sorted only
+    when they are not (a program made by hand), which one pass over them tells.
+    """
+    keys = [_destination_key(b) for b in backends]
+    if all(a < b for a, b in pairwise(keys)):
+        return backends
+    return sorted(backends, key=_destination_key)

@@ -38,15 +38,25 @@ _PROTO_BY_FLAG = {flag: PROTO_NUMBER[proto] for proto, flag in IPVSADM_PROTO.ite
 def to_text(ops: tuple[Operation, ...], node: str) -> str:
     """The canonical, reviewable text of `ops`."""
     body: dict[str, list[str]] = {name: [] for name in SECTIONS}
+    ipvs = body["ipvs"]
+    # The last service and its name in ipvsadm's words, which its destinations repeat.
+    service: tuple[str, str, int] | None = None
+    virtual = ""
     for op in ops:
-        if isinstance(op, EnsureDummy):
+        if type(op) is AddDestination:
+            mine = (op.proto, op.service_address, op.service_port)
+            ipvs.append(op.line(virtual if mine == service else None))
+        elif isinstance(op, AddService):
+            service, virtual = (op.proto, op.address, op.port), op.virtual()
+            ipvs.append(op.line())
+        elif isinstance(op, AddDestination):
+            ipvs.append(op.line())
+        elif isinstance(op, EnsureDummy):
             body["link"].append(op.line())
         elif isinstance(op, AddAddress):
             body["addresses"].append(op.line())
         elif isinstance(op, SetSysctl):
             body["sysctl"].append(op.line())
-        elif isinstance(op, AddService | AddDestination):
-            body["ipvs"].append(op.line())
         elif isinstance(op, LoadRules):
             body["rules"].append(op.text.rstrip("\n"))
     out = [f"# lbc ipvs configuration for node {node}; generated, do not edit"]
