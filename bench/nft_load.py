@@ -97,22 +97,32 @@ def program(services: int, endpoints: int) -> Program:
     return Program(node=NODE, pools=tuple(pools), frontends=tuple(frontends))
 
 
-_CHOICE = re.compile(r"^\t\t(?:numgen random mod \d+ < \d+ )?goto (endpoint-\S+)$")
+_CHOICE = re.compile(r"^\t\t(meta l4proto \S+) (?:numgen random mod \d+ < \d+ )?(dnat .*)$")
 
 
 def anonymous_vmaps(text: str) -> str:
-    """Replace every pool chain's chained numgen rules by one anonymous verdict map."""
+    """kube-proxy's form: every pool chain's chained numgen rules become one anonymous
+    verdict map to a chain per endpoint (which does the DNAT)."""
     out: list[str] = []
-    targets: list[str] = []
+    targets: list[tuple[str, str]] = []
+    endpoints: list[str] = []
+    chain = ""
     for line in text.splitlines():
+        if line.startswith("\tchain "):
+            chain = line.split()[1]
         m = _CHOICE.match(line)
         if m is not None:
-            targets.append(m[1])
+            targets.append((m[1], m[2]))
             continue
         if targets:
-            pairs = ", ".join(f"{k} : goto {t}" for k, t in enumerate(targets))
+            names = [f"endpoint-{k}-{chain}" for k in range(len(targets))]
+            pairs = ", ".join(f"{k} : goto {name}" for k, name in enumerate(names))
             out.append(f"\t\tnumgen random mod {len(targets)} vmap {{ {pairs} }}")
+            for name, (proto, dnat) in zip(names, targets, strict=True):
+                endpoints.append(f"\tchain {name} {{\n\t\t{proto} {dnat}\n\t}}")
             targets = []
+        if line == "}":  # the end of the table
+            out += endpoints
         out.append(line)
     return "\n".join(out) + "\n"
 
