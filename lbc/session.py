@@ -6,9 +6,11 @@ generation the kernel was at afterwards, and keeps every service's lowered progr
 
 - only services whose model changed (a new object that is not equal to the old one)
   are lowered again;
-- with nftables, only their chains and map elements are rendered again, and the plan
-  is the objects they touched (`backends.nftables.incremental.Table`); other
-  backends render the whole program again from the kept per-service programs;
+- with nftables, only their chains and map elements are rendered again, the plan is
+  the objects they touched (`backends.nftables.incremental.Table`), and the change
+  goes to the kernel as one netlink batch lbc encodes itself
+  (`backends.nftables.netlink`), without libnftables' cache fill; other backends
+  render the whole program again from the kept per-service programs;
 - while the kernel's generation is the one the session left, its record of the live
   state is used instead of a snapshot; after the commit, a generation advanced by
   exactly one proves the transaction was the only change (see `lbc.apply.engine`).
