@@ -433,7 +433,8 @@ class _Builder:
         for address, _ in backends:
             if (hairpin, address) not in self.hairpin_made:
                 self.hairpin_made.add((hairpin, address))
-                self.sets.add(hairpin, Element(Concat((Value(address), Value(address)))))
+                value = Value(address)  # one immutable value serves both halves
+                self.sets.add(hairpin, Element(Concat((value, value))))
 
     def marked(self, f: Frontend) -> MarkedFrontend | None:
         """A cluster-IP frontend whose traffic its pool marks for masquerade, as its policy
