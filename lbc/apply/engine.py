@@ -3,9 +3,10 @@
 Verifying a commit: an adapter whose kernel numbers its ruleset generations (nftables
 does: every committed transaction in a network namespace advances the generation by
 one, and nothing else does) lets the engine verify without reading everything back.
-When the generation after the commit is exactly one past the generation read before
-the snapshot, lbc's transaction was the only change in between, and the kernel
-accepted it whole, so the table holds the plan's result. Any other generation means
+When the generation after the commit is exactly as many steps past the generation read
+before the snapshot as the commit sent transactions (nftables: one), lbc's
+transactions were the only changes in between, and the kernel accepted them whole, so
+the table holds the plan's result. Any other generation means
 another writer was at work: the engine then reads the state back and compares it
 with the plan, as it does for adapters without generations.
 """
@@ -171,7 +172,10 @@ class Engine:
         self._step(f"committing: {plan.summary()}")
         self.kernel.commit(live, desired, plan)
         after_generation = self.generation()
-        if before is not None and after_generation == before + 1:
+        # How many transactions the commit was (nftables: one; iptables-nft: one per
+        # restored table and per jump inserted or deleted).
+        sent = getattr(self.kernel, "transactions", 1)
+        if before is not None and after_generation == before + sent:
             self._step("verified: the commit was the only change to the ruleset")
         else:
             self._step("reading back to verify")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
 from lbc.backends.iptables import names as n
+from lbc.backends.nftables.generation import Generations
 from lbc.errors import ApplyError
 
 TABLES = ("filter", "nat")
@@ -87,9 +88,34 @@ class IptablesKernel:
     def __init__(self, netns: str | None = None, runner: Runner = run_command) -> None:
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.runner = runner
+        self._generations = Generations(netns)
+        self._nf_tables: bool | None = None  # iptables-nft (not legacy)?
+        self.transactions = 0  # sent by the last commit
 
     def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
         return self.runner([*self.prefix, *argv], stdin)
+
+    def _write(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        """Run a command that changes the ruleset: one nf_tables transaction. (Every
+        chain a plan touches differs from the live one, so each restored table holds a
+        real change and the kernel counts it.)"""
+        out = self._run(argv, stdin)
+        self.transactions += 1
+        return out
+
+    def generation(self) -> int | None:
+        """The ruleset generation, when iptables is iptables-nft (whose every restore
+        and `-I`/`-D` is one nf_tables transaction); None for iptables-legacy or a
+        stand-in runner."""
+        if self.runner is not run_command:
+            return None
+        if self._nf_tables is None:
+            self._nf_tables = "nf_tables" in self._run(["iptables", "-V"])
+        return self._generations.read() if self._nf_tables else None
+
+    def identity(self) -> str | None:
+        """The network namespace's cookie, when generations apply (see `generation`)."""
+        return self._generations.identity() if self.generation() is not None else None
 
     def snapshot(self) -> State:
         """Equivalent to `iptables-save -t filter; iptables-save -t nat` (and ip6tables)."""
@@ -113,6 +139,7 @@ class IptablesKernel:
         table or a later step fails after something was written, the previous state is
         written back before the error is raised.
         """
+        self.transactions = 0
         touched = {c.key for c in plan.changes}
         if plan.full:
             touched |= {k for k in desired.objects if not k.endswith(" jumps")}
@@ -124,6 +151,11 @@ class IptablesKernel:
             self._restore(desired, touched, delete=False)
             self._jumps(live, desired, touched)
             self._restore(desired, touched, delete=True)
+            if plan.full:
+                # Re-declaring an existing empty chain changes nothing, so a full
+                # rewrite can send transactions the kernel does not count: make the
+                # engine read back rather than trust the generation.
+                self.transactions = -1
         except ApplyError as exc:
             now = self.snapshot()
             if now == live:
@@ -141,14 +173,16 @@ class IptablesKernel:
         for family, (_, _, restore) in COMMANDS.items():
             document = self._restore_document(family, desired, touched, delete)
             if document:
-                self._run([restore, "-w", "--noflush"], document)
+                self._write([restore, "-w", "--noflush"], document)
+                # iptables-nft commits each table of a restore on its own.
+                self.transactions += document.count("\nCOMMIT") - 1
 
     def _jumps(self, live: State, desired: State, touched: set[str]) -> None:
         for family, (binary, _, _) in COMMANDS.items():
             for table, argv in self._jump_changes(family, live, desired, touched, add=False):
-                self._run([binary, "-w", "-t", table, "-D", *argv])
+                self._write([binary, "-w", "-t", table, "-D", *argv])
             for table, argv in self._jump_changes(family, live, desired, touched, add=True):
-                self._run([binary, "-w", "-t", table, "-I", *argv])
+                self._write([binary, "-w", "-t", table, "-I", *argv])
 
     def _restore_document(
         self, family: int, desired: State, touched: set[str], delete: bool

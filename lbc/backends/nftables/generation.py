@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lbc.errors import ApplyError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -73,3 +77,50 @@ def _generation(attributes: bytes) -> int:
             return int(value)
         offset += (size + 3) & ~3
     raise OSError("the kernel's generation reply has no NFTA_GEN_ID")
+
+
+@contextmanager
+def inside(netns: str | None) -> Iterator[None]:
+    """Run the block in the named network namespace (sockets made there stay there)."""
+    if netns is None:
+        yield
+        return
+    from pyroute2.netns import popns, pushns
+
+    try:
+        pushns(netns)
+    except OSError as exc:
+        raise ApplyError(f"cannot enter network namespace {netns!r}: {exc}") from exc
+    try:
+        yield
+    finally:
+        popns()
+
+
+class Generations:
+    """The ruleset generation and the identity of one network namespace (None: ours)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._reader: GenerationReader | None = None
+
+    def _open(self) -> GenerationReader:
+        if self._reader is None:
+            with inside(self.netns):
+                self._reader = GenerationReader()
+        return self._reader
+
+    def read(self) -> int:
+        """The generation now; `ApplyError` when it cannot be read."""
+        try:
+            return self._open().read()
+        except OSError as exc:
+            raise ApplyError(f"cannot read the nftables ruleset generation: {exc}") from exc
+
+    def identity(self) -> str | None:
+        """`netns-<cookie>`, unique for the boot, or None on kernels without cookies."""
+        try:
+            cookie = self._open().cookie()
+        except OSError:
+            return None
+        return None if cookie is None else f"netns-{cookie}"

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from lbc.apply.state import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import Ruleset
-from lbc.backends.nftables.generation import GenerationReader
+from lbc.backends.nftables.generation import Generations, inside
 from lbc.backends.nftables.incremental import objects
 from lbc.backends.nftables.netlink import Batch, BatchError, Unencodable, Writer, batch_for
 from lbc.errors import ApplyError
@@ -192,7 +192,8 @@ class NftablesKernel:
         # Opened inside the namespace on first use and kept: a libnftables context and
         # a netlink socket belong to the namespace they were made in.
         self._context: Any = None
-        self._generations: GenerationReader | None = None
+        self._generations = Generations(netns)
+        self.transactions = 1  # each commit is one transaction
         self._writer: Writer | None = None
         self.netlink_commits = 0  # changes sent as a netlink batch, without libnftables
 
@@ -202,31 +203,10 @@ class NftablesKernel:
         The kernel advances it by one for every committed transaction that changes
         anything, in any table, so an unchanged generation means an unchanged ruleset.
         """
-        if not self._kernel:
-            return None
-        try:
-            if self._generations is None:
-                with self._inside():
-                    self._generations = GenerationReader()
-            return self._generations.read()
-        except OSError as exc:
-            raise ApplyError(f"cannot read the nftables ruleset generation: {exc}") from exc
+        return self._generations.read() if self._kernel else None
 
-    @contextmanager
-    def _inside(self) -> Iterator[None]:
-        if self.netns is None:
-            yield
-            return
-        from pyroute2.netns import popns, pushns
-
-        try:
-            pushns(self.netns)
-        except OSError as exc:
-            raise ApplyError(f"cannot enter network namespace {self.netns!r}: {exc}") from exc
-        try:
-            yield
-        finally:
-            popns()
+    def _inside(self) -> AbstractContextManager[None]:
+        return inside(self.netns)
 
     def _libnftables(self, script: str) -> str:
         try:
@@ -246,12 +226,7 @@ class NftablesKernel:
     def identity(self) -> str | None:
         """Which ruleset this is, for remembering it between runs: the network
         namespace's cookie (unique for the boot; /run does not outlive a boot)."""
-        if not self._kernel:
-            return None
-        self.generation()  # opens the socket inside the namespace
-        assert self._generations is not None
-        cookie = self._generations.cookie()
-        return None if cookie is None else f"netns-{cookie}"
+        return self._generations.identity() if self._kernel else None
 
     def _send(self, batch: Batch) -> None:
         try:
