@@ -220,3 +220,22 @@ def test_a_refused_batch_changes_nothing(
     with pytest.raises(lbc.ApplyError, match="No such file or directory"):
         kernel._send(batch)  # type: ignore[attr-defined]
     assert ours.exec("nft", "list", "table", "inet", "lbc") == before
+
+
+@pytest.mark.netns
+def test_a_session_repairs_elements_it_did_not_make(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    """Drift inside lbc's table (an element another tool added) is read, planned and
+    removed; the netlink writer hands what it did not make to libnftables."""
+    ours, _ = pair
+    cluster = CASES[-1][1]
+    session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
+    session.apply(cluster)
+    chain = next(line.split()[1] for line in lbc.compile(cluster, "nftables").text().splitlines()
+                 if line.startswith("\tchain service-"))  # fmt: skip
+    ours.exec("nft", "add", "element", "inet", "lbc", "service-ips4",
+              f"{{ 10.99.99.99 . tcp . 80 : goto {chain} }}")  # fmt: skip
+    result = session.apply(cluster)
+    assert result.read and [c.key for c in result.plan.changes] == ["map service-ips4"]
+    assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync

@@ -542,8 +542,11 @@ def batch_for(plan: Plan, table: Table, table_name: str) -> Batch:
                 raise Unencodable(change.key)
             continue
         went, arrived = _element_delta(change, name, table)
-        gone.append((name, [table.element(name, x) for x in went]))
-        came.append((name, [table.element(name, x) for x in arrived]))
+        try:
+            gone.append((name, [table.element(name, x) for x in went]))
+            came.append((name, [table.element(name, x) for x in arrived]))
+        except KeyError as exc:  # an element lbc did not make (drift): libnftables
+            raise Unencodable(f"{change.key}: element {exc}") from None
     for s in new_sets:
         batch.add_set(s)
     for name in new_chains:
