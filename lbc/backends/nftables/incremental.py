@@ -46,7 +46,8 @@ SHARED_CHAINS = frozenset(
 def chain_lines(c: AnyChain) -> Lines:
     """A chain as the kernel adapter keeps it: the hook line (base chains), then rules."""
     hook = hook_line(c)
-    rules = [r.text() for r in c.rules]
+    fast = getattr(c, "lines", None)  # pool chains print their rules' text directly
+    rules = fast() if fast is not None else [r.text() for r in c.rules]
     return (hook, *rules) if hook is not None else tuple(rules)
 
 
