@@ -171,6 +171,14 @@ def session(kernel: FakeKernel, lock: Path, backend: str = "nftables") -> lbc.Se
     return lbc.Session(backend, kernel=kernel, lock_path=lock)
 
 
+def started(cluster: Cluster, lock: Path) -> tuple[FakeKernel, lbc.Session]:
+    """A kernel with generations and a session that has applied `cluster` to it."""
+    kernel = FakeKernel(generations=True)
+    s = session(kernel, lock)
+    s.apply(cluster)
+    return kernel, s
+
+
 def test_session_reads_the_kernel_once_then_trusts_its_generation(
     cluster: Cluster, lock: Path
 ) -> None:
@@ -192,9 +200,7 @@ def test_session_reads_the_kernel_once_then_trusts_its_generation(
 
 
 def test_session_reads_again_after_another_writer_and_repairs(cluster: Cluster, lock: Path) -> None:
-    kernel = FakeKernel(generations=True)
-    s = session(kernel, lock)
-    s.apply(cluster)
+    kernel, s = started(cluster, lock)
     kernel.write("chain intruder", ("accept",))
     victim = next(k for k in kernel.objects if k.startswith("chain service-"))
     kernel.write(victim, ())
@@ -208,9 +214,7 @@ def test_session_reads_again_after_another_writer_and_repairs(cluster: Cluster, 
 def test_session_failed_commit_changes_nothing_and_the_retry_converges(
     cluster: Cluster, lock: Path
 ) -> None:
-    kernel = FakeKernel(generations=True)
-    s = session(kernel, lock)
-    s.apply(cluster)
+    kernel, s = started(cluster, lock)
     before = dict(kernel.objects)
     smaller = cluster.model_copy(update={"services": cluster.services[1:]})
     kernel.fail_on = next(k for k in before if cluster.services[0].name in k)
@@ -226,9 +230,7 @@ def test_session_failed_commit_changes_nothing_and_the_retry_converges(
 def test_session_dry_run_writes_nothing_and_forgets_the_change(
     cluster: Cluster, lock: Path
 ) -> None:
-    kernel = FakeKernel(generations=True)
-    s = session(kernel, lock)
-    s.apply(cluster)
+    kernel, s = started(cluster, lock)
     bigger = with_extra_endpoint(cluster)
     dry = s.apply(bigger, dry_run=True)
     assert not dry.applied and dry.plan.changes and kernel.objects == whole(cluster)
@@ -237,9 +239,7 @@ def test_session_dry_run_writes_nothing_and_forgets_the_change(
 
 
 def test_session_follows_a_node_change(cluster: Cluster, lock: Path) -> None:
-    kernel = FakeKernel(generations=True)
-    s = session(kernel, lock)
-    s.apply(cluster)
+    kernel, s = started(cluster, lock)
     node = cluster.node.model_copy(update={"masquerade_mark": 0x8000})
     moved = cluster.model_copy(update={"node": node})
     s.apply(moved)

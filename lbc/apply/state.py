@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -93,16 +93,25 @@ class Plan:
 
 def plan_between(backend: str, live: State, desired: State, full: bool = False) -> Plan:
     """Every object to add, change or remove, in a stable order (by key)."""
-    changes: list[Change] = []
-    for key in sorted(live.objects.keys() | desired.objects.keys()):
-        before = live.objects.get(key)
-        after = desired.objects.get(key)
-        if before == after:
+    keys = sorted(live.objects.keys() | desired.objects.keys())
+    return Plan(backend, changes(keys, live.objects.get, desired.objects.get), full)
+
+
+def changes(
+    keys: Iterable[str],
+    before: Callable[[str], tuple[str, ...] | None],
+    after: Callable[[str], tuple[str, ...] | None],
+) -> tuple[Change, ...]:
+    """The change of each key whose lines differ (None: the object does not exist)."""
+    out = []
+    for key in keys:
+        old, new = before(key), after(key)
+        if old == new:
             continue
-        if before is None:
-            changes.append(Change(key, Action.ADD, (), after or ()))
-        elif after is None:
-            changes.append(Change(key, Action.REMOVE, before, ()))
+        if old is None:
+            out.append(Change(key, Action.ADD, (), new or ()))
+        elif new is None:
+            out.append(Change(key, Action.REMOVE, old, ()))
         else:
-            changes.append(Change(key, Action.CHANGE, before, after))
-    return Plan(backend, tuple(changes), full)
+            out.append(Change(key, Action.CHANGE, old, new))
+    return tuple(out)

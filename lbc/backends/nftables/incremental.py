@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from lbc.apply.state import Action, Change, State
+from lbc.apply.state import Change, State, changes
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import AnyChain, Element, NamedSet, Ruleset
 from lbc.backends.nftables.render import build, set_shapes, shared_chains
@@ -255,15 +255,4 @@ class Table:
             self.objects[key] = lines
 
     def _changes(self, touched: Mapping[str, Lines | None]) -> tuple[Change, ...]:
-        out = []
-        for key in sorted(touched):
-            before, after = touched[key], self.objects.get(key)
-            if before == after:
-                continue
-            if before is None:
-                out.append(Change(key, Action.ADD, (), after or ()))
-            elif after is None:
-                out.append(Change(key, Action.REMOVE, before, ()))
-            else:
-                out.append(Change(key, Action.CHANGE, before, after))
-        return tuple(out)
+        return changes(sorted(touched), touched.__getitem__, self.objects.get)
