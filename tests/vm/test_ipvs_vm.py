@@ -2,7 +2,8 @@
 
 This machine's kernel may lack IPVS and dummy interfaces; the guest kernel has both.
 The guest sees the host's filesystem read-only, so results come back through a
-`--rwdir` directory: pytest's junit XML, its output and its exit status.
+`--rwdir` directory: pytest's junit XML, its output and its exit status. The guest
+boots once for the module; each test here checks its own suites' results.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.golden import ROOT
+from tests.vm.guest_ipvs_flows import IDS, ROWS, refusal
 
 pytestmark = pytest.mark.vm
 
 MODULES = "ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_sh ip_vs_mh dummy veth"
-# Everything runs in one boot: the dataplane from operations, then lbc apply on it.
-GUEST_SUITES = ("guest_ipvs.py", "guest_ipvs_apply.py")
-BOOT_TIMEOUT = 600  # seconds for boot and the whole guest run, under software emulation
+# Everything runs in one boot: the dataplane from operations, lbc apply on it, then the
+# packet-flow matrix through lbc apply.
+FLOW_SUITE = "guest_ipvs_flows.py"
+GUEST_SUITES = ("guest_ipvs.py", "guest_ipvs_apply.py", FLOW_SUITE)
+# Rows of the matrix that must run on IPVS: all but those of the golden cases the
+# backend refuses (external traffic policy Local, node ports on localhost).
+MIN_FLOW_ROWS = 40
+BOOT_TIMEOUT = 900  # seconds for boot and the whole guest run, under software emulation
 
 
 def kernel() -> Path | None:
@@ -86,7 +94,62 @@ def guest_command(results: Path) -> str:
     )
 
 
-def test_ipvs_in_a_vm(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Case:
+    """One test of the guest run, as its junit XML records it."""
+
+    suite: str  # the guest file, e.g. "guest_ipvs.py"
+    name: str
+    outcome: str  # passed, failed, error or skipped
+    message: str
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    """What one boot of the guest reported: every test, the log and the exit statuses."""
+
+    cases: tuple[Case, ...]
+    log: str
+    status: int
+    vng_status: int
+    console: str
+
+    def of(self, *suites: str) -> list[Case]:
+        return [c for c in self.cases if c.suite in suites]
+
+    def check(self, *suites: str) -> list[Case]:
+        """The tests of `suites`; fail on any failure among them or a run that broke."""
+        cases = self.of(*suites)
+        bad = [c for c in cases if c.outcome in ("failed", "error")]
+        if bad:
+            names = "\n".join(f"  {c.outcome}: {c.name}" for c in bad)
+            pytest.fail(f"the guest suite failed (exit {self.status}):\n{names}\n{self.log}")
+        if self.status != 0 and not [c for c in self.cases if c.outcome in ("failed", "error")]:
+            pytest.fail(f"the guest run exited {self.status} without a failing test:\n{self.log}")
+        assert self.vng_status == 0, _tail(self.console)
+        return cases
+
+
+def read_junit(path: Path) -> tuple[Case, ...]:
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    cases = []
+    for case in suite.iter("testcase"):
+        outcome, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            found = case.find(kind)
+            if found is not None:
+                outcome = {"failure": "failed"}.get(kind, kind)
+                message = found.get("message", "")
+                break
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        cases.append(Case(f"{module}.py", case.get("name", ""), outcome, message))
+    return tuple(cases)
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
+    """Boot the guest once and run every guest suite in it."""
     lacks = missing()
     if lacks:
         reason = "the IPVS VM suite needs " + "; ".join(lacks) + " (scripts/test.sh installs them)"
@@ -95,6 +158,7 @@ def test_ipvs_in_a_vm(tmp_path: Path) -> None:
         pytest.skip(reason)
     image = kernel()
     assert image is not None
+    results = tmp_path_factory.mktemp("guest")
     argv = [
         str(vng()),
         "--run",
@@ -102,9 +166,9 @@ def test_ipvs_in_a_vm(tmp_path: Path) -> None:
         "--disable-kvm",  # a stock kernel does not boot under this machine's KVM
         "--memory",
         "1G",
-        f"--rwdir={tmp_path}",
+        f"--rwdir={results}",
         "--exec",
-        guest_command(tmp_path),
+        guest_command(results),
     ]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(
@@ -123,19 +187,42 @@ def test_ipvs_in_a_vm(tmp_path: Path) -> None:
         console, _ = proc.communicate()
         pytest.fail(f"the VM did not finish in {BOOT_TIMEOUT}s:\n{_tail(console)}")
 
-    log_file, status_file, junit_file = (tmp_path / n for n in ("guest.log", "status", "junit.xml"))
+    log_file, status_file, junit_file = (results / n for n in ("guest.log", "status", "junit.xml"))
     log = log_file.read_text() if log_file.exists() else "(no guest output)"
     if not status_file.exists() or not junit_file.exists():
         pytest.fail(f"the guest suite did not run (vng exit {proc.returncode}):\n{_tail(console)}")
-    status = int(status_file.read_text())
-    suite = ET.parse(junit_file).getroot()
-    suite = suite if suite.tag == "testsuite" else suite[0]
-    counts = {k: int(suite.get(k, "0")) for k in ("tests", "failures", "errors", "skipped")}
-    if status != 0 or counts["failures"] or counts["errors"]:
-        pytest.fail(f"the guest suite failed (exit {status}, {counts}):\n{log}")
-    assert counts["tests"] >= 25, log
-    assert counts["skipped"] == 0, f"nothing may skip inside the VM:\n{log}"
-    assert proc.returncode == 0, _tail(console)
+    return GuestRun(
+        read_junit(junit_file), log, int(status_file.read_text()), proc.returncode, console
+    )
+
+
+def test_ipvs_in_a_vm(guest: GuestRun) -> None:
+    cases = guest.check("guest_ipvs.py", "guest_ipvs_apply.py")
+    assert len(cases) >= 25, guest.log
+    skipped = [c.name for c in cases if c.outcome == "skipped"]
+    assert not skipped, f"nothing may skip inside the VM: {skipped}\n{guest.log}"
+
+
+def test_the_flow_matrix_on_ipvs(guest: GuestRun) -> None:
+    """Every row of tests/flows.py ran through IPVS unless the backend refuses its case.
+
+    A row may skip only with the refusal the IPVS backend's own check gives for its
+    golden case (computed here again); every other row must have passed.
+    """
+    cases = {c.name: c for c in guest.check(FLOW_SUITE)}
+    rows = {f"test_flow_on_ipvs[{row_id}]": row for row_id, row in zip(IDS, ROWS, strict=True)}
+    assert set(rows) <= set(cases), f"rows missing from the guest run:\n{guest.log}"
+    ran = [name for name in rows if cases[name].outcome == "passed"]
+    for name, row in rows.items():
+        refused = refusal(row.case)
+        if refused is None:
+            assert cases[name].outcome == "passed", f"{name}: {cases[name]}"
+        else:
+            assert (cases[name].outcome, cases[name].message) == ("skipped", refused), name
+    others = [c for name, c in cases.items() if name not in rows]
+    assert others and all(c.outcome == "passed" for c in others), others
+    print(f"\n  flow matrix on ipvs: {len(ran)} of {len(rows)} rows ran")
+    assert len(ran) >= MIN_FLOW_ROWS, f"only {len(ran)} rows ran on IPVS:\n{guest.log}"
 
 
 def _tail(text: str, lines: int = 60) -> str:
