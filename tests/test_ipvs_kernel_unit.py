@@ -10,13 +10,16 @@ here: which steps, in which order, what they undo, ownership, and draining.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import lbc
+from bench.gen import generate
 from lbc.backends.ipvs import kernel as k
 from lbc.backends.ipvs import netlink
 from lbc.backends.ipvs.netlink import (
@@ -33,6 +36,7 @@ from lbc.backends.ipvs.netlink import (
 )
 from lbc.backends.ipvs.ops import AddService
 from lbc.backends.ipvs.text import sections
+from lbc.backends.nftables.kernel import parse as nft_parse
 from lbc.errors import ApplyError
 from lbc.ir.nodes import Proto
 from tests.golden import GOLDEN
@@ -138,10 +142,13 @@ class FakeNetlink:
                 del dests[where]
         elif isinstance(step, SysctlStep):
             self.sysctls[step.key] = step.value
+        elif isinstance(step, RulesStep) and step.verb == "changing":
+            self.rules = changed_rules(self.rules or "", step.script)
         elif isinstance(step, RulesStep):
             lines = step.script.splitlines()
             assert lines[:2] == ["add table inet lbc-ipvs", "delete table inet lbc-ipvs"]
-            self.rules = "\n".join(lines[2:]) + "\n" if step.replaces else None
+            whole = "\n".join(lines[2:]) + "\n"
+            self.rules = changed_rules(whole, "") if step.verb == "replacing" else None
 
     # -- helpers for tests ----------------------------------------------------------------
     def dest(self, address: str, port: int) -> Dest:
@@ -152,6 +159,45 @@ class FakeNetlink:
         dests = self.services[(Proto.TCP, VIP, 80)][1]
         where = f"{address}:{port}"
         dests[where] = dataclasses.replace(dests[where], active=active)
+
+
+_COMMAND = re.compile(
+    r"^(add|delete|flush) (set|map|chain|element|rule|table) inet lbc-ipvs ?(\S*) ?(.*)$"
+)
+
+
+def changed_rules(table: str, script: str) -> str:
+    """The helper table's listing after an incremental nft script, as nft would run it."""
+    objects = dict(nft_parse(table))
+    for line in script.splitlines():
+        m = _COMMAND.match(line)
+        assert m is not None, f"an nft command this fake does not know: {line}"
+        verb, kind, name, rest = m.groups()
+        inner = rest.strip().removeprefix("{").removesuffix("}").strip()
+        if kind == "table":
+            continue
+        if kind in ("set", "map") and verb == "add":
+            objects[f"{kind} {name}"] = tuple(p.strip() for p in inner.split(";") if p.strip())
+        elif kind == "chain" and verb == "add":
+            objects[f"chain {name}"] = (inner,) if inner else ()
+        elif kind == "chain" and verb == "flush":
+            objects[f"chain {name}"] = tuple(
+                r for r in objects[f"chain {name}"] if r.startswith("type ")
+            )
+        elif kind == "rule":
+            objects[f"chain {name}"] = (*objects[f"chain {name}"], rest)
+        elif kind == "element":
+            key = next(k for k in objects if k.split()[1] == name and not k.startswith("chain"))
+            items = {f"element {e.strip()}" for e in inner.split(",")}
+            declaration = [x for x in objects[key] if not x.startswith("element ")]
+            elements = {x for x in objects[key] if x.startswith("element ")}
+            elements = elements | items if verb == "add" else elements - items
+            objects[key] = (*declaration, *sorted(elements))
+        else:  # delete chain, set or map
+            objects.pop(f"{kind} {name}")
+    # One canonical listing (objects by name), however the table was made.
+    step = k.rules_step({f"{k.RULES}{key}": objects[key] for key in sorted(objects)})
+    return "\n".join(step.script.splitlines()[2:]) + "\n"
 
 
 def _refuse(condition: bool, error: str) -> None:
@@ -319,7 +365,7 @@ def test_one_endpoint_replaced_is_one_add_one_delete_and_the_helper_sets(setup: 
     moved = hostnames(("10.244.1.7", 1), ("10.244.2.3", 1), ("10.244.4.8", 1))
     steps = setup.steps_of(lambda: setup.apply(moved))
     assert steps == [
-        "nft -f FILE (replacing table inet lbc-ipvs in one transaction)",  # hairpin set
+        "nft -f FILE (changing table inet lbc-ipvs in one transaction)",  # hairpin set
         "ipvsadm -a -t 10.0.1.175:80 -r 10.244.4.8:9376 -m -w 1",
         "ipvsadm -d -t 10.0.1.175:80 -r 10.244.3.6:9376",
     ]
@@ -343,7 +389,7 @@ def test_a_new_vip_is_bound_before_its_service_and_an_old_one_released_after(
     steps = setup.steps_of(lambda: setup.apply(hostnames(*THREE, vip="10.0.1.176")))
     assert steps[0] == "ip addr add 10.0.1.176/32 dev lbc-ipvs0"
     assert steps[1] == "ipvsadm -D -t 10.0.1.175:80"
-    assert steps[2].startswith("nft -f FILE (replacing")
+    assert steps[2].startswith("nft -f FILE (changing")
     assert steps[3] == "ipvsadm -A -t 10.0.1.176:80 -s rr"
     assert steps[-1] == "ip addr del 10.0.1.175/32 dev lbc-ipvs0"
 
@@ -553,7 +599,7 @@ def test_a_removed_server_with_connections_drains_at_weight_0(setup: Setup) -> N
     setup.net.set_active("10.244.3.6", 9376, 2)
     steps = setup.steps_of(lambda: setup.apply(TWO))
     assert steps == [
-        "nft -f FILE (replacing table inet lbc-ipvs in one transaction)",
+        "nft -f FILE (changing table inet lbc-ipvs in one transaction)",
         f"ipvsadm -e -t 10.0.1.175:80 -r 10.244.3.6:9376 -m -w 0 {DRAIN}",
     ]
     assert setup.verify(TWO).in_sync, "a draining server is not drift"
@@ -610,7 +656,7 @@ def test_a_draining_server_wanted_again_gets_its_weight_back(setup: Setup) -> No
     back = hostnames(("10.244.1.7", 1), ("10.244.2.3", 1), ("10.244.3.6", 2))
     steps = setup.steps_of(lambda: setup.apply(back))
     assert steps == [
-        "nft -f FILE (replacing table inet lbc-ipvs in one transaction)",
+        "nft -f FILE (changing table inet lbc-ipvs in one transaction)",
         "ipvsadm -E -t 10.0.1.175:80 -s wrr",
         "ipvsadm -e -t 10.0.1.175:80 -r 10.244.3.6:9376 -m -w 2",  # it exists: set, not add
     ]
@@ -682,3 +728,28 @@ def test_address_and_link_requests() -> None:
     assert (del4.method, del4.command, del4.kwargs["address"]) == ("addr", "del", "10.0.1.175")
     assert netlink.step_request(LinkStep("add", "lbc-ipvs0")).kwargs["kind"] == "dummy"
     assert netlink.step_request(LinkStep("down", "lbc-ipvs0")).kwargs["state"] == "down"
+
+
+def one_more_endpoint(cluster: lbc.Cluster) -> lbc.Cluster:
+    """The cluster with one more ready endpoint on its first service."""
+    first = cluster.services[0]
+    extra = first.endpoints[0].model_copy(update={"ip": first.endpoints[0].ip + 250})
+    changed = first.model_copy(update={"endpoints": [*first.endpoints, extra]})
+    return cluster.model_copy(update={"services": [changed, *cluster.services[1:]]})
+
+
+def test_a_one_endpoint_change_sends_as_many_operations_at_any_size(tmp_path: Path) -> None:
+    """IPVS's cost of a change is in operations sent, and a change to the helper table
+    is its elements: the same handful of operations for 20 services or 2,000."""
+    for size in (20, 2000):
+        cluster = lbc.loads(generate(size, 10, seed=3)[0])
+        setup = Setup(tmp_path / str(size))
+        setup.apply(cluster)
+        bigger = one_more_endpoint(cluster)
+        sent = setup.steps_of(partial(setup.apply, bigger))
+        ports = len(bigger.services[0].ports)
+        assert sent[0] == "nft -f FILE (changing table inet lbc-ipvs in one transaction)"
+        assert len(sent) == 1 + ports, sent  # the hairpin elements, a real server per port
+        assert all(step.startswith("ipvsadm -a ") for step in sent[1:]), sent
+        (script,) = [s.script for s in setup.net.performed if isinstance(s, RulesStep)][-1:]
+        assert "delete table" not in script and len(script.splitlines()) <= 3, script

@@ -56,7 +56,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lbc.apply.state import Plan, State
+from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
 from lbc.backends.ipvs import names as n
 from lbc.backends.ipvs.netlink import (
@@ -81,7 +81,7 @@ from lbc.backends.ipvs.ops import (
     SetSysctl,
 )
 from lbc.backends.ipvs.rules import address_key
-from lbc.backends.nftables.kernel import ELEMENT, parse
+from lbc.backends.nftables.kernel import ELEMENT, incremental_script, parse
 from lbc.errors import ApplyError
 from lbc.ir.nodes import Proto
 
@@ -207,7 +207,7 @@ def rules_step(objects: Mapping[str, tuple[str, ...]]) -> RulesStep:
     """One nft transaction that makes the helper table hold `objects` (none: no table)."""
     head = [f"add table {TABLE}", f"delete table {TABLE}"]
     if not objects:
-        return RulesStep("\n".join(head) + "\n", replaces=False)
+        return RulesStep("\n".join(head) + "\n", "deleting")
     items = [(k.removeprefix(RULES), v) for k, v in objects.items() if k != TABLE_KEY]
     items.sort(key=lambda item: item[0].startswith("chain "))  # sets before the rules using them
     body = [f"table {TABLE} {{"]
@@ -219,7 +219,20 @@ def rules_step(objects: Mapping[str, tuple[str, ...]]) -> RulesStep:
         if elements:
             body.append("\t\telements = { " + ", ".join(elements) + " }")
         body.append("\t}")
-    return RulesStep("\n".join([*head, *body, "}"]) + "\n", replaces=True)
+    return RulesStep("\n".join([*head, *body, "}"]) + "\n", "replacing")
+
+
+def rules_change(
+    before: Mapping[str, tuple[str, ...]], after: Mapping[str, tuple[str, ...]]
+) -> RulesStep:
+    """The transaction from one helper table to another: only the elements and chains
+    that differ when both exist (a change of services is elements), else the whole."""
+    if not before or not after:
+        return rules_step(after)
+    old = State({k.removeprefix(RULES): v for k, v in before.items() if k != TABLE_KEY})
+    new = State({k.removeprefix(RULES): v for k, v in after.items() if k != TABLE_KEY})
+    script = incremental_script(old, new, plan_between("ipvs", old, new), TABLE)
+    return rules_step(after) if script is None else RulesStep(script, "changing")
 
 
 def recorded_services(objects: Mapping[str, tuple[str, ...]]) -> set[tuple[str, Proto, int]]:
@@ -367,7 +380,12 @@ def plan_steps(
     rules_before = {k: v for k, v in before.items() if k.startswith(RULES)}
     rules_after = {k: v for k, v in after.items() if k.startswith(RULES)}
     if rules_before != rules_after or (full and rules_after):
-        out.add(rules_step(rules_after), rules_step(rules_before))
+        if full:
+            out.add(rules_step(rules_after), rules_step(rules_before))
+        else:
+            out.add(
+                rules_change(rules_before, rules_after), rules_change(rules_after, rules_before)
+            )
 
     for key in sorted(k for k in after if k.startswith(SERVICE)):
         if key not in seen.services:

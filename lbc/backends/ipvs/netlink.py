@@ -362,15 +362,14 @@ class SysctlStep:
 
 @dataclass(frozen=True, slots=True)
 class RulesStep:
-    """Replace or delete the helper table in one nftables transaction."""
+    """Replace, change or delete the helper table in one nftables transaction."""
 
-    script: str  # starts with `add table ...` and `delete table ...`
-    replaces: bool  # False: the script only deletes the table
+    script: str
+    verb: str  # "replacing" (the whole table), "changing" (elements and chains) or "deleting"
 
     def describe(self) -> str:
         """The command-line equivalent."""
-        verb = "replacing" if self.replaces else "deleting"
-        return f"nft -f FILE ({verb} table {TABLE_FAMILY} {TABLE} in one transaction)"
+        return f"nft -f FILE ({self.verb} table {TABLE_FAMILY} {TABLE} in one transaction)"
 
 
 Step = LinkStep | AddressStep | ServiceStep | DestStep | SysctlStep | RulesStep

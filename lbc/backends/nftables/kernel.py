@@ -119,8 +119,9 @@ def _ordered(objects: dict[str, tuple[str, ...]] | Any) -> list[str]:
     return sorted(objects, key=lambda k: (k.startswith("chain "), k))
 
 
-def incremental_script(live: State, desired: State, plan: Plan) -> str | None:
-    """The commands that turn `live` into `desired`, or None if only a full replace can."""
+def incremental_script(live: State, desired: State, plan: Plan, table: str = TABLE) -> str | None:
+    """The commands that turn `live` into `desired`, or None if only a full replace can
+    (`table`: the table they are in; the IPVS backend's helper table uses it too)."""
     before, after = live.objects, desired.objects
     new_sets, new_chains, changed_chains, removed_chains, removed_sets = [], [], [], [], []
     add_elements: list[tuple[str, list[str]]] = []
@@ -152,30 +153,30 @@ def incremental_script(live: State, desired: State, plan: Plan) -> str | None:
             del_elements.append((name, gone))
         if came:
             add_elements.append((name, came))
-    out = [f"add table {TABLE}"]
+    out = [f"add table {table}"]
     for kind, name in new_sets:
         decl = "; ".join(_declaration(after[f"{kind} {name}"]))
-        out.append(f"add {kind} {TABLE} {name} {{ {decl}; }}")
+        out.append(f"add {kind} {table} {name} {{ {decl}; }}")
     for name in new_chains:
         lines = after[f"chain {name}"]
         head = f" {{ {lines[0]} }}" if _is_base(lines) else ""
-        out.append(f"add chain {TABLE} {name}{head}")
+        out.append(f"add chain {table} {name}{head}")
     for name in changed_chains + removed_chains:
-        out.append(f"flush chain {TABLE} {name}")
+        out.append(f"flush chain {table} {name}")
     for name, items in del_elements:
-        out.append(f"delete element {TABLE} {name} {{ {', '.join(items)} }}")
+        out.append(f"delete element {table} {name} {{ {', '.join(items)} }}")
     for name in new_chains + changed_chains:
         for line in after[f"chain {name}"]:
             if not line.startswith("type "):
-                out.append(f"add rule {TABLE} {name} {line}")
+                out.append(f"add rule {table} {name} {line}")
     for name, items in add_elements:
-        out.append(f"add element {TABLE} {name} {{ {', '.join(items)} }}")
+        out.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     # Sets and maps go before chains: a removed map's elements may still name a
     # removed chain, and the kernel refuses to delete a chain something points to.
     for kind, name in removed_sets:
-        out.append(f"delete {kind} {TABLE} {name}")
+        out.append(f"delete {kind} {table} {name}")
     for name in removed_chains:
-        out.append(f"delete chain {TABLE} {name}")
+        out.append(f"delete chain {table} {name}")
     return "\n".join(out) + "\n"
 
 
