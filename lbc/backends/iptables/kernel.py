@@ -66,17 +66,25 @@ def parse(family: int, document: str) -> dict[str, tuple[str, ...]]:
     """lbc's objects in an iptables-save/restore document, as state objects."""
     objects: dict[str, list[str]] = {}
     table = ""
+    declared = ":" + n.PREFIX
+    jump = f" -j {n.PREFIX}"
+    # A chain's rules come one after another: keep the list of the last chain seen.
+    last, rules = "", []
     for line in document.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif line.startswith(":" + n.PREFIX):
-            objects.setdefault(key(family, table, line[1:].split()[0]), [])
-        elif line.startswith("-A "):
-            chain = line.split(None, 2)[1]
-            if chain.startswith(n.PREFIX):
-                objects.setdefault(key(family, table, chain), []).append(line)
-            elif f" -j {n.PREFIX}" in line:
+        if line.startswith("-A "):
+            end = line.find(" ", 3)
+            chain = line[3:end] if end > 0 else line[3:]
+            if chain == last:
+                rules.append(line)
+            elif chain.startswith(n.PREFIX):
+                last, rules = chain, objects.setdefault(key(family, table, chain), [])
+                rules.append(line)
+            elif jump in line:
                 objects.setdefault(hooks_key(family, table, chain), []).append(line)
+        elif line.startswith(declared):
+            objects.setdefault(key(family, table, line[1:].split()[0]), [])
+        elif line.startswith("*"):
+            table, last = line[1:].strip(), ""
     # Jumps are inserted one at a time, so their order in a built-in chain is not ours
     # to keep; compare them as a sorted multiset.
     return {k: tuple(sorted(v)) if k.endswith(" jumps") else tuple(v) for k, v in objects.items()}
