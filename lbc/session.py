@@ -66,6 +66,7 @@ class Session:
         self.engine = Engine(chosen, adapter, lock_path, lock_timeout, progress)
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
+        self._order: list[Service] = []  # the services of the last applied cluster
         self._table: Table | None = None  # nftables: the table kept per service
         self._live: dict[str, tuple[str, ...]] = {}  # what the kernel holds (if known)
         self._known_generation: int | None = None
@@ -81,6 +82,7 @@ class Session:
         info = node_info(cluster)
         if info != self._node:
             self._services = {}
+            self._order = []
             self._table = None
             self._node = info
         changed = self._changed(info, cluster)
@@ -88,14 +90,24 @@ class Session:
             if entry is not None:
                 self.backend.check(entry[1])
         if self.backend.name == "nftables":
-            return self._apply_nftables(info, changed, dry_run, full)
-        return self._apply_whole(info, changed, dry_run, full)
+            return self._apply_nftables(cluster, info, changed, dry_run, full)
+        return self._apply_whole(cluster, info, changed, dry_run, full)
 
     def _changed(self, info: NodeInfo, cluster: Cluster) -> Changed:
         """Each new or changed service with its lowered program; None for each one gone."""
+        services = cluster.services
+        last = self._order
+        if len(services) == len(last):
+            # The usual update: the same list with a few services replaced. Comparing
+            # objects by position costs no key per service.
+            pairs = [(svc, old) for svc, old in zip(services, last, strict=True) if svc is not old]
+            if not pairs:
+                return {}
+            if len(pairs) < len(services) // 8:
+                return self._changed_among(info, pairs)
         seen: set[str] = set()
         changed: Changed = {}
-        for svc in cluster.services:
+        for svc in services:
             key = f"{svc.namespace}/{svc.name}"
             seen.add(key)
             old = self._services.get(key)
@@ -105,8 +117,24 @@ class Session:
             changed[key] = None
         return changed
 
-    def _kept(self, changed: Changed) -> None:
+    def _changed_among(self, info: NodeInfo, pairs: list[tuple[Service, Service]]) -> Changed:
+        """The changes when only these positions hold new objects (new, old)."""
+        changed: Changed = {}
+        names = {f"{svc.namespace}/{svc.name}" for svc, _ in pairs}
+        for _, old in pairs:
+            key = f"{old.namespace}/{old.name}"
+            if key not in names:
+                changed[key] = None  # not at another position either: it is gone
+        for svc, _ in pairs:
+            key = f"{svc.namespace}/{svc.name}"
+            entry = self._services.get(key)
+            if entry is None or entry[0] != svc:
+                changed[key] = (svc, lower_service(info, svc))
+        return changed
+
+    def _kept(self, cluster: Cluster, changed: Changed) -> None:
         """Record the services as applied."""
+        self._order = list(cluster.services)
         for key, entry in changed.items():
             if entry is None:
                 del self._services[key]
@@ -131,13 +159,13 @@ class Session:
         self._known_generation = result.generation
 
     def _apply_nftables(
-        self, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
+        self, cluster: Cluster, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
     ) -> ApplyResult:
         from lbc.backends.nftables.incremental import ConflictError, Table, TableState, part_of
 
         fresh = self._table is None
         if self._table is None:
-            self._table = Table(info.masquerade_mark)
+            self._table = Table(info)
         table = self._table
         previous = {key: table.parts.get(key) for key in changed}
         try:
@@ -162,7 +190,7 @@ class Session:
         if dry_run:
             self._undo(table, previous, fresh)
             return result
-        self._kept(changed)
+        self._kept(cluster, changed)
         self._remember(result, table.objects)
         return result
 
@@ -174,7 +202,7 @@ class Session:
             table.update(previous)
 
     def _apply_whole(
-        self, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
+        self, cluster: Cluster, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
     ) -> ApplyResult:
         programs = {key: program for key, (_, program) in self._services.items()}
         for key, entry in changed.items():
@@ -186,6 +214,6 @@ class Session:
         desired = self.engine.kernel.desired(artifact)
         result = self.engine.converge(desired, dry_run=dry_run, full=full, known=self._known())
         if not dry_run:
-            self._kept(changed)
+            self._kept(cluster, changed)
             self._remember(result, desired.objects)
         return result

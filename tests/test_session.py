@@ -59,7 +59,7 @@ def key(svc: Service) -> str:
 
 def table_of(cluster: Cluster) -> Table:
     info = node_info(cluster)
-    table = Table(info.masquerade_mark)
+    table = Table(info)
     table.update({key(s): part_of(lower_service(info, s)) for s in cluster.services})
     return table
 
@@ -307,3 +307,29 @@ def test_engine_ignores_a_known_state_of_an_older_generation(lock: Path) -> None
     stale = Known(kernel.current - 1, State({"a": ("old",)}))
     result = engine.converge(State({"a": ("new",)}), known=stale)
     assert result.read and result.plan.changes[0].before == ("live",)
+
+
+@pytest.mark.parametrize(("name", "cluster"), CASES[-3:], ids=IDS[-3:])
+def test_session_follows_any_sequence_of_changes(name: str, cluster: Cluster, lock: Path) -> None:
+    """Random edits, each applied by the session: the kernel always holds the whole build."""
+    rng, spare, current = random.Random(name), [], cluster
+    kernel, s = started(cluster, lock)
+    for _ in range(30):
+        current = change(rng, current, spare)
+        s.apply(current)
+        assert kernel.objects == whole(current)
+    assert kernel.snapshots == 1
+
+
+def test_session_sees_a_service_swapped_for_another_in_the_same_place(
+    cluster: Cluster, lock: Path
+) -> None:
+    """Same length, one position holding a different service: one gone, one new."""
+    kernel, s = started(cluster, lock)
+    other = lbc.loads(generate(3, 3, seed=99)[0]).services[0]
+    assert all(o.name != other.name for o in cluster.services)
+    swapped = cluster.model_copy(update={"services": [other, *cluster.services[1:]]})
+    s.apply(swapped)
+    assert kernel.objects == whole(swapped)
+    s.apply(cluster)
+    assert kernel.objects == whole(cluster)

@@ -27,7 +27,7 @@ from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import AnyChain, Element, NamedSet, Ruleset
 from lbc.backends.nftables.render import build, set_shapes, shared_chains
 from lbc.backends.nftables.text import declaration, hook_line
-from lbc.ir.nodes import Program
+from lbc.ir.nodes import NodeInfo, Program
 
 ELEMENT = "element "
 Lines = tuple[str, ...]
@@ -129,8 +129,8 @@ class ConflictError(ValueError):
 class Table:
     """The desired `inet lbc` table, kept as per-service parts and their union."""
 
-    def __init__(self, masquerade_mark: int) -> None:
-        self.mark = masquerade_mark
+    def __init__(self, node: NodeInfo) -> None:
+        self.node = node
         self.objects: dict[str, Lines] = {}  # the whole desired table
         self.parts: dict[str, Part] = {}
         self._refs: Counter[tuple[str, str]] = Counter()
@@ -141,6 +141,7 @@ class Table:
         # the lines of each object it touched before it: writers that diff sets use it.
         self.last_delta: dict[str, tuple[list[str], list[str]]] = {}
         self.last_before: dict[str, Lines | None] = {}
+        self._made_of: tuple[object, ...] | None = None  # what the shared chains came from
         self._families: Counter[int] = Counter()
         self._rejecting = 0
         # For netlink writers: the chain or set of each service object, and the element
@@ -220,13 +221,21 @@ class Table:
         def has(name: str) -> bool:
             return bool(self._elements.get(name))
 
-        chains = shared_chains(self.mark, families, has, self._rejecting > 0)
-        made = {f"chain {c.name}" for c in chains}
-        for c in chains:
-            self._put(f"chain {c.name}", chain_lines(c), touched)
-        for name in SHARED_CHAINS:
-            if f"chain {name}" not in made:
-                self._put(f"chain {name}", None, touched)
+        # The shared chains depend only on these; most updates leave them alone.
+        made_of = (
+            families,
+            frozenset(k for k, v in self._elements.items() if v),
+            self._rejecting > 0,
+        )
+        if made_of != self._made_of:
+            self._made_of = made_of
+            chains = shared_chains(self.node, families, has, self._rejecting > 0)
+            made = {f"chain {c.name}" for c in chains}
+            for c in chains:
+                self._put(f"chain {c.name}", chain_lines(c), touched)
+            for name in SHARED_CHAINS:
+                if f"chain {name}" not in made:
+                    self._put(f"chain {name}", None, touched)
         for family in (4, 6):
             for name, key_types, is_map, flags in set_shapes(family):
                 shape = NamedSet(name, key_types, (), is_map, flags)

@@ -53,6 +53,10 @@ NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # l4proto . port : reject or dr
 FIREWALL_IPS = "firewall-ips"  # load-balancer frontends that have source ranges
 FIREWALL_ALLOW = "firewall-allow"  # address . l4proto . port . allowed source range
 CLUSTER_IPS = "cluster-ips"  # every cluster IP: what reaches one undiverted is rejected
+# cluster IP . l4proto . port whose traffic is marked for masquerade: all of it, or
+# what does not come from the pod CIDR
+MARK_ALWAYS = "masquerade-always"
+MARK_OFF_CLUSTER = "masquerade-off-cluster"
 HAIRPIN = "hairpin-ips"  # backend . backend: a backend that reached itself, masqueraded
 
 # Per-service objects.

@@ -21,6 +21,13 @@ affinity, which needs a dynamic set per backend (kube-proxy's `affinity-` sets),
 services with ClientIP affinity still cost more to load, in proportion to their
 backends.
 
+Cluster-IP traffic is marked for masquerade in `services`, before the dispatch, by one
+lookup per policy in `masquerade-always4`/`masquerade-off-cluster4` (and the `6`s) of
+`address . l4proto . port`, not by a rule in every pool's chain: a pool's chain is its
+choice of backend alone. The kernel revalidates every rule of the table on each
+transaction that adds one (docs/kernel-notes.md), so rules that are not there cost
+nothing then.
+
 No chain per endpoint: the rule that picks a backend also DNATs to it, and hairpin
 traffic (a backend reaching its own service) is marked for masquerade in nat
 postrouting by one lookup of `saddr . daddr` in `hairpin-ips4`/`hairpin-ips6`, which
@@ -45,7 +52,6 @@ import ipaddress
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import NamedTuple
 
 from lbc.backends.nftables import names as n
@@ -79,7 +85,7 @@ from lbc.backends.nftables.expr import (
     Vmap,
 )
 from lbc.ir.names import digest
-from lbc.ir.nodes import Empty, Frontend, Kind, Pool, Program
+from lbc.ir.nodes import Empty, Frontend, Kind, NodeInfo, Pool, Program
 from lbc.ir.nodes import Masquerade as Masq
 
 _L4PROTO = Meta("l4proto")
@@ -123,29 +129,16 @@ def shares(weights: list[int]) -> list[tuple[int, int]]:
 # their rules' text directly (`lines`), the same text as their rules' `text()`.
 
 
-@cache
-def _mark_text(mark: int) -> str:
-    """`meta mark set meta mark | 0x00004000`: the statement that marks for masquerade."""
-    return Mangle(_MARK, BinOp("|", _MARK, Value(mark, hex=True))).text()
-
-
-# (address, protocol, port, pod CIDR or "") of a cluster-IP frontend whose traffic the
-# pool's chain marks for masquerade: all of it, or what does not come from the pod CIDR.
-MarkedFrontend = tuple[str, str, int, str]
-
-
 class PoolChain(NamedTuple):
     """A pool's chain: cluster-IP masquerade marks, affinity, then the weighted choice,
     each choice a DNAT in the same rule (no chain per endpoint)."""
 
     name: str
     family: int
-    head: tuple[MarkedFrontend, ...]  # the pool's cluster-IP frontends to mark
     backends: tuple[tuple[str, int], ...]  # (address, port) of the active backends
     proto: str  # tcp, udp or sctp
     weights: tuple[int, ...]
     affinity: tuple[str, ...] | None  # their affinity sets, if the pool has affinity
-    mark: int  # the masquerade mark
 
     @property
     def base(self) -> None:
@@ -154,20 +147,11 @@ class PoolChain(NamedTuple):
 
     @property
     def rules(self) -> tuple[Rule, ...]:
-        """Marks; known clients to their backend; `numgen` chances, the last one certain."""
+        """Known clients to their backend; then `numgen` chances, the last one certain."""
         saddr = _SADDR[self.family]
         family = ip_proto(self.family)
-        set_mark = Mangle(_MARK, BinOp("|", _MARK, Value(self.mark, hex=True)))
         l4proto = Match(_L4PROTO, Value(self.proto))
         rules = []
-        for address, proto, port, pod_cidr in self.head:
-            this: tuple[Statement, ...] = (
-                Match(Payload(family, "daddr"), Value(address)),
-                Match(Payload(proto, "dport"), Value(port)),
-            )
-            if pod_cidr:
-                this += (Match(saddr, _prefix(pod_cidr), op="!="),)
-            rules.append(Rule((*this, set_mark)))
 
         def to(i: int) -> tuple[Statement, ...]:
             """Remember the client (affinity), then DNAT to backend i."""
@@ -186,13 +170,7 @@ class PoolChain(NamedTuple):
     def lines(self) -> list[str]:
         """The text of `rules`."""
         family = ip_proto(self.family)
-        mark = _mark_text(self.mark)
-        out = [
-            f"{family} daddr {address} {proto} dport {port} {family} saddr != {pod_cidr} {mark}"
-            if pod_cidr
-            else f"{family} daddr {address} {proto} dport {port} {mark}"
-            for address, proto, port, pod_cidr in self.head
-        ]
+        out: list[str] = []
         l4proto = f"meta l4proto {self.proto}"
         if self.family == 4:
             dnat = [f"dnat ip to {address}:{port}" for address, port in self.backends]
@@ -282,9 +260,7 @@ class _Builder:
 
     def shared_chains(self, families: tuple[int, ...]) -> list[AnyChain]:
         """Base chains and the chains every service shares; only the parts in use."""
-        return shared_chains(
-            self.program.node.masquerade_mark, families, self.sets.has, self.uses_reject()
-        )
+        return shared_chains(self.program.node, families, self.sets.has, self.uses_reject())
 
     def uses_reject(self) -> bool:
         return any(
@@ -398,11 +374,13 @@ class _Builder:
         active = pool.active
         if not active:
             return
-        head = []
+        # Its cluster-IP frontends' traffic is marked for masquerade in `services`, by
+        # one set lookup per policy (all of it, or from outside the pod CIDR).
         for f in self.cluster_ips.get(pool.id, []):
-            marked = self.marked(f)
-            if marked is not None:
-                head.append(marked)
+            kind = self.mark_kind(f)
+            if kind is not None:
+                key = Concat((Value(f.address), Value(f.proto), Value(f.port)))
+                self.sets.add(n.per_family(kind, f.family), Element(key))
         sets: tuple[str, ...] | None = None
         timeout = pool.affinity_timeout
         family = pool.family
@@ -423,10 +401,7 @@ class _Builder:
         name = self.pool_name(pool)
         weights = tuple([b.weight for b in active])
         backends = tuple([(b.address, b.port) for b in active])
-        mark = self.program.node.masquerade_mark
-        self.chains[name] = PoolChain(
-            name, family, tuple(head), backends, str(pool.proto), weights, sets, mark
-        )
+        self.chains[name] = PoolChain(name, family, backends, str(pool.proto), weights, sets)
         # A backend that reaches its own service is masqueraded (hairpin): nat
         # postrouting marks `saddr . daddr` pairs of this set, after DNAT.
         hairpin = n.per_family(n.HAIRPIN, family)
@@ -436,14 +411,13 @@ class _Builder:
                 value = Value(address)  # one immutable value serves both halves
                 self.sets.add(hairpin, Element(Concat((value, value))))
 
-    def marked(self, f: Frontend) -> MarkedFrontend | None:
-        """A cluster-IP frontend whose traffic its pool marks for masquerade, as its policy
-        says (all of it, or from outside the pod CIDR), or None when it marks none."""
+    def mark_kind(self, f: Frontend) -> str | None:
+        """The set that marks a cluster-IP frontend's traffic for masquerade, as its
+        policy says (all of it, or from outside the pod CIDR), or None for none."""
         if f.masquerade is Masq.ALWAYS:
-            return (f.address, str(f.proto), f.port, "")
-        pod_cidr = self.pod_cidr(f.family)
-        if f.masquerade is Masq.OFF_CLUSTER and pod_cidr:
-            return (f.address, str(f.proto), f.port, pod_cidr.text())
+            return n.MARK_ALWAYS
+        if f.masquerade is Masq.OFF_CLUSTER and self.pod_cidr(f.family):
+            return n.MARK_OFF_CLUSTER
         return None
 
     def masquerade(self, f: Frontend) -> tuple[Statement, ...] | None:
@@ -513,6 +487,8 @@ def set_shapes(family: int) -> list[SetShape]:
         (n.FIREWALL_ALLOW, (*by_ip, addr), False, ("interval",)),
         (n.CLUSTER_IPS, (addr,), False, ()),
         (n.HAIRPIN, (addr, addr), False, ()),
+        (n.MARK_ALWAYS, by_ip, False, ()),
+        (n.MARK_OFF_CLUSTER, by_ip, False, ()),
     ]
     return [
         (n.per_family(name, family), keys, is_map, flags) for name, keys, is_map, flags in shapes
@@ -520,7 +496,7 @@ def set_shapes(family: int) -> list[SetShape]:
 
 
 def shared_chains(
-    masquerade_mark: int,
+    node: NodeInfo,
     families: tuple[int, ...],
     has: Callable[[str], bool],
     uses_reject: bool,
@@ -531,7 +507,8 @@ def shared_chains(
     and whether any no-endpoint verdict goes to the reject chain.
     """
     chains: list[AnyChain] = []
-    mark = Value(masquerade_mark, hex=True)
+    mark = Value(node.masquerade_mark, hex=True)
+    set_mark = Mangle(_MARK, BinOp("|", _MARK, mark))
 
     def base(name: str, *rules: Rule) -> None:
         chains.append(Chain(name, rules, BaseHook(*n.BASE_CHAINS[name])))
@@ -613,7 +590,19 @@ def shared_chains(
             "masquerade what lbc marked",
         ),
     )
-    chains.append(Chain(n.SERVICES, tuple(lookups(families, n.SERVICE_IPS, n.SERVICE_NODEPORTS))))
+    marks = []
+    for family in families:
+        frontend = Concat((Payload(ip_proto(family), "daddr"), _L4PROTO, _DPORT))
+        if has(n.per_family(n.MARK_ALWAYS, family)):
+            always = Match(frontend, SetRef(n.per_family(n.MARK_ALWAYS, family)))
+            marks.append(Rule((always, set_mark)))
+        pod_cidr = node.pod_cidr(family)
+        if pod_cidr and has(n.per_family(n.MARK_OFF_CLUSTER, family)):
+            outside = Match(_SADDR[family], _prefix(pod_cidr), op="!=")
+            off = Match(frontend, SetRef(n.per_family(n.MARK_OFF_CLUSTER, family)))
+            marks.append(Rule((outside, off, set_mark)))
+    dispatch = lookups(families, n.SERVICE_IPS, n.SERVICE_NODEPORTS)
+    chains.append(Chain(n.SERVICES, (*marks, *dispatch)))
     if firewall:
         rules = []
         for family in firewall:
