@@ -189,3 +189,30 @@ def test_progress_reports_each_phase_of_an_apply(lock: Path) -> None:
     phases.clear()
     lbc.apply(lbc.load(HOSTNAMES), "ir", kernel=kernel, lock_path=lock, progress=phases.append)
     assert [p.split()[0] for p in phases] == ["waiting", "reading"], "in sync: no commit"
+
+
+class Remembering(FakeKernel):
+    """A fake kernel with generations and an identity, as the nftables adapter has."""
+
+    def __init__(self) -> None:
+        super().__init__(generations=True)
+
+    def identity(self) -> str:
+        return "netns-1"
+
+
+def test_an_apply_plans_from_the_record_of_the_last_one(lock: Path) -> None:
+    kernel = Remembering()
+    first = apply(HOSTNAMES, kernel, lock)
+    assert first.read and (lock.parent / f"{lock.name}.ir.netns-1.json").exists()
+    second = apply(WEIGHTED, kernel, lock)
+    assert second.applied and not second.read and kernel.snapshots == 1
+
+
+def test_a_record_that_cannot_be_written_is_no_record(lock: Path) -> None:
+    """The apply succeeds; the next one reads the kernel."""
+    (lock.parent / f"{lock.name}.ir.netns-1.json").mkdir()  # in the way of the record
+    kernel = Remembering()
+    assert apply(HOSTNAMES, kernel, lock).applied
+    again = apply(WEIGHTED, kernel, lock)
+    assert again.applied and again.read

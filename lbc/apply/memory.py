@@ -12,6 +12,7 @@ at boot, as cookies and generations restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -35,15 +36,21 @@ def load(path: Path) -> Known | None:
 
 
 def save(path: Path, known: Known) -> None:
-    """Write the record atomically (readable by root only)."""
+    """Write the record atomically (readable by root only). A record that cannot be
+    written is no record: the next run reads the kernel instead."""
     tmp = path.with_name(path.name + ".tmp")
     doc = {"generation": known.generation, "objects": dict(known.state.objects)}
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(doc, separators=(",", ":")))  # dumps: the C encoder
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, separators=(",", ":")))  # dumps: the C encoder
+        os.replace(tmp, path)
+    except OSError:
+        forget(tmp)
+        forget(path)
 
 
 def forget(path: Path) -> None:
-    """Remove the record (the kernel's state is no longer known)."""
-    path.unlink(missing_ok=True)
+    """Remove the record (the kernel's state is no longer known), if it can be."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
