@@ -81,7 +81,8 @@ from lbc.backends.ipvs.ops import (
     SetSysctl,
 )
 from lbc.backends.ipvs.rules import address_key
-from lbc.backends.nftables.kernel import ELEMENT, incremental_script, parse
+from lbc.backends.nftables.incremental import ELEMENT
+from lbc.backends.nftables.kernel import incremental_script, parse
 from lbc.errors import ApplyError
 from lbc.ir.nodes import Proto
 

@@ -23,7 +23,7 @@ NFTA_GEN_ID = 1
 NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 SO_NETNS_COOKIE = 71
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
+HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, resource id
 _ATTR = struct.Struct("=HH")  # nlattr: length, type
 
@@ -42,17 +42,17 @@ class GenerationReader:
         kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
         body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
         self._sock.send(
-            _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST, self._sequence, 0) + body
+            HEADER.pack(HEADER.size + len(body), kind, NLM_F_REQUEST, self._sequence, 0) + body
         )
         while True:
             reply = self._sock.recv(65536)
-            length, got, _, sequence, _ = _HEADER.unpack_from(reply)
+            length, got, _, sequence, _ = HEADER.unpack_from(reply)
             if sequence != self._sequence:
                 continue  # an answer to an earlier request that timed out
             if got == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", reply, _HEADER.size)
+                (error,) = struct.unpack_from("=i", reply, HEADER.size)
                 raise OSError(-error, os.strerror(-error))
-            return _generation(reply[_HEADER.size + _NFGEN.size : length])
+            return _generation(reply[HEADER.size + _NFGEN.size : length])
 
     def cookie(self) -> int | None:
         """The namespace's cookie (SO_NETNS_COOKIE): unique for the boot, never reused,

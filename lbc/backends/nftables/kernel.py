@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from typing import Any
 
 from lbc.apply.state import Plan, State
@@ -21,13 +20,12 @@ from lbc.backends.base import Artifact
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.expr import Ruleset
 from lbc.backends.nftables.generation import Generations, inside
-from lbc.backends.nftables.incremental import objects
+from lbc.backends.nftables.incremental import ELEMENT, TableState, objects
 from lbc.backends.nftables.netlink import Batch, BatchError, Unencodable, Writer, batch_for
 from lbc.errors import ApplyError
 
 TABLE = f"{n.FAMILY} {n.TABLE}"
 _BLOCK = re.compile(r"^\s*(chain|set|map) (\S+) \{\s*$")
-ELEMENT = "element "
 
 
 def parse(text: str) -> dict[str, tuple[str, ...]]:
@@ -206,9 +204,6 @@ class NftablesKernel:
         """
         return self._generations.read() if self._kernel else None
 
-    def _inside(self) -> AbstractContextManager[None]:
-        return inside(self.netns)
-
     def _libnftables(self, script: str) -> str:
         try:
             import nftables
@@ -217,7 +212,7 @@ class NftablesKernel:
                 f"the nftables binding is not usable ({exc}); install Debian's libnftables1"
             ) from exc
         if self._context is None:
-            with self._inside():
+            with inside(self.netns):
                 self._context = nftables.Nftables()
         rc, out, err = self._context.cmd(script)
         if rc != 0:
@@ -232,7 +227,7 @@ class NftablesKernel:
     def _send(self, batch: Batch) -> None:
         try:
             if self._writer is None:
-                with self._inside():
+                with inside(self.netns):
                     self._writer = Writer()
             self._writer.send(batch)
         except (OSError, BatchError) as exc:
@@ -260,10 +255,10 @@ class NftablesKernel:
         if not desired.objects:
             self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
             return
-        table = getattr(desired, "table", None)
-        if live.objects and not plan.full and table is not None and self._kernel:
+        if live.objects and not plan.full and isinstance(desired, TableState) and self._kernel:
             try:
-                batch = batch_for(plan, table, n.TABLE)
+                assert desired.table is not None
+                batch = batch_for(plan, desired.table, n.TABLE)
             except Unencodable:
                 pass
             else:

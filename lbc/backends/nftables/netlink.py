@@ -25,7 +25,6 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from lbc.apply.state import Action, Change, Plan
 from lbc.backends.nftables import names as n
@@ -49,12 +48,15 @@ from lbc.backends.nftables.expr import (
     Value,
     Verdict,
 )
+from lbc.backends.nftables.generation import (
+    HEADER,
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+)
+from lbc.backends.nftables.incremental import ELEMENT, SHARED_CHAINS, Table
 
-if TYPE_CHECKING:
-    from lbc.backends.nftables.incremental import Table
-
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFPROTO_INET = 1
@@ -64,10 +66,9 @@ NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 NEWCHAIN, DELCHAIN, NEWRULE, DELRULE = 3, 5, 6, 8
 NEWSET, DELSET, NEWSETELEM, DELSETELEM = 9, 11, 12, 14
 
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_ACK = 0x4
 NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
 NLA_F_NESTED = 0x8000
-NLMSG_ERROR = 2
 
 VERDICT = {"goto": -4, "jump": -3, "drop": 0, "accept": 1, "return": -5}
 L4PROTO = {"tcp": 6, "udp": 17, "sctp": 132}
@@ -83,13 +84,6 @@ CMP = {"==": 0, "!=": 1, "<": 2}
 SET_TIMEOUT, SET_EVAL = 0x10, 0x20  # `flags dynamic,timeout`
 KEY_TYPES = {"ipv4_addr": (7, 4), "ipv6_addr": (8, 16)}
 RTN_LOCAL = 2
-_HEADER = struct.Struct("=IHHII")
-ELEMENT_PREFIX = "element "
-# Objects only libnftables writes: the shared chains (verdict-map lookups, reject,
-# conntrack state), whatever their rules.
-SHARED_OBJECTS = frozenset(
-    {n.SERVICES, n.FIREWALL_CHECK, n.ENDPOINTS_CHECK, n.REJECT_CHAIN, n.CLUSTER_IPS_CHECK}
-)
 
 
 class Unencodable(Exception):
@@ -424,19 +418,19 @@ def send(sock: socket.socket, batch: Batch, first_sequence: int) -> int:
     """
     chunks, sequence = [], first_sequence
     subsystem = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-    chunks.append(_HEADER.pack(_HEADER.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, sequence, 0))
+    chunks.append(HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, sequence, 0))
     chunks.append(subsystem)
     sequence += 1
     expected = set()
     family = struct.pack("=BBH", NFPROTO_INET, 0, 0)
     for kind, flags, attrs in batch.messages:
-        size = _HEADER.size + 4 + len(attrs)
+        size = HEADER.size + 4 + len(attrs)
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
-        chunks.append(_HEADER.pack(size, msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, sequence, 0))
+        chunks.append(HEADER.pack(size, msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, sequence, 0))
         chunks += [family, attrs]
         expected.add(sequence)
         sequence += 1
-    chunks.append(_HEADER.pack(_HEADER.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence, 0))
+    chunks.append(HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence, 0))
     chunks.append(subsystem)
     sequence += 1
     sock.send(b"".join(chunks))
@@ -455,12 +449,12 @@ def _acks(sock: socket.socket, expected: set[int]) -> Iterator[tuple[int, int]]:
     while pending:
         reply = sock.recv(1 << 20)
         offset = 0
-        while offset + _HEADER.size <= len(reply):
-            length, kind, _, sequence, _ = _HEADER.unpack_from(reply, offset)
-            if length < _HEADER.size:
+        while offset + HEADER.size <= len(reply):
+            length, kind, _, sequence, _ = HEADER.unpack_from(reply, offset)
+            if length < HEADER.size:
                 break
             if kind == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", reply, offset + _HEADER.size)
+                (error,) = struct.unpack_from("=i", reply, offset + HEADER.size)
                 pending.discard(sequence)
                 yield sequence, error
                 if error:
@@ -471,18 +465,18 @@ def _acks(sock: socket.socket, expected: set[int]) -> Iterator[tuple[int, int]]:
 def _element_delta(change: Change, name: str, table: Table) -> tuple[list[str], list[str]]:
     """The element lines a set change removes and adds. When the change is the table's
     own last update (the same line tuples), the table says, without a scan of the set."""
-    declaration = [x for x in change.after[:8] if not x.startswith(ELEMENT_PREFIX)]
+    declaration = [x for x in change.after[:8] if not x.startswith(ELEMENT)]
     if any(x.startswith("flags") and "interval" in x for x in declaration):
         raise Unencodable(f"{change.key}: interval set")
     own = table.last_before.get(change.key) is change.before
     if own and table.objects.get(change.key) is change.after and name in table.last_delta:
         return table.last_delta[name]
-    before = [x for x in change.before if not x.startswith(ELEMENT_PREFIX)]
-    after = [x for x in change.after if not x.startswith(ELEMENT_PREFIX)]
+    before = [x for x in change.before if not x.startswith(ELEMENT)]
+    after = [x for x in change.after if not x.startswith(ELEMENT)]
     if before != after:
         raise Unencodable(f"{change.key}: its declaration changed")
-    old = {x for x in change.before if x.startswith(ELEMENT_PREFIX)}
-    new = {x for x in change.after if x.startswith(ELEMENT_PREFIX)}
+    old = {x for x in change.before if x.startswith(ELEMENT)}
+    new = {x for x in change.after if x.startswith(ELEMENT)}
     return sorted(old - new), sorted(new - old)
 
 
@@ -522,7 +516,8 @@ def batch_for(plan: Plan, table: Table, table_name: str) -> Batch:
     for change in plan.changes:
         kind, _, name = change.key.partition(" ")
         if kind == "chain":
-            if name in SHARED_OBJECTS or any(line.startswith("type ") for line in change.after[:1]):
+            # The shared chains (verdict maps, reject, conntrack) only libnftables writes.
+            if name in SHARED_CHAINS or any(line.startswith("type ") for line in change.after[:1]):
                 raise Unencodable(f"chain {name}")
             if change.action is Action.ADD:
                 new_chains.append(name)
