@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import json
 import sys
@@ -41,16 +40,8 @@ def _fail(exc: LbcError) -> NoReturn:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lbc")
-@click.pass_context
-def main(ctx: click.Context) -> None:
+def main() -> None:
     """lbc compiles Kubernetes-style Services in cluster.toml into load-balancer rules."""
-    # One command builds one large heap of long-lived objects: with the default
-    # thresholds the cyclic collector walks all of it again each time it grows by a
-    # quarter, a third of a 10k-service compile. Restored when the command ends (the
-    # library itself never touches GC settings).
-    previous = gc.get_threshold()
-    gc.set_threshold(100_000, 50, 1000)
-    ctx.call_on_close(lambda: gc.set_threshold(*previous))
 
 
 @main.command("compile")

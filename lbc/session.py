@@ -37,6 +37,7 @@ from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
 from lbc.backends.base import Backend
+from lbc.collector import paused
 from lbc.compiler.lower import lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Service
 from lbc.errors import ApplyError
@@ -76,6 +77,7 @@ class Session:
         """The backend this session applies."""
         return self.engine.backend
 
+    @paused
     def apply(self, cluster: Cluster, *, dry_run: bool = False, full: bool = False) -> ApplyResult:
         """Make the kernel match `cluster` (as `lbc.apply`), doing work in proportion to
         what changed since the last apply; raises `ApplyError` with nothing changed."""

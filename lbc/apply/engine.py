@@ -23,6 +23,7 @@ from lbc.apply.adapter import KernelAdapter
 from lbc.apply.lock import DEFAULT_LOCK, host_lock
 from lbc.apply.state import Change, Known, Plan, State, plan_between
 from lbc.backends.base import Artifact, Backend
+from lbc.collector import paused
 from lbc.errors import ApplyError
 
 
@@ -75,6 +76,7 @@ class Engine:
         reader = getattr(self.kernel, "generation", None)
         return None if reader is None else reader()
 
+    @paused
     def plan(self, artifact: Artifact) -> Plan:
         """What apply would change (reads the kernel, writes nothing)."""
         return plan_between(
@@ -85,6 +87,7 @@ class Engine:
         """Drift between the kernel and `artifact`; an in-sync plan means no drift."""
         return self.plan(artifact)
 
+    @paused
     def apply(self, artifact: Artifact, dry_run: bool = False, full: bool = False) -> ApplyResult:
         """Make the kernel match `artifact` atomically; a no-op when already in sync.
 
@@ -97,6 +100,7 @@ class Engine:
             desired = self.kernel.desired(artifact)
             return self._remembered(desired, dry_run, start, full)
 
+    @paused
     def delete(self, dry_run: bool = False) -> ApplyResult:
         """Remove every object lbc owns, and nothing else."""
         start = time.perf_counter()
@@ -126,6 +130,7 @@ class Engine:
             memory.save(record, Known(result.generation, desired))
         return result
 
+    @paused
     def converge(
         self,
         desired: State,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from lbc.collector import paused
 from lbc.errors import Unsupported, UnsupportedError
 from lbc.ir.nodes import Kind, Masquerade, Program, Proto, Scheduler
 
@@ -46,6 +47,7 @@ class LazyFormats(Mapping[str, str]):
         self._printers = printers
         self._done: dict[str, str] = {}
 
+    @paused
     def __getitem__(self, key: str) -> str:
         if key not in self._done:
             self._done[key] = self._printers[key]()
@@ -103,6 +105,7 @@ class Backend:
             unique = list(dict.fromkeys(missing))
             raise UnsupportedError(self.name, unique)
 
+    @paused
     def compile(self, program: Program) -> Artifact:
         """`check` then `render`."""
         self.check(program)

@@ -14,6 +14,7 @@ import tomli
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from lbc.collector import paused
 from lbc.compiler import model
 from lbc.compiler.checks import Found, check
 from lbc.compiler.locate import Path, format_path, key_lines, line_of
@@ -31,6 +32,7 @@ def load(source: str | os.PathLike[str]) -> Cluster:
     return loads(source)
 
 
+@paused
 def loads(text: str, filename: str = "<string>") -> Cluster:
     """Parse and validate cluster.toml text; raise `ConfigError` listing every problem."""
     try:

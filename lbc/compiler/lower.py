@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from operator import attrgetter, itemgetter
 
+from lbc.collector import paused
 from lbc.compiler.model import Cluster, Service, ServicePort
 from lbc.ir.names import digest, service_port_name
 from lbc.ir.nodes import (
@@ -42,6 +43,7 @@ _IPv6 = ipaddress.IPv6Address
 _ip_int = attrgetter("ip._ip")
 
 
+@paused
 def lower(cluster: Cluster) -> Program:
     """Lower a validated cluster to its IR program (pure; canonical order)."""
     info = node_info(cluster)
@@ -66,6 +68,7 @@ def node_info(cluster: Cluster) -> NodeInfo:
     )
 
 
+@paused
 def lower_service(info: NodeInfo, svc: Service) -> Program:
     """The program of one service alone on the node (what it adds to the whole).
 
@@ -321,6 +324,7 @@ def _address_int(address: str) -> int:
     return int(ipaddress.ip_address(address))
 
 
+@paused
 def merge(info: NodeInfo, programs: Iterable[Program]) -> Program:
     """One program of the programs of single services (`lower_service`), as `lower` makes."""
     pools: list[Pool] = []
