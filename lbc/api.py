@@ -43,12 +43,13 @@ def _engine(
     backend: str | Backend,
     netns: str | None,
     kernel: KernelAdapter | None,
-    lock_path: Path,
+    lock_path: Path | str,
     lock_timeout: float,
     progress: Callable[[str], None] | None = None,
 ) -> Engine:
     chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
-    return Engine(chosen, kernel or chosen.kernel(netns), lock_path, lock_timeout, progress)
+    adapter = kernel or chosen.kernel(netns)
+    return Engine(chosen, adapter, Path(lock_path), lock_timeout, progress)
 
 
 def plan(
@@ -82,7 +83,7 @@ def apply(
     dry_run: bool = False,
     full: bool = False,
     kernel: KernelAdapter | None = None,
-    lock_path: Path = DEFAULT_LOCK,
+    lock_path: Path | str = DEFAULT_LOCK,
     lock_timeout: float = 30.0,
     progress: Callable[[str], None] | None = None,
 ) -> ApplyResult:
@@ -101,7 +102,7 @@ def delete(
     netns: str | None = None,
     dry_run: bool = False,
     kernel: KernelAdapter | None = None,
-    lock_path: Path = DEFAULT_LOCK,
+    lock_path: Path | str = DEFAULT_LOCK,
     lock_timeout: float = 30.0,
 ) -> ApplyResult:
     """Remove every kernel object lbc owns for `backend`, and nothing else."""

@@ -58,13 +58,13 @@ class Session:
         *,
         netns: str | None = None,
         kernel: KernelAdapter | None = None,
-        lock_path: Path = DEFAULT_LOCK,
+        lock_path: Path | str = DEFAULT_LOCK,
         lock_timeout: float = 30.0,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
         adapter = kernel or chosen.kernel(netns)
-        self.engine = Engine(chosen, adapter, lock_path, lock_timeout, progress)
+        self.engine = Engine(chosen, adapter, Path(lock_path), lock_timeout, progress)
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster

@@ -216,3 +216,12 @@ def test_a_record_that_cannot_be_written_is_no_record(lock: Path) -> None:
     assert apply(HOSTNAMES, kernel, lock).applied
     again = apply(WEIGHTED, kernel, lock)
     assert again.applied and again.read
+
+
+def test_a_lock_path_given_as_a_string_works(tmp_path: Path) -> None:
+    lock_text = str(tmp_path / "sub" / "lbc.lock")
+    result = lbc.apply(lbc.load(HOSTNAMES), "ir", kernel=FakeKernel(), lock_path=lock_text)
+    assert result.applied
+    session = lbc.Session("ir", kernel=FakeKernel(), lock_path=lock_text)
+    assert session.apply(lbc.load(HOSTNAMES)).applied
+    assert Path(lock_text).exists()

@@ -67,6 +67,10 @@ class Engine:
     # Keep a record of what was written beside the lock file, for the next run.
     remember: bool = True
 
+    def __post_init__(self) -> None:
+        # A path given as a string (untyped callers) works too.
+        object.__setattr__(self, "lock_path", Path(self.lock_path))
+
     def _step(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
