@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+import lbc
+from bench.gen import generate
 from lbc.apply.state import State
-from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, key
+from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, key, parse
+from lbc.backends.iptables.render import Documents
 
 
 def document(chains: int) -> str:
@@ -42,3 +49,31 @@ def test_stale_chains_are_deleted_in_the_same_restore_unless_jumped_to() -> None
     assert ":LBC-SERVICES - [0:0]" in first, "emptied in the first pass"
     second = kernel._restore_document(4, State({}), stale, delete=True).splitlines()
     assert second == ["*nat", "-X LBC-SERVICES", "COMMIT"]
+
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # Every case the backend compiles (the others have an iptables.unsupported).
+        *sorted(p.parent / "cluster.toml" for p in GOLDEN.glob("*/iptables.rules")),
+        generate(300, 4, seed=3, external=True)[0],
+    ],
+    ids=lambda c: c.parent.name if isinstance(c, Path) else "synthetic-300",
+)
+def test_rendered_state_objects_are_what_reading_the_documents_gives(config: Path | str) -> None:
+    """The adapter takes the objects the renderer made instead of parsing its documents:
+    they must be exactly what parsing gives, key for key and line for line."""
+    cluster = lbc.load(config) if isinstance(config, Path) else lbc.loads(config)
+    artifact = lbc.compile(cluster, "iptables")
+    documents = artifact.data
+    assert isinstance(documents, Documents)
+    parsed: dict[str, tuple[str, ...]] = {}
+    for family, document in documents.items():
+        parsed.update(parse(family, document))
+    assert documents.objects == parsed
+    assert any(k.endswith(" jumps") for k in parsed) and len(parsed) > 8
+    kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
+    assert kernel.desired(artifact).objects == parsed

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lbc.backends.base import Artifact, Backend, Feature
-from lbc.backends.iptables.render import render_family
+from lbc.backends.iptables.render import render_documents
 from lbc.hookspecs import hookimpl
 from lbc.ir.nodes import Program, Scheduler
 
@@ -27,7 +27,7 @@ class IptablesBackend(Backend):
 
     def render(self, program: Program) -> Artifact:
         """One restore document per family, joined under `# ipvN:` headers."""
-        docs = {family: render_family(program, family) for family in program.families()}
+        docs = render_documents(program)
         parts = [f"# lbc iptables rules for node {program.node.name}; generated, do not edit\n"]
         for family, doc in docs.items():
             parts.append(f"# ipv{family}: {RESTORE_COMMAND[family]}\n{doc}")

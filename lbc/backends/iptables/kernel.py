@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
 from lbc.backends.iptables import names as n
+from lbc.backends.iptables.render import Documents
 from lbc.backends.nftables.generation import Generations
 from lbc.errors import ApplyError
 
@@ -135,6 +136,8 @@ class IptablesKernel:
 
     def desired(self, artifact: Artifact) -> State:
         """The chains and jumps the artifact's restore documents hold."""
+        if isinstance(artifact.data, Documents):
+            return State(dict(artifact.data.objects))  # made with the documents
         objects: dict[str, tuple[str, ...]] = {}
         for family, document in artifact.data.items():
             objects.update(parse(family, document))

@@ -86,6 +86,23 @@ class _Table:
         else:  # a built-in chain
             self.hooks.append(f"-A {chain} {rule}")
 
+    def objects(self, family: int) -> dict[str, tuple[str, ...]]:
+        """The table's chains and hook jumps as the apply engine's state objects: what
+        `kernel.parse` reads from the printed table, without printing and reading it."""
+        prefix = f"ipv{family} {self.name} "
+        out = {
+            prefix + chain: tuple(rules) if type(rules) is list else tuple(rules[0].split("\n"))
+            for chain, rules in self.chains.items()
+        }
+        jumps: dict[str, list[str]] = {}
+        for line in self.hooks:
+            if f" -j {n.PREFIX}" not in line:
+                continue  # not a jump into lbc's chains: not lbc's to keep
+            chain = line[3 : line.index(" ", 3)]
+            jumps.setdefault(f"{prefix}{chain} jumps", []).append(line)
+        out.update((k, tuple(sorted(v))) for k, v in jumps.items())
+        return out
+
     def lines(self) -> list[str]:
         out = [f"*{self.name}", *(f":{c} - [0:0]" for c in self.chains), *self.hooks]
         for rules in self.chains.values():
@@ -133,6 +150,27 @@ def render_family(program: Program, family: int, split_above: int | None = SPLIT
     into a tree (None: never, kube-proxy's linear chains).
     """
     return _FamilyRenderer(program, family, split_above).render()
+
+
+class Documents(dict[int, str]):
+    """The restore document of each family, with the state objects they hold
+    (`objects`: what `kernel.parse` of the documents gives, made while rendering)."""
+
+    def __init__(self, documents: dict[int, str], objects: dict[str, tuple[str, ...]]) -> None:
+        super().__init__(documents)
+        self.objects = objects
+
+
+def render_documents(program: Program) -> Documents:
+    """Every family's restore document and, alongside, their state objects."""
+    documents: dict[int, str] = {}
+    objects: dict[str, tuple[str, ...]] = {}
+    for family in program.families():
+        renderer = _FamilyRenderer(program, family, SPLIT_ABOVE)
+        documents[family] = renderer.render()
+        objects.update(renderer.filter.objects(family))
+        objects.update(renderer.nat.objects(family))
+    return Documents(documents, objects)
 
 
 class _FamilyRenderer:
