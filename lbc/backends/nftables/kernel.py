@@ -17,7 +17,9 @@ from typing import Any
 
 from lbc.apply.state import Plan, State
 from lbc.backends.base import Artifact
+from lbc.backends.nftables import bulk
 from lbc.backends.nftables import names as n
+from lbc.backends.nftables.bulk import RulesetState
 from lbc.backends.nftables.expr import Ruleset
 from lbc.backends.nftables.generation import Generations, inside
 from lbc.backends.nftables.incremental import ELEMENT, TableState, objects
@@ -195,6 +197,7 @@ class NftablesKernel:
         self.transactions = 1  # each commit is one transaction
         self._writer: Writer | None = None
         self.netlink_commits = 0  # changes sent as a netlink batch, without libnftables
+        self.bulk_loads = 0  # loads from empty in two transactions (`bulk`)
 
     def generation(self) -> int | None:
         """The namespace's nftables ruleset generation (netlink NFT_MSG_GETGEN).
@@ -234,6 +237,24 @@ class NftablesKernel:
             raise ApplyError(f"nftables refused the transaction: {exc}") from exc
         self.netlink_commits += 1
 
+    def _load(self, load: bulk.Load) -> None:
+        """Into an empty ruleset: the skeleton by libnftables, then the rest as one
+        netlink batch; if that fails, the table is deleted again (see `bulk`)."""
+        self.runner(full_script(State(load.skeleton)))
+        try:
+            with inside(self.netns):
+                bulk.send(load.messages)
+        except (OSError, BatchError) as exc:
+            try:
+                self.runner(f"delete table {TABLE}\n")
+            except ApplyError as undo:
+                raise ApplyError(
+                    f"nftables refused the load: {exc}; deleting the table failed too: {undo}"
+                ) from exc
+            raise ApplyError(f"nftables refused the load (nothing was left): {exc}") from exc
+        self.transactions = 2
+        self.bulk_loads += 1
+
     def snapshot(self) -> State:
         """Equivalent to `nft list table inet lbc` (empty when the table does not exist)."""
         try:
@@ -247,14 +268,21 @@ class NftablesKernel:
     def desired(self, artifact: Artifact) -> State:
         """The objects of the artifact's ruleset (the same as parsing its nft text)."""
         if isinstance(artifact.data, Ruleset):
-            return State(objects(artifact.data))
+            # The ruleset rides along, for a load from empty (`bulk`).
+            return RulesetState(objects(artifact.data), artifact.data)
         return State(parse(artifact.text()))
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
         """One libnftables batch: incremental when it can be, else the whole table."""
+        self.transactions = 1
         if not desired.objects:
             self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
             return
+        if not live.objects and self._kernel:
+            load = bulk.load_of(desired, n.TABLE)
+            if load is not None:
+                self._load(load)
+                return
         if live.objects and not plan.full and isinstance(desired, TableState) and self._kernel:
             try:
                 assert desired.table is not None

@@ -1,0 +1,357 @@
+"""Loading the whole `inet lbc` table into an empty ruleset without libnftables' parse.
+
+At 10k services x 10 endpoints the table is 120k rules and 130k set elements. `nft -f`
+of its text spends more time in libnftables (parsing, evaluating, 600+ MiB of
+memory) than the kernel spends adding the objects, and asks the kernel for an
+acknowledgement of every message, which doubles the kernel's share. A load from
+empty therefore goes in two transactions:
+
+1. libnftables writes the skeleton: the table, the shared chains (base chains and
+   the chains that look up the shared sets and maps), the declarations of every set
+   and map, the dynamic affinity sets, and the interval sets with their elements;
+2. one netlink batch, encoded here, adds every other chain with its rules and the
+   elements of the other sets and maps, asking for one acknowledgement, of its last
+   message (the kernel reports any failing message regardless).
+
+The first leaves the table without a single service (as it was: there was no table);
+if the second fails, the table is deleted again, so the load is all or nothing.
+`NftablesKernel.commit` takes this path only into an empty ruleset; what the encoder
+cannot write (`Unencodable`) is found before anything is sent, and then the whole
+table goes through libnftables as before.
+
+Pool chains, nearly all of the rules, are encoded from byte strings made once per
+distinct part (protocol, weight fraction, port) rather than rule by rule through
+`netlink.rule_expressions`; a test holds the two byte-identical.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lbc.apply.state import State
+from lbc.backends.nftables import names as n
+from lbc.backends.nftables.expr import AnyChain, Concat, Element, NamedSet, Ruleset, Value
+from lbc.backends.nftables.generation import (
+    HEADER,
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+)
+from lbc.backends.nftables.incremental import ELEMENT, SHARED_CHAINS, TableState
+from lbc.backends.nftables.netlink import (
+    L4PROTO,
+    NEWCHAIN,
+    NEWRULE,
+    NEWSETELEM,
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    NFPROTO_INET,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    BatchError,
+    Unencodable,
+    attr,
+    rule_expressions,
+    rule_message,
+    string,
+    verdict_data,
+)
+from lbc.backends.nftables.render import PoolChain, shares
+
+Message = tuple[int, int, bytes]  # nf_tables message type, flags, attributes
+Lines = tuple[str, ...]
+# A NEWSETELEM message's element list is one attribute, whose length is 16 bits.
+ELEMENTS_PER_MESSAGE_BYTES = 60_000
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+_NESTED_LIST = 4 | NLA_F_NESTED  # NFTA_RULE_EXPRESSIONS
+_RULE_FLAGS = NLM_F_CREATE | NLM_F_APPEND
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetState(State):
+    """A desired state that also carries the ruleset it was read from (for the bulk
+    load); compared by its objects only."""
+
+    ruleset: Ruleset | None = field(default=None, compare=False)
+
+
+@dataclass
+class Load:
+    """A load from empty: the skeleton's objects (for libnftables) and the messages."""
+
+    skeleton: dict[str, Lines]
+    messages: list[Message]
+
+
+def load_of(desired: State, table: str) -> Load | None:
+    """The two-step load of `desired`, or None when it does not carry the structures
+    (a state read from text) or holds something the encoder does not write."""
+    chains: list[AnyChain]
+    elements: dict[str, list[Element]] = {}
+    if isinstance(desired, RulesetState) and desired.ruleset is not None:
+        ruleset = desired.ruleset
+        chains = [c for c in ruleset.chains if c.name not in SHARED_CHAINS]
+        for s in ruleset.sets:
+            if _bulk(s):
+                elements[s.name] = list(s.elements)
+    elif isinstance(desired, TableState) and desired.table is not None:
+        kept = desired.table
+        chains = [c for k, c in kept.sources.items() if k.startswith("chain ")]  # type: ignore[misc]
+        for (set_name, _), element in kept.element_sources.items():
+            elements.setdefault(set_name, []).append(element)
+    else:
+        return None
+    skeleton: dict[str, Lines] = {}
+    for key, lines in desired.objects.items():
+        kind, _, name = key.partition(" ")
+        if kind == "chain":
+            if name in SHARED_CHAINS:
+                skeleton[key] = lines
+        elif name in elements and not _interval(lines):
+            skeleton[key] = tuple(line for line in lines if not line.startswith(ELEMENT))
+        else:
+            skeleton[key] = lines  # affinity and interval sets: whole, by libnftables
+            elements.pop(name, None)
+    try:
+        messages = _messages(table, chains, elements)
+    except Unencodable:
+        return None
+    return Load(skeleton, messages)
+
+
+def _bulk(s: NamedSet) -> bool:
+    """Whether the batch adds this set's elements (not dynamic, not an interval set)."""
+    return not s.name.startswith(n.AFFINITY) and "interval" not in s.flags
+
+
+def _interval(lines: Lines) -> bool:
+    return any(line.startswith("flags") and "interval" in line for line in lines[:4])
+
+
+def _messages(
+    table: str, chains: Sequence[AnyChain], elements: dict[str, list[Element]]
+) -> list[Message]:
+    """Every chain first (rules may jump to one another), then the rules, then the
+    elements (verdict maps go to the chains)."""
+    table_attr = string(1, table)
+    out: list[Message] = [(NEWCHAIN, NLM_F_CREATE, table_attr + string(3, c.name)) for c in chains]
+    rules = PoolRules(table)
+    for c in chains:
+        if isinstance(c, PoolChain) and c.affinity is None:
+            out += rules.messages(c)
+        else:
+            out += [rule_message(table, c.name, r) for r in c.rules]
+    keys = _Keys()
+    for set_name in sorted(elements):
+        out += element_messages(table, set_name, elements[set_name], keys)
+    return out
+
+
+class PoolRules:
+    """The NEWRULE messages of pool chains without affinity, from parts made once."""
+
+    def __init__(self, table: str) -> None:
+        self.table_attr = string(1, table)
+        self._fixed: dict[tuple[int, str], tuple[bytes, bytes, bytes]] = {}
+        self._choice: dict[tuple[int, int], bytes] = {}
+        self._port: dict[int, bytes] = {}
+
+    def _parts(self, family: int, proto: str) -> tuple[bytes, bytes, bytes]:
+        """The l4proto match, the immediate-address expression without its address,
+        and the nat expression."""
+        found = self._fixed.get((family, proto))
+        if found is None:
+            if proto not in L4PROTO:
+                raise Unencodable(f"protocol {proto}")
+            sample = "0.0.0.0" if family == 4 else "::"
+            meta, cmp, immediate, _, nat = _sample(family, proto, sample, 1, (1,))
+            size = 4 if family == 4 else 16
+            found = self._fixed[(family, proto)] = (meta + cmp, immediate[:-size], nat)
+        return found
+
+    def _choice_of(self, k: int, m: int) -> bytes:
+        """numgen, byteorder and cmp of `numgen random mod m < k` (k/m reduced)."""
+        found = self._choice.get((k, m))
+        if found is None:
+            expressions = _sample(4, "tcp", "0.0.0.0", 1, (k, m - k))
+            found = self._choice[(k, m)] = b"".join(expressions[2:5])
+        return found
+
+    def _port_of(self, port: int) -> bytes:
+        found = self._port.get(port)
+        if found is None:
+            found = self._port[port] = _sample(4, "tcp", "0.0.0.0", port, (1,))[3]
+        return found
+
+    def messages(self, chain: PoolChain) -> list[Message]:
+        family = chain.family
+        l4, head, nat = self._parts(family, chain.proto)
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        pton = socket.inet_pton
+        prefix = self.table_attr + string(2, chain.name)
+        choices = [self._choice_of(k, m) for k, m in shares(list(chain.weights))]
+        choices.append(b"")  # the last backend takes what is left: no numgen
+        out: list[Message] = []
+        for (address, port), choice in zip(chain.backends, choices, strict=True):
+            body = b"".join((l4, choice, head, pton(af, address), self._port_of(port), nat))
+            header = struct.pack("=HH", 4 + len(body), _NESTED_LIST)
+            out.append((NEWRULE, _RULE_FLAGS, prefix + header + body))
+        return out
+
+
+def _sample(
+    family: int, proto: str, address: str, port: int, weights: tuple[int, ...]
+) -> list[bytes]:
+    """The generic encoder's expressions of the first rule of a sample pool chain."""
+    backends = tuple((address, port) for _ in weights)
+    chain = PoolChain("sample", family, backends, proto, weights, None)
+    return rule_expressions(chain.rules[0])
+
+
+# --- elements ------------------------------------------------------------------------------
+class _Keys:
+    """Set element keys as bytes: an address, or concatenated fields padded to 4 bytes.
+
+    The bytes of protocol names and ports are made once; addresses (nearly all
+    distinct) are converted each time."""
+
+    def __init__(self) -> None:
+        self._small: dict[str | int, bytes] = {p: bytes((v, 0, 0, 0)) for p, v in L4PROTO.items()}
+
+    def key(self, key: Any) -> bytes:
+        if type(key) is Value:
+            return _address(key.literal)
+        if type(key) is not Concat:
+            raise Unencodable(f"element key {key}")
+        small = self._small
+        out = []
+        for item in key.items:
+            if type(item) is not Value:
+                raise Unencodable(f"element key part {item.text()}")
+            literal = item.literal
+            found = small.get(literal)
+            if found is None:
+                if type(literal) is int:
+                    found = small[literal] = struct.pack(">Hxx", literal)
+                else:
+                    found = _address(literal)
+            out.append(found)
+        return b"".join(out)
+
+
+def _address(literal: object) -> bytes:
+    if type(literal) is not str:
+        raise Unencodable(f"element key part {literal}")
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in literal else socket.AF_INET, literal)
+    except OSError:
+        raise Unencodable(f"element key part {literal}") from None
+
+
+def element_messages(
+    table: str, set_name: str, elements: Iterable[Element], keys: _Keys | None = None
+) -> list[Message]:
+    """NEWSETELEM messages adding `elements`, as many as the attribute length needs.
+
+    Each element is NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE key },
+    [NFTA_SET_ELEM_DATA verdict] }, the same bytes as `netlink.Batch.elements`; keys
+    are multiples of four bytes, so no attribute here needs padding but the verdict's
+    chain name (made by `verdict_data`).
+    """
+    keys = keys or _Keys()
+    head = string(1, table) + string(2, set_name)
+    pack = struct.pack
+    key_of = keys.key
+    verdicts: dict[object, bytes] = {}
+    out: list[Message] = []
+    items: list[bytes] = []
+    size = 0
+    for e in elements:
+        key = key_of(e.key)
+        length = len(key)
+        verdict = e.verdict
+        if verdict is None:
+            data = b""
+        else:
+            data = verdicts.get(verdict)  # type: ignore[assignment]
+            if data is None:
+                data = verdicts[verdict] = verdict_data(2, verdict)
+        item = b"".join(
+            (pack("=HHHHHH", 12 + length + len(data), _ELEM, 8 + length, _ELEM, 4 + length, 1),
+             key, data)
+        )  # fmt: skip
+        if size + len(item) > ELEMENTS_PER_MESSAGE_BYTES:
+            out.append((NEWSETELEM, NLM_F_CREATE, head + attr(_ELEMENTS, b"".join(items))))
+            items, size = [], 0
+        items.append(item)
+        size += len(item)
+    if items:
+        out.append((NEWSETELEM, NLM_F_CREATE, head + attr(_ELEMENTS, b"".join(items))))
+    return out
+
+
+_ELEM = 1 | NLA_F_NESTED  # NFTA_LIST_ELEM and NFTA_SET_ELEM_KEY, both nested type 1
+_ELEMENTS = 3 | NLA_F_NESTED  # NFTA_SET_ELEM_LIST_ELEMENTS
+
+
+# --- sending -------------------------------------------------------------------------------
+def send(messages: Sequence[Message], first_sequence: int = 1) -> None:
+    """Send `messages` as one transaction on a new socket of the current namespace;
+    raises `BatchError` with the kernel's reason for the first message it refused."""
+    subsystem = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+    family = struct.pack("=BBH", NFPROTO_INET, 0, 0)
+    sequence = first_sequence
+    chunks = [HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, sequence, 0),
+              subsystem]  # fmt: skip
+    last = first_sequence + len(messages)
+    for kind, flags, attrs in messages:
+        sequence += 1
+        ack = NLM_F_ACK if sequence == last else 0
+        size = HEADER.size + 4 + len(attrs)
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
+        chunks += [HEADER.pack(size, msg_type, NLM_F_REQUEST | ack | flags, sequence, 0),
+                   family, attrs]  # fmt: skip
+    chunks += [HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, last + 1, 0),
+               subsystem]  # fmt: skip
+    payload = b"".join(chunks)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        # The batch goes in one message (the kernel takes a transaction from one
+        # sendmsg); the default buffer limit is far smaller than a whole table.
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(payload) + (1 << 16))
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+        sock.bind((0, 0))
+        sock.sendall(payload)
+        sock.settimeout(60)
+        _acknowledged(sock, first_sequence, last)
+
+
+def _acknowledged(sock: socket.socket, first: int, last: int) -> None:
+    """Read replies until the last message's acknowledgement or an error."""
+    while True:
+        try:
+            reply = sock.recv(1 << 20)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # errors overflowed the buffer: it failed
+                raise BatchError("the kernel refused the batch (too many errors to read)") from None
+            raise
+        offset = 0
+        while offset + HEADER.size <= len(reply):
+            length, kind, _, sequence, _ = HEADER.unpack_from(reply, offset)
+            if length < HEADER.size:
+                break
+            if kind == NLMSG_ERROR:
+                (error,) = struct.unpack_from("=i", reply, offset + HEADER.size)
+                if error:
+                    raise BatchError(f"message {sequence - first}: {os.strerror(-error)}")
+                if sequence == last:
+                    return
+            offset += (length + 3) & ~3
