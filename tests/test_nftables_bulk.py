@@ -17,7 +17,7 @@ import pytest
 import lbc
 from lbc.apply.state import State
 from lbc.backends.nftables import bulk, netlink
-from lbc.backends.nftables.expr import Rule, Verdict
+from lbc.backends.nftables.expr import Element, Prefix, Rule, Verdict
 from lbc.backends.nftables.incremental import objects
 from lbc.backends.nftables.kernel import NftablesKernel
 from lbc.backends.nftables.render import PoolChain, build
@@ -82,7 +82,7 @@ def test_a_state_read_from_text_has_no_load() -> None:
     kernel = NftablesKernel(runner=lambda script: "")
     desired = kernel.desired(artifact)
     load = bulk.load_of(desired, "lbc")
-    assert load is not None and load.messages
+    assert load is not None and load.chain_messages and load.element_messages()
     assert bulk.load_of(State(dict(desired.objects)), "lbc") is None
     # The skeleton holds no chain of a single service and no element of a bulk set.
     assert set(load.skeleton) <= set(desired.objects)
@@ -144,12 +144,49 @@ def test_a_refused_load_leaves_no_table_and_touches_no_other(
     load = bulk.load_of(desired, "lbc")
     assert load is not None
     # The kernel refuses the last message: a rule for a chain that does not exist.
-    load.messages.append(netlink.rule_message("lbc", "no-such-chain", Rule((Verdict("accept"),))))
+    load.chain_messages.append(
+        netlink.rule_message("lbc", "no-such-chain", Rule((Verdict("accept"),)))
+    )
     with pytest.raises(lbc.ApplyError, match="No such file or directory"):
-        kernel._load(load)
+        kernel._load(load, desired)
     tables = ours.exec("nft", "list", "tables")
     assert "inet lbc" not in tables and "ip someone-else" in tables
     assert "chain keep" in ours.exec("nft", "list", "table", "ip", "someone-else")
+
+
+@pytest.mark.netns
+def test_a_refused_element_batch_takes_the_committed_chains_away_too(
+    pair: tuple[netns.Netns, netns.Netns],
+) -> None:
+    """The chains are committed before the elements: when the kernel refuses the
+    elements, the table (chains included) is deleted again."""
+    ours, _ = pair
+    kernel = NftablesKernel(ours.name)
+    desired = kernel.desired(lbc.compile(CASES[-1][1], "nftables"))
+    load = bulk.load_of(desired, "lbc")
+    assert load is not None
+    some = next(iter(load.elements.values()))[:1]
+    load.elements["zz-no-such-set"] = some
+    with pytest.raises(lbc.ApplyError, match="No such file or directory"):
+        kernel._load(load, desired)
+    assert "inet lbc" not in ours.exec("nft", "list", "tables")
+
+
+@pytest.mark.netns
+def test_elements_the_encoder_cannot_write_load_through_libnftables(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    ours, _ = pair
+    cluster = CASES[-1][1]
+    kernel = NftablesKernel(ours.name)
+    desired = kernel.desired(lbc.compile(cluster, "nftables"))
+    load = bulk.load_of(desired, "lbc")
+    assert load is not None
+    name = next(iter(load.elements))
+    load.elements[name] = [Element(Prefix("10.0.0.0", 8)), *load.elements[name]]
+    kernel._load(load, desired)
+    assert kernel.transactions == -1 and kernel.bulk_loads == 0
+    assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
 
 
 def test_the_state_of_a_ruleset_compares_by_its_objects() -> None:

@@ -4,17 +4,19 @@ At 10k services x 10 endpoints the table is 120k rules and 130k set elements. `n
 of its text spends more time in libnftables (parsing, evaluating, 600+ MiB of
 memory) than the kernel spends adding the objects, and asks the kernel for an
 acknowledgement of every message, which doubles the kernel's share. A load from
-empty therefore goes in two transactions:
+empty therefore goes in three transactions:
 
 1. libnftables writes the skeleton: the table, the shared chains (base chains and
    the chains that look up the shared sets and maps), the declarations of every set
    and map, the dynamic affinity sets, and the interval sets with their elements;
-2. one netlink batch, encoded here, adds every other chain with its rules and the
-   elements of the other sets and maps, asking for one acknowledgement, of its last
-   message (the kernel reports any failing message regardless).
+2. a netlink batch encoded here adds every other chain with its rules;
+3. another adds the elements of the other sets and maps. It is encoded while the
+   kernel works through the second (sending releases the GIL).
 
-The first leaves the table without a single service (as it was: there was no table);
-if the second fails, the table is deleted again, so the load is all or nothing.
+Each batch asks for one acknowledgement, of its last message (the kernel reports
+any failing message regardless). Until the third commits, no packet reaches a
+service chain: the dispatch maps are empty, as they were when there was no table.
+If a batch fails, the table is deleted again, so the load is all or nothing.
 `NftablesKernel.commit` takes this path only into an empty ruleset; what the encoder
 cannot write (`Unencodable`) is found before anything is sent, and then the whole
 table goes through libnftables as before.
@@ -86,10 +88,22 @@ class RulesetState(State):
 
 @dataclass
 class Load:
-    """A load from empty: the skeleton's objects (for libnftables) and the messages."""
+    """A load from empty: the skeleton's objects (for libnftables), the messages adding
+    the chains and their rules, and the elements of the sets the skeleton declares."""
 
+    table: str
     skeleton: dict[str, Lines]
-    messages: list[Message]
+    chain_messages: list[Message]
+    elements: dict[str, list[Element]]
+
+    def element_messages(self) -> list[Message]:
+        """The messages adding the elements (raises `Unencodable`, not expected of a
+        rendered table's keys)."""
+        keys = _Keys()
+        out: list[Message] = []
+        for set_name in sorted(self.elements):
+            out += element_messages(self.table, set_name, self.elements[set_name], keys)
+        return out
 
 
 def load_of(desired: State, table: str) -> Load | None:
@@ -122,10 +136,10 @@ def load_of(desired: State, table: str) -> Load | None:
             skeleton[key] = lines  # affinity and interval sets: whole, by libnftables
             elements.pop(name, None)
     try:
-        messages = _messages(table, chains, elements)
+        messages = _chain_messages(table, chains)
     except Unencodable:
         return None
-    return Load(skeleton, messages)
+    return Load(table, skeleton, messages, elements)
 
 
 def _bulk(s: NamedSet) -> bool:
@@ -137,11 +151,8 @@ def _interval(lines: Lines) -> bool:
     return any(line.startswith("flags") and "interval" in line for line in lines[:4])
 
 
-def _messages(
-    table: str, chains: Sequence[AnyChain], elements: dict[str, list[Element]]
-) -> list[Message]:
-    """Every chain first (rules may jump to one another), then the rules, then the
-    elements (verdict maps go to the chains)."""
+def _chain_messages(table: str, chains: Sequence[AnyChain]) -> list[Message]:
+    """Every chain first (rules may jump to one another), then the rules."""
     table_attr = string(1, table)
     out: list[Message] = [(NEWCHAIN, NLM_F_CREATE, table_attr + string(3, c.name)) for c in chains]
     rules = PoolRules(table)
@@ -150,9 +161,6 @@ def _messages(
             out += rules.messages(c)
         else:
             out += [rule_message(table, c.name, r) for r in c.rules]
-    keys = _Keys()
-    for set_name in sorted(elements):
-        out += element_messages(table, set_name, elements[set_name], keys)
     return out
 
 

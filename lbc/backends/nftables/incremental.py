@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from lbc.apply.state import Change, State, changes
 from lbc.backends.nftables import names as n
-from lbc.backends.nftables.expr import AnyChain, Element, NamedSet, Ruleset
+from lbc.backends.nftables.expr import AnyChain, Concat, Element, NamedSet, Ruleset, Value
 from lbc.backends.nftables.render import build, set_shapes, shared_chains
 from lbc.backends.nftables.text import declaration, hook_line
 from lbc.ir.nodes import NodeInfo, Program
@@ -61,11 +61,26 @@ def set_lines(s: NamedSet, elements: Iterable[str]) -> Lines:
     return (*declaration(s), *sorted(elements))
 
 
+def element_line(e: Element) -> str:
+    """`element KEY [: VERDICT]`: `e.text()` with the usual keys (plain values, joined)
+    made without a call per value (a large table has hundreds of thousands)."""
+    key = e.key
+    if type(key) is Concat and e.verdict is None:
+        parts = []
+        for item in key.items:
+            if type(item) is not Value or item.hex:
+                return ELEMENT + e.text()
+            literal = item.literal
+            parts.append(literal if type(literal) is str else str(literal))
+        return ELEMENT + " . ".join(parts)
+    return ELEMENT + e.text()
+
+
 def objects(ruleset: Ruleset) -> dict[str, Lines]:
     """Every object of `ruleset` in the kernel adapter's canonical form (`kernel.parse`)."""
     out: dict[str, Lines] = {}
     for s in ruleset.sets:
-        out[set_key(s)] = set_lines(s, [ELEMENT + e.text() for e in s.elements])
+        out[set_key(s)] = set_lines(s, [element_line(e) for e in s.elements])
     for c in ruleset.chains:
         out[f"chain {c.name}"] = chain_lines(c)
     return out

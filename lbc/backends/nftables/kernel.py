@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lbc.apply.state import Plan, State
@@ -237,13 +238,25 @@ class NftablesKernel:
             raise ApplyError(f"nftables refused the transaction: {exc}") from exc
         self.netlink_commits += 1
 
-    def _load(self, load: bulk.Load) -> None:
-        """Into an empty ruleset: the skeleton by libnftables, then the rest as one
-        netlink batch; if that fails, the table is deleted again (see `bulk`)."""
+    def _load(self, load: bulk.Load, desired: State) -> None:
+        """Into an empty ruleset: the skeleton by libnftables, then the chains and the
+        elements as two netlink batches; if one fails, the table is deleted again (see
+        `bulk`)."""
         self.runner(full_script(State(load.skeleton)))
+        sent = 1
         try:
-            with inside(self.netns):
-                bulk.send(load.messages)
+            with inside(self.netns), ThreadPoolExecutor(max_workers=1) as worker:
+                elements = worker.submit(load.element_messages)
+                for messages in (load.chain_messages, None):
+                    batch = elements.result() if messages is None else messages
+                    if batch:
+                        bulk.send(batch)
+                        sent += 1
+        except Unencodable:
+            # Not expected of a rendered table: load it the usual way instead.
+            self.runner(full_script(desired))
+            self.transactions = -1  # uncounted: the engine reads back
+            return
         except (OSError, BatchError) as exc:
             try:
                 self.runner(f"delete table {TABLE}\n")
@@ -252,7 +265,7 @@ class NftablesKernel:
                     f"nftables refused the load: {exc}; deleting the table failed too: {undo}"
                 ) from exc
             raise ApplyError(f"nftables refused the load (nothing was left): {exc}") from exc
-        self.transactions = 2
+        self.transactions = sent
         self.bulk_loads += 1
 
     def snapshot(self) -> State:
@@ -281,7 +294,7 @@ class NftablesKernel:
         if not live.objects and self._kernel:
             load = bulk.load_of(desired, n.TABLE)
             if load is not None:
-                self._load(load)
+                self._load(load, desired)
                 return
         if live.objects and not plan.full and isinstance(desired, TableState) and self._kernel:
             try:
