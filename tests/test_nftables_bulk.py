@@ -17,7 +17,7 @@ import pytest
 import lbc
 from lbc.apply.state import State
 from lbc.backends.nftables import bulk, netlink
-from lbc.backends.nftables.expr import Element, Prefix, Rule, Verdict
+from lbc.backends.nftables.expr import Chain, Element, Prefix, Rule, Verdict
 from lbc.backends.nftables.incremental import objects
 from lbc.backends.nftables.kernel import NftablesKernel
 from lbc.backends.nftables.render import PoolChain, build
@@ -82,7 +82,7 @@ def test_a_state_read_from_text_has_no_load() -> None:
     kernel = NftablesKernel(runner=lambda script: "")
     desired = kernel.desired(artifact)
     load = bulk.load_of(desired, "lbc")
-    assert load is not None and load.chain_messages and load.element_messages()
+    assert load is not None and all(encode() for encode in load.batches())
     assert bulk.load_of(State(dict(desired.objects)), "lbc") is None
     # The skeleton holds no chain of a single service and no element of a bulk set.
     assert set(load.skeleton) <= set(desired.objects)
@@ -119,6 +119,24 @@ def test_a_load_from_empty_holds_the_bytecode_nft_makes(
 
 
 @pytest.mark.netns
+def test_a_load_in_many_batches_is_the_same_table(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, whole = pair
+    monkeypatch.setattr(bulk, "RULES_PER_BATCH", 50)
+    cluster = CASES[-1][1]
+    kernel = NftablesKernel(ours.name)
+    steps: list[str] = []
+    lbc.apply(
+        cluster, "nftables", kernel=kernel, lock_path=tmp_path / "lock", progress=steps.append
+    )
+    assert kernel.bulk_loads == 1 and kernel.transactions > 5, "skeleton, rule batches, elements"
+    assert any(s.startswith("verified: the commit was the only change") for s in steps), steps
+    load_whole(whole, cluster)
+    assert bytecode(ours) == bytecode(whole)
+
+
+@pytest.mark.netns
 def test_a_session_starts_with_a_load_from_empty(
     pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
 ) -> None:
@@ -143,10 +161,8 @@ def test_a_refused_load_leaves_no_table_and_touches_no_other(
     desired = kernel.desired(lbc.compile(cluster, "nftables"))
     load = bulk.load_of(desired, "lbc")
     assert load is not None
-    # The kernel refuses the last message: a rule for a chain that does not exist.
-    load.chain_messages.append(
-        netlink.rule_message("lbc", "no-such-chain", Rule((Verdict("accept"),)))
-    )
+    # The kernel refuses a rule that jumps to a chain that does not exist.
+    load.chains.append(Chain("zz-last", (Rule((Verdict("goto", "no-such-chain"),)),)))
     with pytest.raises(lbc.ApplyError, match="No such file or directory"):
         kernel._load(load, desired)
     tables = ours.exec("nft", "list", "tables")

@@ -4,22 +4,25 @@ At 10k services x 10 endpoints the table is 120k rules and 130k set elements. `n
 of its text spends more time in libnftables (parsing, evaluating, 600+ MiB of
 memory) than the kernel spends adding the objects, and asks the kernel for an
 acknowledgement of every message, which doubles the kernel's share. A load from
-empty therefore goes in three transactions:
+empty therefore goes in several transactions:
 
 1. libnftables writes the skeleton: the table, the shared chains (base chains and
    the chains that look up the shared sets and maps), the declarations of every set
    and map, the dynamic affinity sets, and the interval sets with their elements;
-2. a netlink batch encoded here adds every other chain with its rules;
-3. another adds the elements of the other sets and maps. It is encoded while the
-   kernel works through the second (sending releases the GIL).
+2. netlink batches encoded here add every other chain with its rules, about 40k
+   rules a batch;
+3. a last one adds the elements of the other sets and maps.
+
+Each batch is encoded while the kernel works through the one before (sending
+releases the GIL), so the encoding costs little more than the first batch.
 
 Each batch asks for one acknowledgement, of its last message (the kernel reports
-any failing message regardless). Until the third commits, no packet reaches a
+any failing message regardless). Until the last commits, no packet reaches a
 service chain: the dispatch maps are empty, as they were when there was no table.
 If a batch fails, the table is deleted again, so the load is all or nothing.
-`NftablesKernel.commit` takes this path only into an empty ruleset; what the encoder
-cannot write (`Unencodable`) is found before anything is sent, and then the whole
-table goes through libnftables as before.
+`NftablesKernel.commit` takes this path only into an empty ruleset; if the encoder
+meets something it does not write (`Unencodable`), the table is deleted and loaded
+whole through libnftables as before.
 
 Pool chains, nearly all of the rules, are encoded from byte strings made once per
 distinct part (protocol, weight fraction, port) rather than rule by rule through
@@ -29,10 +32,11 @@ distinct part (protocol, weight fraction, port) rather than rule by rule through
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,17 +92,38 @@ class RulesetState(State):
 
 @dataclass
 class Load:
-    """A load from empty: the skeleton's objects (for libnftables), the messages adding
-    the chains and their rules, and the elements of the sets the skeleton declares."""
+    """A load from empty: the skeleton's objects (for libnftables), then the chains of
+    single services with their rules and the elements of the sets the skeleton
+    declares, for netlink batches (`batches`)."""
 
     table: str
     skeleton: dict[str, Lines]
-    chain_messages: list[Message]
+    chains: list[AnyChain]
     elements: dict[str, list[Element]]
 
+    def batches(self) -> list[Callable[[], list[Message]]]:
+        """Encoders of the batches, in the order they must be sent: every chain and the
+        first rules, more rules, the elements last. Each raises `Unencodable` for what
+        this module does not write (not expected of a rendered table)."""
+        rules = PoolRules(self.table)
+        groups: list[list[AnyChain]] = [[]]
+        count = 0
+        for c in self.chains:
+            if count >= RULES_PER_BATCH:
+                groups.append([])
+                count = 0
+            groups[-1].append(c)
+            count += len(c.backends) if isinstance(c, PoolChain) else 1
+        encoders: list[Callable[[], list[Message]]] = []
+        for i, group in enumerate(groups):
+            created = self.chains if i == 0 else ()
+            encoders.append(functools.partial(_chain_messages, self.table, created, group, rules))
+        if self.elements:
+            encoders.append(self.element_messages)
+        return encoders
+
     def element_messages(self) -> list[Message]:
-        """The messages adding the elements (raises `Unencodable`, not expected of a
-        rendered table's keys)."""
+        """The messages adding the elements."""
         keys = _Keys()
         out: list[Message] = []
         for set_name in sorted(self.elements):
@@ -106,9 +131,14 @@ class Load:
         return out
 
 
+# Rules per batch of a load: while the kernel adds one batch (sending releases the
+# GIL), the next is encoded; the first, which waits for nothing, stays small.
+RULES_PER_BATCH = 40_000
+
+
 def load_of(desired: State, table: str) -> Load | None:
-    """The two-step load of `desired`, or None when it does not carry the structures
-    (a state read from text) or holds something the encoder does not write."""
+    """The load of `desired` from empty, or None when the state does not carry its
+    structures (a state read from text)."""
     chains: list[AnyChain]
     elements: dict[str, list[Element]] = {}
     if isinstance(desired, RulesetState) and desired.ruleset is not None:
@@ -135,11 +165,7 @@ def load_of(desired: State, table: str) -> Load | None:
         else:
             skeleton[key] = lines  # affinity and interval sets: whole, by libnftables
             elements.pop(name, None)
-    try:
-        messages = _chain_messages(table, chains)
-    except Unencodable:
-        return None
-    return Load(table, skeleton, messages, elements)
+    return Load(table, skeleton, chains, elements)
 
 
 def _bulk(s: NamedSet) -> bool:
@@ -151,11 +177,13 @@ def _interval(lines: Lines) -> bool:
     return any(line.startswith("flags") and "interval" in line for line in lines[:4])
 
 
-def _chain_messages(table: str, chains: Sequence[AnyChain]) -> list[Message]:
-    """Every chain first (rules may jump to one another), then the rules."""
+def _chain_messages(
+    table: str, created: Sequence[AnyChain], chains: Sequence[AnyChain], rules: PoolRules
+) -> list[Message]:
+    """NEWCHAIN for each of `created` (all chains, so that rules may jump to any),
+    then the rules of `chains`."""
     table_attr = string(1, table)
-    out: list[Message] = [(NEWCHAIN, NLM_F_CREATE, table_attr + string(3, c.name)) for c in chains]
-    rules = PoolRules(table)
+    out: list[Message] = [(NEWCHAIN, NLM_F_CREATE, table_attr + string(3, c.name)) for c in created]
     for c in chains:
         if isinstance(c, PoolChain) and c.affinity is None:
             out += rules.messages(c)

@@ -240,15 +240,18 @@ class NftablesKernel:
 
     def _load(self, load: bulk.Load, desired: State) -> None:
         """Into an empty ruleset: the skeleton by libnftables, then the chains and the
-        elements as two netlink batches; if one fails, the table is deleted again (see
-        `bulk`)."""
+        elements as netlink batches, each encoded while the kernel takes the one before;
+        if one fails, the table is deleted again (see `bulk`)."""
         self.runner(full_script(State(load.skeleton)))
         sent = 1
         try:
             with inside(self.netns), ThreadPoolExecutor(max_workers=1) as worker:
-                elements = worker.submit(load.element_messages)
-                for messages in (load.chain_messages, None):
-                    batch = elements.result() if messages is None else messages
+                encoders = load.batches()
+                pending = worker.submit(encoders[0]) if encoders else None
+                for following in [*encoders[1:], None]:
+                    assert pending is not None
+                    batch = pending.result()
+                    pending = worker.submit(following) if following is not None else None
                     if batch:
                         bulk.send(batch)
                         sent += 1
