@@ -9,6 +9,7 @@ a refused batch leaves no table behind and other tables untouched.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,6 +203,29 @@ def test_elements_the_encoder_cannot_write_load_through_libnftables(
     load.elements[name] = [Element(Prefix("10.0.0.0", 8)), *load.elements[name]]
     kernel._load(load, desired)
     assert kernel.transactions == -1 and kernel.bulk_loads == 0
+    assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
+
+
+@pytest.mark.netns
+def test_without_large_socket_buffers_the_load_goes_through_libnftables(
+    pair: tuple[netns.Netns, netns.Netns], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, _ = pair
+
+    class Capped(socket.socket):
+        def setsockopt(self, level: int, option: int, value: object, *rest: object) -> None:
+            if option == bulk.SO_SNDBUFFORCE:
+                raise PermissionError(1, "Operation not permitted")
+            super().setsockopt(level, option, value, *rest)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(bulk.socket, "socket", Capped)
+    cluster = CASES[-1][1]
+    kernel = NftablesKernel(ours.name)
+    desired = kernel.desired(lbc.compile(cluster, "nftables"))
+    load = bulk.load_of(desired, "lbc")
+    assert load is not None
+    kernel._load(load, desired)
+    assert kernel.bulk_loads == 0 and kernel.transactions == -1
     assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
 
 

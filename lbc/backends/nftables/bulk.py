@@ -362,8 +362,11 @@ def send(messages: Sequence[Message], first_sequence: int = 1) -> None:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         # The batch goes in one message (the kernel takes a transaction from one
         # sendmsg); the default buffer limit is far smaller than a whole table.
-        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(payload) + (1 << 16))
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(payload) + (1 << 16))
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 22)
+        except PermissionError:  # no CAP_NET_ADMIN over this namespace's buffers
+            raise Unencodable("a batch this large (the socket's buffer cannot grow)") from None
         sock.bind((0, 0))
         sock.sendall(payload)
         sock.settimeout(60)
