@@ -150,6 +150,15 @@ def test_a_session_starts_with_a_load_from_empty(
     assert bytecode(ours) == bytecode(whole)
 
 
+def prepared(ns: netns.Netns, cluster: Cluster) -> tuple[NftablesKernel, State, bulk.Load]:
+    """The adapter of `ns`, the desired state of `cluster` and its load from empty."""
+    kernel = NftablesKernel(ns.name)
+    desired = kernel.desired(lbc.compile(cluster, "nftables"))
+    load = bulk.load_of(desired, "lbc")
+    assert load is not None
+    return kernel, desired, load
+
+
 @pytest.mark.netns
 def test_a_refused_load_leaves_no_table_and_touches_no_other(
     pair: tuple[netns.Netns, netns.Netns],
@@ -158,10 +167,7 @@ def test_a_refused_load_leaves_no_table_and_touches_no_other(
     ours.exec("nft", "add", "table", "ip", "someone-else")
     ours.exec("nft", "add", "chain", "ip", "someone-else", "keep")
     cluster = CASES[-1][1]
-    kernel = NftablesKernel(ours.name)
-    desired = kernel.desired(lbc.compile(cluster, "nftables"))
-    load = bulk.load_of(desired, "lbc")
-    assert load is not None
+    kernel, desired, load = prepared(ours, cluster)
     # The kernel refuses a rule that jumps to a chain that does not exist.
     load.chains.append(Chain("zz-last", (Rule((Verdict("goto", "no-such-chain"),)),)))
     with pytest.raises(lbc.ApplyError, match="No such file or directory"):
@@ -178,10 +184,7 @@ def test_a_refused_element_batch_takes_the_committed_chains_away_too(
     """The chains are committed before the elements: when the kernel refuses the
     elements, the table (chains included) is deleted again."""
     ours, _ = pair
-    kernel = NftablesKernel(ours.name)
-    desired = kernel.desired(lbc.compile(CASES[-1][1], "nftables"))
-    load = bulk.load_of(desired, "lbc")
-    assert load is not None
+    kernel, desired, load = prepared(ours, CASES[-1][1])
     some = next(iter(load.elements.values()))[:1]
     load.elements["zz-no-such-set"] = some
     with pytest.raises(lbc.ApplyError, match="No such file or directory"):
@@ -195,10 +198,7 @@ def test_elements_the_encoder_cannot_write_load_through_libnftables(
 ) -> None:
     ours, _ = pair
     cluster = CASES[-1][1]
-    kernel = NftablesKernel(ours.name)
-    desired = kernel.desired(lbc.compile(cluster, "nftables"))
-    load = bulk.load_of(desired, "lbc")
-    assert load is not None
+    kernel, desired, load = prepared(ours, cluster)
     name = next(iter(load.elements))
     load.elements[name] = [Element(Prefix("10.0.0.0", 8)), *load.elements[name]]
     kernel._load(load, desired)
@@ -220,10 +220,7 @@ def test_without_large_socket_buffers_the_load_goes_through_libnftables(
 
     monkeypatch.setattr(bulk.socket, "socket", Capped)
     cluster = CASES[-1][1]
-    kernel = NftablesKernel(ours.name)
-    desired = kernel.desired(lbc.compile(cluster, "nftables"))
-    load = bulk.load_of(desired, "lbc")
-    assert load is not None
+    kernel, desired, load = prepared(ours, cluster)
     kernel._load(load, desired)
     assert kernel.bulk_loads == 0 and kernel.transactions == -1
     assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync

@@ -48,7 +48,6 @@ from lbc.backends.nftables.generation import (
     NETLINK_NETFILTER,
     NFNL_SUBSYS_NFTABLES,
     NLM_F_REQUEST,
-    NLMSG_ERROR,
 )
 from lbc.backends.nftables.incremental import ELEMENT, SHARED_CHAINS, TableState
 from lbc.backends.nftables.netlink import (
@@ -65,6 +64,7 @@ from lbc.backends.nftables.netlink import (
     NLM_F_CREATE,
     BatchError,
     Unencodable,
+    acknowledgements,
     attr,
     rule_expressions,
     rule_message,
@@ -382,15 +382,8 @@ def _acknowledged(sock: socket.socket, first: int, last: int) -> None:
             if exc.errno == errno.ENOBUFS:  # errors overflowed the buffer: it failed
                 raise BatchError("the kernel refused the batch (too many errors to read)") from None
             raise
-        offset = 0
-        while offset + HEADER.size <= len(reply):
-            length, kind, _, sequence, _ = HEADER.unpack_from(reply, offset)
-            if length < HEADER.size:
-                break
-            if kind == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", reply, offset + HEADER.size)
-                if error:
-                    raise BatchError(f"message {sequence - first}: {os.strerror(-error)}")
-                if sequence == last:
-                    return
-            offset += (length + 3) & ~3
+        for sequence, error in acknowledgements(reply):
+            if error:
+                raise BatchError(f"message {sequence - first}: {os.strerror(-error)}")
+            if sequence == last:
+                return

@@ -443,23 +443,28 @@ def send(sock: socket.socket, batch: Batch, first_sequence: int) -> int:
     return sequence
 
 
+def acknowledgements(reply: bytes) -> Iterator[tuple[int, int]]:
+    """(sequence, error) of each acknowledgement (NLMSG_ERROR) in one read of replies."""
+    offset = 0
+    while offset + HEADER.size <= len(reply):
+        length, kind, _, sequence, _ = HEADER.unpack_from(reply, offset)
+        if length < HEADER.size:
+            break
+        if kind == NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", reply, offset + HEADER.size)
+            yield sequence, error
+        offset += (length + 3) & ~3
+
+
 def _acks(sock: socket.socket, expected: set[int]) -> Iterator[tuple[int, int]]:
     """(sequence, error) of every acknowledgement until each message has one."""
     pending = set(expected)
     while pending:
-        reply = sock.recv(1 << 20)
-        offset = 0
-        while offset + HEADER.size <= len(reply):
-            length, kind, _, sequence, _ = HEADER.unpack_from(reply, offset)
-            if length < HEADER.size:
-                break
-            if kind == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", reply, offset + HEADER.size)
-                pending.discard(sequence)
-                yield sequence, error
-                if error:
-                    return  # the kernel aborts the batch at the first failure
-            offset += (length + 3) & ~3
+        for sequence, error in acknowledgements(sock.recv(1 << 20)):
+            pending.discard(sequence)
+            yield sequence, error
+            if error:
+                return  # the kernel aborts the batch at the first failure
 
 
 def _element_delta(change: Change, name: str, table: Table) -> tuple[list[str], list[str]]:
