@@ -71,7 +71,7 @@ from lbc.backends.nftables.netlink import (
     string,
     verdict_data,
 )
-from lbc.backends.nftables.render import PoolChain, shares
+from lbc.backends.nftables.render import PoolChain, shares_of
 
 Message = tuple[int, int, bytes]  # nf_tables message type, flags, attributes
 Lines = tuple[str, ...]
@@ -234,7 +234,7 @@ class PoolRules:
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         pton = socket.inet_pton
         prefix = self.table_attr + string(2, chain.name)
-        choices = [self._choice_of(k, m) for k, m in shares(list(chain.weights))]
+        choices = [self._choice_of(k, m) for k, m in shares_of(chain.weights)]
         choices.append(b"")  # the last backend takes what is left: no numgen
         out: list[Message] = []
         for (address, port), choice in zip(chain.backends, choices, strict=True):

@@ -48,6 +48,7 @@ as the packet needs.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections.abc import Callable
@@ -112,13 +113,19 @@ def shares(weights: list[int]) -> list[tuple[int, int]]:
     Rule i fires with chance w_i / (w_i + ... + w_n) given that no earlier rule did, so
     backend i is chosen with chance w_i / total, exactly. Fractions are reduced.
     """
+    return list(shares_of(tuple(weights)))
+
+
+@functools.lru_cache(maxsize=4096)
+def shares_of(weights: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """`shares` of a tuple of weights, made once per tuple (most pools have equal ones)."""
     out = []
     remaining = sum(weights)
     for w in weights[:-1]:
         g = math.gcd(w, remaining)
         out.append((w // g, remaining // g))
         remaining -= w
-    return out
+    return tuple(out)
 
 
 # Pool and endpoint chains are kept as the facts they are made of, and their rules are
@@ -162,7 +169,7 @@ class PoolChain(NamedTuple):
         if self.affinity is not None:
             for i, set_name in enumerate(self.affinity):
                 rules.append(Rule((l4proto, Match(saddr, SetRef(set_name)), *to(i))))
-        for i, (k, m) in enumerate(shares(list(self.weights))):
+        for i, (k, m) in enumerate(shares_of(self.weights)):
             rules.append(Rule((l4proto, Match(Numgen(m), Value(k), op="<"), *to(i))))
         rules.append(Rule((l4proto, *to(len(self.backends) - 1))))
         return tuple(rules)
@@ -188,7 +195,7 @@ class PoolChain(NamedTuple):
             ]
         out += [
             f"{l4proto} numgen random mod {m} < {k} {to}"
-            for to, (k, m) in zip(dnat, shares(list(self.weights)), strict=False)
+            for to, (k, m) in zip(dnat, shares_of(self.weights), strict=False)
         ]
         out.append(f"{l4proto} {dnat[-1]}")
         return out
