@@ -200,3 +200,25 @@ def test_a_backend_made_by_lowering_is_the_dataclass_made_by_its_constructor() -
     fast, plain = _backend(*args), Backend(*args)
     assert type(fast) is Backend
     assert fast == plain and hash(fast) == hash(plain) and repr(fast) == repr(plain)
+
+
+def test_a_backend_knows_whether_it_runs_here_elsewhere_or_unplaced() -> None:
+    cluster = lbc.loads(
+        """
+[node]
+name = "node-1"
+[[services]]
+name = "web"
+cluster_ips = ["10.0.1.10"]
+ports = [{ port = 80 }]
+endpoints = [{ ip = "10.244.1.5", node = "node-1" }, { ip = "10.244.2.5", node = "node-2" },
+             { ip = "10.244.3.5" }]
+"""
+    )
+    (pool,) = lbc.lower(cluster).pools
+    where = {b.address: (b.local, b.remote) for b in pool.backends}
+    assert where == {
+        "10.244.1.5": (True, False),
+        "10.244.2.5": (False, True),
+        "10.244.3.5": (False, False),
+    }

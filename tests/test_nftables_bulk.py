@@ -66,13 +66,15 @@ def elements_in(message: bulk.Message) -> list[bytes]:
 
 def test_a_large_set_is_split_into_messages_the_attribute_length_allows() -> None:
     ruleset = build(lower(CASES[-1][1]))
-    hairpin = next(s for s in ruleset.sets if s.name == "hairpin-ips4")
-    many = hairpin.elements * 40
-    messages = bulk.element_messages("lbc", hairpin.name, many)
+    biggest = max(
+        (s for s in ruleset.sets if "interval" not in s.flags), key=lambda s: len(s.elements)
+    )
+    many = biggest.elements * 40
+    messages = bulk.element_messages("lbc", biggest.name, many)
     assert len(messages) > 1
     assert all(len(body) < 65_535 for _, _, body in messages)
     split = [item for m in messages for item in elements_in(m)]
-    one_by_one = [elements_in(bulk.element_messages("lbc", hairpin.name, [e])[0])[0] for e in many]
+    one_by_one = [elements_in(bulk.element_messages("lbc", biggest.name, [e])[0])[0] for e in many]
     assert split == one_by_one
 
 

@@ -501,3 +501,51 @@ def test_chains_print_the_text_of_their_rules(case: str) -> None:
     assert chains
     for chain in chains:
         assert chain.lines() == [r.text() for r in chain.rules], chain.name
+
+
+PLACED = """
+[node]
+name = "node-1"
+addresses = ["192.168.49.2"]
+pod_cidrs = ["10.244.0.0/16"]
+
+[[services]]
+name = "web"
+cluster_ips = ["10.0.1.10"]
+ports = [{ name = "http", port = 80, target_port = 8080 }]
+endpoints = [
+  { ip = "10.244.1.5", node = "node-1" },
+  { ip = "10.244.2.5", node = "node-2" },
+  { ip = "10.244.3.5" },
+]
+
+[[services]]
+name = "edge"
+type = "NodePort"
+external_traffic_policy = "Local"
+cluster_ips = ["10.0.1.11"]
+ports = [{ name = "http", port = 80, target_port = 8080, node_port = 30080 }]
+endpoints = [
+  { ip = "10.244.1.6", node = "node-1" },
+  { ip = "10.244.2.6", node = "node-2" },
+]
+"""
+
+
+def hairpin_elements(config: str) -> set[str]:
+    ruleset = build(lbc.lower(lbc.loads(config)))
+    (hairpin,) = [s for s in ruleset.sets if s.name == n.per_family(n.HAIRPIN, 4)]
+    return {e.text() for e in hairpin.elements}
+
+
+def test_hairpin_marks_only_backends_whose_connections_can_pass_this_node() -> None:
+    """This node's endpoint and one whose node is not given may reach themselves through
+    this node's rules; one on another node only through its own node's, unless a pod
+    there can address this node's node port with externalTrafficPolicy Local (its pod
+    traffic goes unmasqueraded to the cluster-wide pool)."""
+    assert hairpin_elements(PLACED) == {
+        "10.244.1.5 . 10.244.1.5",
+        "10.244.3.5 . 10.244.3.5",
+        "10.244.1.6 . 10.244.1.6",
+        "10.244.2.6 . 10.244.2.6",
+    }

@@ -91,3 +91,19 @@ def test_explain_rejects_a_bad_destination_without_traceback() -> None:
     assert result.exit_code == 2
     assert "is not ADDRESS:PORT" in result.output
     assert "Traceback" not in result.output
+
+
+def test_hairpin_masquerade_follows_where_the_backend_runs() -> None:
+    """A backend on another node reaching its own cluster IP does so through its own
+    node's rules: here it is not marked. One reaching this node's node port with
+    externalTrafficPolicy Local (pod traffic to the cluster-wide pool) is."""
+    from tests.test_nftables_render import PLACED
+
+    p = lbc.lower(lbc.loads(PLACED))
+    for source, expected in (("10.244.1.5", True), ("10.244.2.5", False), ("10.244.3.5", True)):
+        result = trace(p, source, "10.0.1.10", 80)
+        (own,) = [c for c in result.choices if c.address == source]
+        assert own.masquerade is expected, result.steps
+    result = trace(p, "10.244.2.6", "192.168.49.2", 30080, origin=Origin.POD)
+    (own,) = [c for c in result.choices if c.address == "10.244.2.6"]
+    assert own.masquerade, result.steps

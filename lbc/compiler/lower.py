@@ -115,8 +115,8 @@ def _lower_service(
 
 
 # What a backend needs of an endpoint: its address as text, weight, whether it runs
-# on this node, whether it is terminating.
-_Pick = tuple[str, int, bool, bool]
+# on this node, whether it is terminating, whether it runs on another named node.
+_Pick = tuple[str, int, bool, bool, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +146,9 @@ class _Chosen:
             else:
                 continue
             address = _ntoa(number.to_bytes(4)) if family == 4 else str(e.ip)
-            local = e.node == node
-            pick = (address, e.weight, local, terminating)
+            where = e.node
+            local = where == node
+            pick = (address, e.weight, local, terminating, where is not None and not local)
             usable.append(pick)
             if local:
                 usable_here.append(pick)
@@ -183,8 +184,9 @@ def _lower_port(
                     weight,
                     local,
                     terminating,
+                    remote,
                 )
-                for address, weight, local, terminating in selected
+                for address, weight, local, terminating, remote in selected
             ]
         )
 
@@ -287,18 +289,25 @@ _new = object.__new__
 
 
 def _backend(
-    id: str, address: str, port: int, weight: int, local: bool, terminating: bool
+    id: str,
+    address: str,
+    port: int,
+    weight: int,
+    local: bool,
+    terminating: bool,
+    remote: bool = False,
 ) -> Backend:
     """`Backend(...)`: the same frozen instance, its slots set without the frozen
     dataclass's `object.__setattr__` per field (a backend is made per endpoint and port)."""
     b: Backend = _new(Backend)
-    set_id, set_address, set_port, set_weight, set_local, set_terminating = _set_backend
+    set_id, set_address, set_port, set_weight, set_local, set_terminating, set_remote = _set_backend
     set_id(b, id)
     set_address(b, address)
     set_port(b, port)
     set_weight(b, weight)
     set_local(b, local)
     set_terminating(b, terminating)
+    set_remote(b, remote)
     return b
 
 

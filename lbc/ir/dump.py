@@ -54,7 +54,8 @@ def _pool(pool: Pool) -> list[str]:
     )
     lines = [head]
     for b in pool.backends:
-        flags = ["local" if b.local else "remote"]
+        # Where it runs: this node, another named node, or no node given.
+        flags = ["local" if b.local else "remote" if b.remote else "unplaced"]
         if b.terminating:
             flags.append("terminating")
         lines.append(

@@ -63,8 +63,12 @@ class Backend:
     address: str
     port: int
     weight: int
-    local: bool
+    local: bool  # runs on this node
     terminating: bool
+    # Runs on another node, as its endpoint says (neither this nor `local`: the endpoint
+    # names no node). Its own connections mostly pass its own node's NAT rules, not
+    # this node's (see `Program.hairpin`).
+    remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,19 @@ class Program:
     def pool_index(self) -> dict[str, Pool]:
         """Pools by id (build once per render; the program itself stays a plain tuple)."""
         return {p.id: p for p in self.pools}
+
+    def open_to_other_nodes(self) -> frozenset[str]:
+        """Pools that a pod on another node can reach through this node's rules without
+        being masqueraded: the cluster-wide pools that frontends with externalTrafficPolicy
+        Local send pod traffic to (a pod elsewhere may address this node's node port).
+        Such a pool's remote backends need the hairpin masquerade here too; any other
+        remote backend's own connections go through its own node's rules."""
+        return frozenset(f.internal_pool for f in self.frontends if f.internal_pool)
+
+    def hairpin(self, pool: Pool, backend: Backend, others: frozenset[str]) -> bool:
+        """Whether a connection from `backend` to its own pool must be masqueraded here
+        (`others`: `open_to_other_nodes()`)."""
+        return not backend.remote or pool.id in others
 
     def families(self) -> tuple[int, ...]:
         """The address families that have frontends, in order."""

@@ -110,12 +110,14 @@ def trace(
         steps.append(f"no usable backend: {verdict}")
         return Trace(verdict, origin, front, pool, steps=tuple(steps))
     total = sum(b.weight for b in active)
+    others = program.open_to_other_nodes()
+    hairpins = [b.address == source and program.hairpin(pool, b, others) for b in active]
     choices = tuple(
-        Choice(b.address, b.port, b.weight / total, masquerade or b.address == source)
-        for b in active
+        Choice(b.address, b.port, b.weight / total, masquerade or hairpin)
+        for b, hairpin in zip(active, hairpins, strict=True)
     )
-    for c in choices:
-        hairpin = " (hairpin: masqueraded)" if c.address == source else ""
+    for c, hairpin_here in zip(choices, hairpins, strict=True):
+        hairpin = " (hairpin: masqueraded)" if hairpin_here else ""
         steps.append(f"  -> {hostport(c.address, c.port)} share {c.share:.4f}{hairpin}")
     if pool.affinity_timeout is not None:
         steps.append(f"client-IP affinity keeps a client on its backend {pool.affinity_timeout}s")

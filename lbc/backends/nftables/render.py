@@ -229,6 +229,7 @@ class _Builder:
         self.chains: dict[str, list[Rule] | PoolChain] = {}
         self.affinity_made: set[str] = set()
         self.hairpin_made: set[tuple[str, str]] = set()
+        self.open_to_other_nodes = program.open_to_other_nodes()
         self.sets = _Sets()
         self.affinity: list[NamedSet] = []
         self.cluster_ips: dict[str, list[Frontend]] = {}  # pool id -> its cluster-IP frontends
@@ -410,9 +411,15 @@ class _Builder:
         backends = tuple([(b.address, b.port) for b in active])
         self.chains[name] = PoolChain(name, family, backends, str(pool.proto), weights, sets)
         # A backend that reaches its own service is masqueraded (hairpin): nat
-        # postrouting marks `saddr . daddr` pairs of this set, after DNAT.
+        # postrouting marks `saddr . daddr` pairs of this set, after DNAT. Only for
+        # backends whose connections may pass this node's rules (`Program.hairpin`:
+        # not those on another node, unless a pod elsewhere can reach the pool here
+        # unmasqueraded); kube-proxy marks every endpoint.
         hairpin = n.per_family(n.HAIRPIN, family)
-        for address, _ in backends:
+        for b in active:
+            if not self.program.hairpin(pool, b, self.open_to_other_nodes):
+                continue
+            address = b.address
             if (hairpin, address) not in self.hairpin_made:
                 self.hairpin_made.add((hairpin, address))
                 value = Value(address)  # one immutable value serves both halves
