@@ -10,7 +10,8 @@ generation the kernel was at afterwards, and keeps every service's lowered progr
   the objects they touched (`backends.nftables.incremental.Table`), and the change
   goes to the kernel as one netlink batch lbc encodes itself
   (`backends.nftables.netlink`), without libnftables' cache fill; other backends
-  render the whole program again from the kept per-service programs;
+  render the whole program again from the kept per-service programs (iptables only
+  its state objects, taking each unchanged pool's chains from the last render);
 - while the kernel's generation is the one the session left, its record of the live
   state is used instead of a snapshot; after the commit, a generation advanced by
   exactly one proves the transaction was the only change (see `lbc.apply.engine`).
@@ -36,7 +37,9 @@ from lbc.apply.adapter import KernelAdapter
 from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
-from lbc.backends.base import Backend
+from lbc.backends.base import Artifact, Backend
+from lbc.backends.iptables.kernel import IptablesKernel
+from lbc.backends.iptables.render import PoolCache, render_documents
 from lbc.collector import paused
 from lbc.compiler.lower import lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Service
@@ -69,6 +72,7 @@ class Session:
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster
         self._table: Table | None = None  # nftables: the table kept per service
+        self._pools = PoolCache()  # iptables: the pool chains of the last render
         self._live: dict[str, tuple[str, ...]] = {}  # what the kernel holds (if known)
         self._known_generation: int | None = None
 
@@ -86,6 +90,7 @@ class Session:
             self._services = {}
             self._order = []
             self._table = None
+            self._pools = PoolCache()
             self._node = info
         changed = self._changed(info, cluster)
         for entry in changed.values():
@@ -212,7 +217,15 @@ class Session:
                 programs.pop(key, None)
             else:
                 programs[key] = entry[1]
-        artifact = self.backend.compile(merge(info, programs.values()))
+        program = merge(info, programs.values())
+        if isinstance(self.engine.kernel, IptablesKernel):
+            # Only the state objects the adapter reads (no restore text), each unchanged
+            # pool's chains as the last render made them.
+            self.backend.check(program)
+            documents = render_documents(program, self._pools, text=False)
+            artifact = Artifact(self.backend.name, {}, data=documents)
+        else:
+            artifact = self.backend.compile(program)
         desired = self.engine.kernel.desired(artifact)
         result = self.engine.converge(desired, dry_run=dry_run, full=full, known=self._known())
         if not dry_run:

@@ -517,19 +517,20 @@ def test_localhost_node_ports_work_after_apply(
 
 
 # --- sessions (node agents) --------------------------------------------------------------
-def test_nftables_session_changes_leave_the_whole_table_in_the_kernel(
-    seed: netns.Seed, node: netns.Netns, tmp_path: Path
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_session_changes_leave_the_whole_ruleset_in_the_kernel(
+    seed: netns.Seed, node: netns.Netns, tmp_path: Path, backend: str
 ) -> None:
     """A session's incremental transactions, verified by generation only, leave exactly
-    the table a full read-back expects, and traffic follows each change."""
-    session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
+    the rules a full read-back expects, and traffic follows each change."""
+    session = lbc.Session(backend, netns=node.name, lock_path=tmp_path / "lock")
     pods = list(PODS.values())
     for i, size in enumerate([3, 5, 1, 4, 2]):
         endpoints = [(a, 1) for a in pods[i:] + pods[:i]][:size]
         cluster = config(endpoints, extra=6 - i)
         result = session.apply(cluster)
         assert result.applied and result.read == (i == 0), "only the first apply reads"
-        assert lbc.verify(cluster, "nftables", netns=node.name).in_sync
+        assert lbc.verify(cluster, backend, netns=node.name).in_sync
         answered = set(seed.client.request(VIP, 80, count=60).names)
         by_address = {address: name for name, address in PODS.items()}
         assert answered == {by_address[a] for a, _ in endpoints}

@@ -1,7 +1,8 @@
-"""The iptables adapter's restore documents, without a kernel."""
+"""The iptables adapter's restore documents and the state objects it is given, without a kernel."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,11 @@ import lbc
 from bench.gen import generate
 from lbc.apply.state import State
 from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, key, parse
-from lbc.backends.iptables.render import Documents
+from lbc.backends.iptables.render import Documents, PoolCache, render_documents
+from lbc.compiler.lower import lower_service, merge, node_info
+from lbc.compiler.model import Service
+from lbc.ir.nodes import Program
+from tests.test_session import change
 
 
 def document(chains: int) -> str:
@@ -77,3 +82,30 @@ def test_rendered_state_objects_are_what_reading_the_documents_gives(config: Pat
     assert any(k.endswith(" jumps") for k in parsed) and len(parsed) > 8
     kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
     assert kernel.desired(artifact).objects == parsed
+
+
+def test_a_render_from_the_pool_cache_is_the_whole_render() -> None:
+    """Rendering again with the last render's pool chains (as a session does) gives the
+    objects a render from scratch gives, after every random change."""
+    cluster = lbc.loads(generate(150, 4, seed=5, external=True)[0])
+    info = node_info(cluster)
+    lowered: dict[int, tuple[Service, Program]] = {}  # by service object, as a session keeps
+    cache = PoolCache()
+    rng, spare, current = random.Random(5), [], cluster
+    reused = 0
+    for _ in range(12):
+        current = change(rng, current, spare)
+        programs = []
+        for svc in current.services:
+            kept = lowered.get(id(svc))
+            if kept is None or kept[0] is not svc:
+                kept = lowered[id(svc)] = (svc, lower_service(info, svc))
+            programs.append(kept[1])
+        program = merge(info, programs)
+        last = {k: v for made in cache.families.values() for k, v in made.items()}
+        cached = render_documents(program, cache, text=False)
+        assert cached.objects == render_documents(program).objects
+        assert not cached  # no restore text was made
+        now = {k: v for made in cache.families.values() for k, v in made.items()}
+        reused += sum(1 for k, v in now.items() if last.get(k) is v)
+    assert reused > 500, "unchanged pools came from the cache"

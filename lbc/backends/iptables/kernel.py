@@ -154,9 +154,11 @@ class IptablesKernel:
         touched = {c.key for c in plan.changes}
         if plan.full:
             touched |= {k for k in desired.objects if not k.endswith(" jumps")}
-        if any(LOCALHOST_MATCH in rule for rules in desired.objects.values() for rule in rules):
+        written = desired.objects.values() if plan.full else (c.after for c in plan.changes)
+        if any(LOCALHOST_MATCH in rule for rules in written for rule in rules):
             # Node ports on 127.0.0.1: the kernel must route DNATed loopback traffic out
-            # (kube-proxy sets the same). A shared setting: lbc turns it on, never off.
+            # (kube-proxy sets the same). A shared setting: lbc turns it on, never off,
+            # when it writes such a rule.
             self._run(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
         try:
             self._restore(desired, touched, delete=False)
