@@ -731,9 +731,12 @@ def test_address_and_link_requests() -> None:
 
 
 def one_more_endpoint(cluster: lbc.Cluster) -> lbc.Cluster:
-    """The cluster with one more ready endpoint on its first service."""
+    """The cluster with one more ready endpoint on its first service, on this node (so
+    that the helper table gains its hairpin element)."""
     first = cluster.services[0]
-    extra = first.endpoints[0].model_copy(update={"ip": first.endpoints[0].ip + 250})
+    extra = first.endpoints[0].model_copy(
+        update={"ip": first.endpoints[0].ip + 250, "node": cluster.node.name}
+    )
     changed = first.model_copy(update={"endpoints": [*first.endpoints, extra]})
     return cluster.model_copy(update={"services": [changed, *cluster.services[1:]]})
 

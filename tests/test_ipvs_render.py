@@ -265,13 +265,11 @@ def test_without_a_pod_cidr_nothing_is_masqueraded_off_cluster() -> None:
     assert _elements(rules, "masquerade-off-cluster-v4") == []
 
 
-def test_hairpin_lists_every_endpoint_reaching_itself() -> None:
+def test_hairpin_lists_this_nodes_endpoints_reaching_themselves() -> None:
+    """hostnames: 10.244.1.7 runs on node-1 (this node); the others on node-2 and node-3,
+    whose own connections go through their own nodes' rules."""
     rules = rules_of("hostnames")
-    assert _elements(rules, "hairpin-v4") == [
-        "10.244.1.7 . tcp . 9376 . 10.244.1.7",
-        "10.244.2.3 . tcp . 9376 . 10.244.2.3",
-        "10.244.3.6 . tcp . 9376 . 10.244.3.6",
-    ]
+    assert _elements(rules, "hairpin-v4") == ["10.244.1.7 . tcp . 9376 . 10.244.1.7"]
 
 
 def test_interface_name_fits_the_kernel_limit() -> None:
@@ -348,3 +346,15 @@ def test_filters_run_before_ipvs_on_input_and_on_the_nodes_own_output() -> None:
     assert hooks == {"input": 0, "output": -110}
     assert all(priority < -99 or hook == "input" for hook, priority in hooks.items())
     assert rules.count("ct state new jump service-filter") == 2
+
+
+def test_the_helper_table_marks_hairpin_only_for_backends_that_can_pass_this_node() -> None:
+    from tests.test_nftables_render import PLACED
+
+    web_only = PLACED[: PLACED.index('[[services]]\nname = "edge"')]
+    text = lbc.compile(lbc.loads(web_only), "ipvs").text()
+    hairpin = text[text.index("set hairpin-v4") :]
+    hairpin = hairpin[: hairpin.index("}\n")]
+    assert "10.244.1.5 . tcp . 8080 . 10.244.1.5" in hairpin  # this node's
+    assert "10.244.3.5 . tcp . 8080 . 10.244.3.5" in hairpin  # no node given
+    assert "10.244.2.5" not in hairpin  # another node's: through its own node's rules

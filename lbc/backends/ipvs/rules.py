@@ -126,10 +126,14 @@ class _Rules:
         vport = f"{addr} . inet_proto . inet_service"
         frontends = self.frontends(family)
         cidr = self.program.node.pod_cidr(family)
+        # Only backends whose own connections may pass this node (`Program.hairpin`).
         hairpin: dict[str, None] = {}
+        others = self.program.open_to_other_nodes()
         for f in frontends:
-            for b in self.pool(f).active:
-                hairpin[f"{b.address} . {f.proto} . {b.port} . {b.address}"] = None
+            pool = self.pool(f)
+            for b in pool.active:
+                if self.program.hairpin(pool, b, others):
+                    hairpin[f"{b.address} . {f.proto} . {b.port} . {b.address}"] = None
         empty = [f for f in frontends if not self.pool(f).active]
         sets = [
             (n.VIPS, addr, False, [a for a in self.vips if (":" in a) == (family == 6)]),
