@@ -9,7 +9,9 @@ a refused batch leaves no table behind and other tables untouched.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,21 +46,39 @@ def test_pool_rules_are_the_bytes_the_general_encoder_makes(name: str, cluster: 
         assert fast.messages(chain) == general, chain.name
 
 
+def expected_key(text: str) -> bytes:
+    """An element key's bytes, field by field, from its text (`a . tcp . 80`)."""
+    out = b""
+    for part in text.split(" . "):
+        if part.isdigit():
+            out += struct.pack(">H", int(part)) + b"\0\0"
+        elif part in ("tcp", "udp", "sctp"):
+            out += bytes([{"tcp": 6, "udp": 17, "sctp": 132}[part], 0, 0, 0])
+        else:
+            out += ipaddress.ip_address(part).packed
+    return out
+
+
 @pytest.mark.parametrize(("name", "cluster"), CASES, ids=IDS)
-def test_set_elements_are_the_bytes_the_general_encoder_makes(name: str, cluster: Cluster) -> None:
+def test_set_elements_encode_each_key_field_by_field(name: str, cluster: Cluster) -> None:
     ruleset = build(lower(cluster))
     compared = 0
     for s in ruleset.sets:
         if not s.elements or "interval" in s.flags:
             continue
-        general = netlink.Batch("lbc")
-        general.elements(s.name, s.elements, add=True)
-        assert bulk.element_messages("lbc", s.name, s.elements) == general.messages, s.name
-        compared += 1
+        (message,) = netlink.element_messages("lbc", s.name, s.elements)
+        for element, item in zip(s.elements, elements_in(message), strict=True):
+            (key_nest, *data) = [payload for _, payload in attrs(item)]
+            ((_, key),) = list(attrs(key_nest))
+            assert key == expected_key(element.key.text()), element.text()
+            assert bool(data) == (element.verdict is not None)
+            if element.verdict is not None and element.verdict.target:
+                assert element.verdict.target.encode() + b"\0" in data[0]
+            compared += 1
     assert compared >= 2
 
 
-def elements_in(message: bulk.Message) -> list[bytes]:
+def elements_in(message: tuple[int, int, bytes]) -> list[bytes]:
     """The element attributes of a NEWSETELEM message."""
     (body,) = [payload for kind, payload in attrs(message[2]) if kind == 3]
     return [payload for _, payload in attrs(body)]
@@ -70,11 +90,13 @@ def test_a_large_set_is_split_into_messages_the_attribute_length_allows() -> Non
         (s for s in ruleset.sets if "interval" not in s.flags), key=lambda s: len(s.elements)
     )
     many = biggest.elements * 40
-    messages = bulk.element_messages("lbc", biggest.name, many)
+    messages = netlink.element_messages("lbc", biggest.name, many)
     assert len(messages) > 1
     assert all(len(body) < 65_535 for _, _, body in messages)
     split = [item for m in messages for item in elements_in(m)]
-    one_by_one = [elements_in(bulk.element_messages("lbc", biggest.name, [e])[0])[0] for e in many]
+    one_by_one = [
+        elements_in(netlink.element_messages("lbc", biggest.name, [e])[0])[0] for e in many
+    ]
     assert split == one_by_one
 
 

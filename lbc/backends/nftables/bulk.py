@@ -1,9 +1,9 @@
 """Loading the whole `inet lbc` table into an empty ruleset without libnftables' parse.
 
-At 10k services x 10 endpoints the table is 120k rules and 130k set elements. `nft -f`
-of its text spends more time in libnftables (parsing, evaluating, 600+ MiB of
-memory) than the kernel spends adding the objects, and asks the kernel for an
-acknowledgement of every message, which doubles the kernel's share. A load from
+At 10k services x 10 endpoints the table is 120k rules and tens of thousands of set
+elements. `nft -f` of its text spends more time in libnftables (parsing, evaluating,
+600+ MiB of memory) than the kernel spends adding the objects, and asks the kernel for
+an acknowledgement of every message, which doubles the kernel's share. A load from
 empty therefore goes in several transactions:
 
 1. libnftables writes the skeleton: the table, the shared chains (base chains and
@@ -26,7 +26,8 @@ whole through libnftables as before.
 
 Pool chains, nearly all of the rules, are encoded from byte strings made once per
 distinct part (protocol, weight fraction, port) rather than rule by rule through
-`netlink.rule_expressions`; a test holds the two byte-identical.
+`netlink.rule_expressions`; a test holds the two byte-identical. Elements and the
+batch framing are `netlink`'s, shared with a session's changes.
 """
 
 from __future__ import annotations
@@ -36,47 +37,34 @@ import functools
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from lbc.apply.state import State
 from lbc.backends.nftables import names as n
-from lbc.backends.nftables.expr import AnyChain, Concat, Element, NamedSet, Ruleset, Value
-from lbc.backends.nftables.generation import (
-    HEADER,
-    NETLINK_NETFILTER,
-    NFNL_SUBSYS_NFTABLES,
-    NLM_F_REQUEST,
-)
+from lbc.backends.nftables.expr import AnyChain, Element, NamedSet, Ruleset
+from lbc.backends.nftables.generation import NETLINK_NETFILTER
 from lbc.backends.nftables.incremental import ELEMENT, SHARED_CHAINS, TableState
 from lbc.backends.nftables.netlink import (
     L4PROTO,
     NEWCHAIN,
     NEWRULE,
-    NEWSETELEM,
-    NFNL_MSG_BATCH_BEGIN,
-    NFNL_MSG_BATCH_END,
-    NFPROTO_INET,
     NLA_F_NESTED,
-    NLM_F_ACK,
     NLM_F_APPEND,
     NLM_F_CREATE,
     BatchError,
     Unencodable,
     acknowledgements,
-    attr,
+    element_messages,
+    frame,
     rule_expressions,
     rule_message,
     string,
-    verdict_data,
 )
 from lbc.backends.nftables.render import PoolChain, shares_of
 
 Message = tuple[int, int, bytes]  # nf_tables message type, flags, attributes
 Lines = tuple[str, ...]
-# A NEWSETELEM message's element list is one attribute, whose length is 16 bits.
-ELEMENTS_PER_MESSAGE_BYTES = 60_000
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 _NESTED_LIST = 4 | NLA_F_NESTED  # NFTA_RULE_EXPRESSIONS
 _RULE_FLAGS = NLM_F_CREATE | NLM_F_APPEND
@@ -124,10 +112,9 @@ class Load:
 
     def element_messages(self) -> list[Message]:
         """The messages adding the elements."""
-        keys = _Keys()
         out: list[Message] = []
         for set_name in sorted(self.elements):
-            out += element_messages(self.table, set_name, self.elements[set_name], keys)
+            out += element_messages(self.table, set_name, self.elements[set_name])
         return out
 
 
@@ -253,112 +240,12 @@ def _sample(
     return rule_expressions(chain.rules[0])
 
 
-# --- elements ------------------------------------------------------------------------------
-class _Keys:
-    """Set element keys as bytes: an address, or concatenated fields padded to 4 bytes.
-
-    The bytes of protocol names and ports are made once; addresses (nearly all
-    distinct) are converted each time."""
-
-    def __init__(self) -> None:
-        self._small: dict[str | int, bytes] = {p: bytes((v, 0, 0, 0)) for p, v in L4PROTO.items()}
-
-    def key(self, key: Any) -> bytes:
-        if type(key) is Value:
-            return _address(key.literal)
-        if type(key) is not Concat:
-            raise Unencodable(f"element key {key}")
-        small = self._small
-        out = []
-        for item in key.items:
-            if type(item) is not Value:
-                raise Unencodable(f"element key part {item.text()}")
-            literal = item.literal
-            found = small.get(literal)
-            if found is None:
-                if type(literal) is int:
-                    found = small[literal] = struct.pack(">Hxx", literal)
-                else:
-                    found = _address(literal)
-            out.append(found)
-        return b"".join(out)
-
-
-def _address(literal: object) -> bytes:
-    if type(literal) is not str:
-        raise Unencodable(f"element key part {literal}")
-    try:
-        return socket.inet_pton(socket.AF_INET6 if ":" in literal else socket.AF_INET, literal)
-    except OSError:
-        raise Unencodable(f"element key part {literal}") from None
-
-
-def element_messages(
-    table: str, set_name: str, elements: Iterable[Element], keys: _Keys | None = None
-) -> list[Message]:
-    """NEWSETELEM messages adding `elements`, as many as the attribute length needs.
-
-    Each element is NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE key },
-    [NFTA_SET_ELEM_DATA verdict] }, the same bytes as `netlink.Batch.elements`; keys
-    are multiples of four bytes, so no attribute here needs padding but the verdict's
-    chain name (made by `verdict_data`).
-    """
-    keys = keys or _Keys()
-    head = string(1, table) + string(2, set_name)
-    pack = struct.pack
-    key_of = keys.key
-    verdicts: dict[object, bytes] = {}
-    out: list[Message] = []
-    items: list[bytes] = []
-    size = 0
-    for e in elements:
-        key = key_of(e.key)
-        length = len(key)
-        verdict = e.verdict
-        if verdict is None:
-            data = b""
-        else:
-            data = verdicts.get(verdict)  # type: ignore[assignment]
-            if data is None:
-                data = verdicts[verdict] = verdict_data(2, verdict)
-        item = b"".join(
-            (pack("=HHHHHH", 12 + length + len(data), _ELEM, 8 + length, _ELEM, 4 + length, 1),
-             key, data)
-        )  # fmt: skip
-        if size + len(item) > ELEMENTS_PER_MESSAGE_BYTES:
-            out.append((NEWSETELEM, NLM_F_CREATE, head + attr(_ELEMENTS, b"".join(items))))
-            items, size = [], 0
-        items.append(item)
-        size += len(item)
-    if items:
-        out.append((NEWSETELEM, NLM_F_CREATE, head + attr(_ELEMENTS, b"".join(items))))
-    return out
-
-
-_ELEM = 1 | NLA_F_NESTED  # NFTA_LIST_ELEM and NFTA_SET_ELEM_KEY, both nested type 1
-_ELEMENTS = 3 | NLA_F_NESTED  # NFTA_SET_ELEM_LIST_ELEMENTS
-
-
 # --- sending -------------------------------------------------------------------------------
 def send(messages: Sequence[Message], first_sequence: int = 1) -> None:
     """Send `messages` as one transaction on a new socket of the current namespace;
     raises `BatchError` with the kernel's reason for the first message it refused."""
-    subsystem = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-    family = struct.pack("=BBH", NFPROTO_INET, 0, 0)
-    sequence = first_sequence
-    chunks = [HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, sequence, 0),
-              subsystem]  # fmt: skip
+    payload = frame(messages, first_sequence, ack_each=False)
     last = first_sequence + len(messages)
-    for kind, flags, attrs in messages:
-        sequence += 1
-        ack = NLM_F_ACK if sequence == last else 0
-        size = HEADER.size + 4 + len(attrs)
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
-        chunks += [HEADER.pack(size, msg_type, NLM_F_REQUEST | ack | flags, sequence, 0),
-                   family, attrs]  # fmt: skip
-    chunks += [HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, last + 1, 0),
-               subsystem]  # fmt: skip
-    payload = b"".join(chunks)
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         # The batch goes in one message (the kernel takes a transaction from one
         # sendmsg); the default buffer limit is far smaller than a whole table.

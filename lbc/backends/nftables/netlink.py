@@ -138,35 +138,84 @@ def host_u32(value: int) -> bytes:
     return struct.pack("=I", value & 0xFFFFFFFF)
 
 
+# The bytes of protocol names and ports in element keys, made once; addresses (nearly
+# all distinct) are converted each time.
+_KEY_PARTS: dict[str | int, bytes] = {p: bytes((v, 0, 0, 0)) for p, v in L4PROTO.items()}
+
+
 def key_bytes(key: Expr) -> bytes:
     """A set element's key: one address, or a concatenation of 4-byte-padded fields."""
-    if isinstance(key, Value) and isinstance(key.literal, str) and _is_address(key.literal):
-        return address(key.literal)
-    if not isinstance(key, Concat):
+    if type(key) is Value:
+        return _key_address(key.literal)
+    if type(key) is not Concat:
         raise Unencodable(f"element key {key.text()}")
-    out = b""
+    out = []
     for item in key.items:
-        if not isinstance(item, Value):
+        if type(item) is not Value:
             raise Unencodable(f"element key part {item.text()}")
         literal = item.literal
-        if isinstance(literal, int):
-            raw = struct.pack(">H", literal)
-        elif literal in L4PROTO:
-            raw = bytes([L4PROTO[literal]])
-        elif _is_address(literal):
-            raw = address(literal)
-        else:
-            raise Unencodable(f"element key part {literal}")
-        out += raw + b"\0" * (-len(raw) % 4)
-    return out
+        found = _KEY_PARTS.get(literal)
+        if found is None:
+            if type(literal) is int:
+                found = _KEY_PARTS[literal] = struct.pack(">Hxx", literal)
+            else:
+                found = _key_address(literal)
+        out.append(found)
+    return b"".join(out)
 
 
-def _is_address(text: str) -> bool:
+def _key_address(literal: str | int) -> bytes:
+    if type(literal) is not str:
+        raise Unencodable(f"element key part {literal}")
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+        return socket.inet_pton(socket.AF_INET6 if ":" in literal else socket.AF_INET, literal)
+    except OSError:
+        raise Unencodable(f"element key part {literal}") from None
+
+
+# A NEWSETELEM message's element list is one attribute, whose length is 16 bits.
+ELEMENTS_PER_MESSAGE_BYTES = 60_000
+_ELEM = 1 | NLA_F_NESTED  # NFTA_LIST_ELEM and NFTA_SET_ELEM_KEY, both nested type 1
+_ELEMENTS = 3 | NLA_F_NESTED  # NFTA_SET_ELEM_LIST_ELEMENTS
+
+
+def element_messages(
+    table: str, set_name: str, elements: Iterable[Element], add: bool = True
+) -> list[tuple[int, int, bytes]]:
+    """NEWSETELEM (or DELSETELEM) messages for `elements`, as many as the attribute
+    length needs.
+
+    Each element is NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE key }, and
+    when added to a map, NFTA_SET_ELEM_DATA verdict }. Keys are multiples of four
+    bytes, so no attribute here needs padding but the verdict's chain name (made by
+    `verdict_data`).
+    """
+    head = string(1, table) + string(2, set_name)
+    kind, flags = (NEWSETELEM, NLM_F_CREATE) if add else (DELSETELEM, 0)
+    pack = struct.pack
+    verdicts: dict[Verdict, bytes] = {}
+    out: list[tuple[int, int, bytes]] = []
+    items: list[bytes] = []
+    size = 0
+    for e in elements:
+        key = key_bytes(e.key)
+        length = len(key)
+        verdict = e.verdict if add else None
+        data = b""
+        if verdict is not None:
+            data = verdicts.get(verdict) or verdicts.setdefault(verdict, verdict_data(2, verdict))
+        item = b"".join(
+            (pack("=HHHHHH", 12 + length + len(data), _ELEM, 8 + length, _ELEM, 4 + length, 1),
+             key, data)
+        )  # fmt: skip
+        if size + len(item) > ELEMENTS_PER_MESSAGE_BYTES:
+            out.append((kind, flags, head + attr(_ELEMENTS, b"".join(items))))
+            items, size = [], 0
+        items.append(item)
+        size += len(item)
+    if items:
+        out.append((kind, flags, head + attr(_ELEMENTS, b"".join(items))))
+    return out
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -394,21 +443,33 @@ class Batch:
         self.messages.append((DELSET, 0, string(1, self.table) + string(2, name)))
 
     def elements(self, set_name: str, elements: Sequence[Element], add: bool) -> None:
-        if not elements:
-            return
-        items = []
-        for e in elements:
-            parts = [nest(1, attr(1, key_bytes(e.key)))]
-            if add and e.verdict is not None:
-                parts.append(verdict_data(2, e.verdict))
-            items.append(nest(1, *parts))
-        attrs = string(1, self.table) + string(2, set_name) + nest(3, *items)
-        kind, flags = (NEWSETELEM, NLM_F_CREATE) if add else (DELSETELEM, 0)
-        self.messages.append((kind, flags, attrs))
+        self.messages += element_messages(self.table, set_name, elements, add)
 
 
 class BatchError(Exception):
     """The kernel refused a message of the batch (nothing was committed)."""
+
+
+def frame(messages: Sequence[tuple[int, int, bytes]], first_sequence: int, ack_each: bool) -> bytes:
+    """`messages` between BATCH_BEGIN and BATCH_END, numbered from `first_sequence`
+    (the BEGIN) on: one transaction. Each message asks for an acknowledgement, or with
+    not `ack_each` only the last (the kernel reports a failing message regardless)."""
+    subsystem = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+    family = struct.pack("=BBH", NFPROTO_INET, 0, 0)
+    sequence = first_sequence
+    chunks = [HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, sequence, 0),
+              subsystem]  # fmt: skip
+    last = first_sequence + len(messages)
+    for kind, flags, attrs in messages:
+        sequence += 1
+        ack = NLM_F_ACK if ack_each or sequence == last else 0
+        size = HEADER.size + 4 + len(attrs)
+        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
+        chunks += [HEADER.pack(size, msg_type, NLM_F_REQUEST | ack | flags, sequence, 0),
+                   family, attrs]  # fmt: skip
+    chunks += [HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, last + 1, 0),
+               subsystem]  # fmt: skip
+    return b"".join(chunks)
 
 
 def send(sock: socket.socket, batch: Batch, first_sequence: int) -> int:
@@ -416,24 +477,9 @@ def send(sock: socket.socket, batch: Batch, first_sequence: int) -> int:
 
     Returns the next free sequence number.
     """
-    chunks, sequence = [], first_sequence
-    subsystem = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-    chunks.append(HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, sequence, 0))
-    chunks.append(subsystem)
-    sequence += 1
-    expected = set()
-    family = struct.pack("=BBH", NFPROTO_INET, 0, 0)
-    for kind, flags, attrs in batch.messages:
-        size = HEADER.size + 4 + len(attrs)
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | kind
-        chunks.append(HEADER.pack(size, msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, sequence, 0))
-        chunks += [family, attrs]
-        expected.add(sequence)
-        sequence += 1
-    chunks.append(HEADER.pack(HEADER.size + 4, NFNL_MSG_BATCH_END, NLM_F_REQUEST, sequence, 0))
-    chunks.append(subsystem)
-    sequence += 1
-    sock.send(b"".join(chunks))
+    sock.send(frame(batch.messages, first_sequence, ack_each=True))
+    expected = set(range(first_sequence + 1, first_sequence + 1 + len(batch.messages)))
+    sequence = first_sequence + len(batch.messages) + 2
     errors = []
     for number, error in _acks(sock, expected):
         if error:
