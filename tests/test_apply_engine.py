@@ -225,3 +225,19 @@ def test_a_lock_path_given_as_a_string_works(tmp_path: Path) -> None:
     session = lbc.Session("ir", kernel=FakeKernel(), lock_path=lock_text)
     assert session.apply(lbc.load(HOSTNAMES)).applied
     assert Path(lock_text).exists()
+
+
+def test_a_plan_holds_every_differing_object_in_key_order() -> None:
+    """Against the plain definition: every key of either state whose lines differ."""
+    import random
+
+    from lbc.apply.state import changes, plan_between
+
+    rng = random.Random(7)
+    for _ in range(50):
+        live = {f"k{rng.randrange(40)}": (f"v{rng.randrange(3)}",) for _ in range(25)}
+        desired = {f"k{rng.randrange(40)}": (f"v{rng.randrange(3)}",) for _ in range(25)}
+        keys = sorted(live.keys() | desired.keys())
+        plain = changes(keys, live.get, desired.get)
+        plan = plan_between("x", State(live), State(desired))
+        assert plan.changes == plain and plan.changes
