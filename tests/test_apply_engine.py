@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 import lbc
 from lbc.apply import Action, Engine, FakeKernel, State, host_lock
+from lbc.apply.state import changes, plan_between
 from lbc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,10 +231,6 @@ def test_a_lock_path_given_as_a_string_works(tmp_path: Path) -> None:
 
 def test_a_plan_holds_every_differing_object_in_key_order() -> None:
     """Against the plain definition: every key of either state whose lines differ."""
-    import random
-
-    from lbc.apply.state import changes, plan_between
-
     rng = random.Random(7)
     for _ in range(50):
         live = {f"k{rng.randrange(40)}": (f"v{rng.randrange(3)}",) for _ in range(25)}
