@@ -184,6 +184,21 @@ def incremental_script(live: State, desired: State, plan: Plan, table: str = TAB
 Runner = Callable[[str], str]
 
 
+def _one_ahead(
+    worker: ThreadPoolExecutor, encoders: list[Callable[[], list[bulk.Message]]]
+) -> Iterator[list[bulk.Message]]:
+    """The encoders' batches in order, the next one encoded (by `worker`) while the
+    caller sends the one it was given."""
+    future = worker.submit(encoders[0]) if encoders else None
+    for following in encoders[1:]:
+        assert future is not None
+        batch = future.result()
+        future = worker.submit(following)
+        yield batch
+    if future is not None:
+        yield future.result()
+
+
 class NftablesKernel:
     """Snapshot and commit `table inet lbc` in the host or a named network namespace."""
 
@@ -198,7 +213,7 @@ class NftablesKernel:
         self.transactions = 1  # each commit is one transaction
         self._writer: Writer | None = None
         self.netlink_commits = 0  # changes sent as a netlink batch, without libnftables
-        self.bulk_loads = 0  # loads from empty in two transactions (`bulk`)
+        self.bulk_loads = 0  # loads from empty in netlink batches (`bulk`)
 
     def generation(self) -> int | None:
         """The namespace's nftables ruleset generation (netlink NFT_MSG_GETGEN).
@@ -246,12 +261,7 @@ class NftablesKernel:
         sent = 1
         try:
             with inside(self.netns), ThreadPoolExecutor(max_workers=1) as worker:
-                encoders = load.batches()
-                pending = worker.submit(encoders[0]) if encoders else None
-                for following in [*encoders[1:], None]:
-                    assert pending is not None
-                    batch = pending.result()
-                    pending = worker.submit(following) if following is not None else None
+                for batch in _one_ahead(worker, load.batches()):
                     if batch:
                         bulk.send(batch)
                         sent += 1
