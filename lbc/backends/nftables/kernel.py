@@ -5,8 +5,10 @@ for the commit, both through libnftables (the `nftables` Python binding) inside 
 target network namespace. A commit sends only what changed: added and removed
 map/set elements, and the chains whose rules differ (flushed and refilled), so a
 one-endpoint change to a 10k-service ruleset is a handful of commands. The whole
-table is replaced instead when it does not exist yet or a base chain or a set's
-declaration changed. Only the table `inet lbc` is ever read or written.
+table is replaced instead when a base chain or a set's declaration changed. A session's
+changes go as lbc's own netlink batch (`netlink`), and a table that does not exist yet
+is loaded as a libnftables skeleton plus netlink batches (`bulk`). Only the table
+`inet lbc` is ever read or written.
 """
 
 from __future__ import annotations
@@ -299,7 +301,9 @@ class NftablesKernel:
         return State(parse(artifact.text()))
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
-        """One libnftables batch: incremental when it can be, else the whole table."""
+        """Into an empty ruleset, the bulk load; otherwise one transaction: lbc's netlink
+        batch for a session's change, else libnftables, incremental when it can be,
+        else the whole table."""
         self.transactions = 1
         if not desired.objects:
             self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
