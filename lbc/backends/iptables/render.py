@@ -234,10 +234,21 @@ class _FamilyRenderer:
         return "\n".join([*self.filter.lines(), *self.nat.lines()]) + "\n"
 
     def build(self) -> None:
-        mark = f"{self.node.masquerade_mark:#x}"
-        frontends = [f for f in self.program.frontends if f.family == self.family]
+        frontends = self.frontends()
         for f in frontends:
             self.dispatch(f)
+        node_addresses = sorted({f.address for f in frontends if f.kind is Kind.NODE_PORT})
+        self.shared(self.program.reject_unknown, node_addresses)
+        self.own(frontends)
+
+    def frontends(self) -> list[Frontend]:
+        return [f for f in self.program.frontends if f.family == self.family]
+
+    def shared(self, cluster_ips: Sequence[str], node_addresses: Sequence[str]) -> None:
+        """The chains every service shares: the dispatch trees of the gathered frontend
+        rules, the catch-all for `cluster_ips`, the node-port entry for `node_addresses`,
+        the fixed chains and the jumps from the built-in chains."""
+        mark = f"{self.node.masquerade_mark:#x}"
         # Chains are printed in the order they are declared: the dispatch trees follow
         # their roots, before the fixed chains and the per-service chains.
         self.filter.declare(n.SERVICES)
@@ -249,7 +260,7 @@ class _FamilyRenderer:
                 self.by_address.key(address, Proto.TCP, 0),
                 f"-d {address}{self.host} {unknown} -j REJECT --reject-with {self.reject}",
             )
-            for address in self.program.reject_unknown
+            for address in cluster_ips
             if (":" in address) == (self.family == 6)
         ]
         if catch_all:
@@ -268,7 +279,6 @@ class _FamilyRenderer:
             self.nat.declare(chain)
         self.place(self.nat, n.SERVICES, self.nat_services, self.by_address)
         # After the tree: a packet for a node address that no frontend rule took.
-        node_addresses = sorted({f.address for f in frontends if f.kind is Kind.NODE_PORT})
         for address in node_addresses:
             self.nat.add(
                 n.SERVICES,
@@ -287,6 +297,8 @@ class _FamilyRenderer:
             f"{comment('lbc service traffic requiring SNAT')} -j MASQUERADE --random-fully",
         )
 
+    def own(self, frontends: list[Frontend]) -> None:
+        """The chains of single services: pools, endpoints, external and firewall."""
         cluster_ips: dict[str, list[Frontend]] = {}
         for f in frontends:
             if f.kind is Kind.CLUSTER_IP:
