@@ -10,8 +10,10 @@ generation the kernel was at afterwards, and keeps every service's lowered progr
   the objects they touched (`backends.nftables.incremental.Table`), and the change
   goes to the kernel as one netlink batch lbc encodes itself
   (`backends.nftables.netlink`), without libnftables' cache fill; other backends
-  render the whole program again from the kept per-service programs (iptables only
-  its state objects, taking each unchanged pool's chains from the last render);
+  render the whole program again from the kept per-service programs, but for
+  iptables, whose chains are kept per service too (`backends.iptables.incremental`):
+  only the changed services' chains are rendered, and the shared dispatch trees only
+  when some frontend's rules changed;
 - while the kernel's generation is the one the session left, its record of the live
   state is used instead of a snapshot; after the commit, a generation advanced by
   exactly one proves the transaction was the only change (see `lbc.apply.engine`).
@@ -30,26 +32,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
 from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
-from lbc.backends.base import Artifact, Backend
+from lbc.backends.base import Backend
 from lbc.backends.iptables.kernel import IptablesKernel
-from lbc.backends.iptables.render import PoolCache, render_documents
 from lbc.collector import paused
 from lbc.compiler.lower import lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Service
 from lbc.errors import ApplyError
 from lbc.ir.nodes import NodeInfo, Program
 
-if TYPE_CHECKING:
-    from lbc.backends.nftables.incremental import Part, Table
-
 Changed = dict[str, tuple[Service, Program] | None]  # service key -> new model and program
+# A backend's per-service table: how to make one, a service's part, the desired state.
+_Incremental = tuple[Callable[[NodeInfo], Any], Callable[[Program], Any], Callable[[Any], State]]
 
 
 class Session:
@@ -71,8 +71,8 @@ class Session:
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster
-        self._table: Table | None = None  # nftables: the table kept per service
-        self._pools = PoolCache()  # iptables: the pool chains of the last render
+        # nftables and iptables: the desired objects kept per service (`incremental`)
+        self._table: Any = None
         self._live: dict[str, tuple[str, ...]] = {}  # what the kernel holds (if known)
         self._known_generation: int | None = None
 
@@ -90,15 +90,27 @@ class Session:
             self._services = {}
             self._order = []
             self._table = None
-            self._pools = PoolCache()
             self._node = info
         changed = self._changed(info, cluster)
         for entry in changed.values():
             if entry is not None:
                 self.backend.check(entry[1])
-        if self.backend.name == "nftables":
-            return self._apply_nftables(cluster, info, changed, dry_run, full)
+        kind = self._incremental()
+        if kind is not None:
+            return self._apply_table(kind, cluster, info, changed, dry_run, full)
         return self._apply_whole(cluster, info, changed, dry_run, full)
+
+    def _incremental(self) -> _Incremental | None:
+        """How this backend keeps its objects per service, if it does."""
+        if self.backend.name == "nftables":
+            from lbc.backends.nftables import incremental as nft
+
+            return nft.Table, nft.part_of, lambda table: nft.TableState(table.objects, table)
+        if isinstance(self.engine.kernel, IptablesKernel):
+            from lbc.backends.iptables import incremental as ipt
+
+            return ipt.Table, ipt.part_of, lambda table: State(table.objects)
+        return None
 
     def _changed(self, info: NodeInfo, cluster: Cluster) -> Changed:
         """Each new or changed service with its lowered program; None for each one gone."""
@@ -165,14 +177,21 @@ class Session:
                     self._live[change.key] = change.after
         self._known_generation = result.generation
 
-    def _apply_nftables(
-        self, cluster: Cluster, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
+    def _apply_table(
+        self,
+        kind: _Incremental,
+        cluster: Cluster,
+        info: NodeInfo,
+        changed: Changed,
+        dry_run: bool,
+        full: bool,
     ) -> ApplyResult:
-        from lbc.backends.nftables.incremental import ConflictError, Table, TableState, part_of
+        from lbc.backends.nftables.incremental import ConflictError
 
+        make_table, part_of, state_of = kind
         fresh = self._table is None
         if self._table is None:
-            self._table = Table(info)
+            self._table = make_table(info)
         table = self._table
         previous = {key: table.parts.get(key) for key in changed}
         try:
@@ -180,10 +199,10 @@ class Session:
                 {key: None if e is None else part_of(e[1]) for key, e in changed.items()}
             )
         except ConflictError as exc:
-            raise ApplyError(f"nftables: {exc}") from exc
+            raise ApplyError(f"{self.backend.name}: {exc}") from exc
         try:
             result = self.engine.converge(
-                TableState(table.objects, table),
+                state_of(table),
                 dry_run=dry_run,
                 full=full,
                 known=self._known(),
@@ -201,7 +220,7 @@ class Session:
         self._remember(result, table.objects)
         return result
 
-    def _undo(self, table: Table, previous: dict[str, Part | None], fresh: bool) -> None:
+    def _undo(self, table: Any, previous: dict[str, Any], fresh: bool) -> None:
         """Put the table back as it was before a failed or dry-run apply."""
         if fresh:
             self._table = None
@@ -217,15 +236,7 @@ class Session:
                 programs.pop(key, None)
             else:
                 programs[key] = entry[1]
-        program = merge(info, programs.values())
-        if isinstance(self.engine.kernel, IptablesKernel):
-            # Only the state objects the adapter reads (no restore text), each unchanged
-            # pool's chains as the last render made them.
-            self.backend.check(program)
-            documents = render_documents(program, self._pools, text=False)
-            artifact = Artifact(self.backend.name, {}, data=documents)
-        else:
-            artifact = self.backend.compile(program)
+        artifact = self.backend.compile(merge(info, programs.values()))
         desired = self.engine.kernel.desired(artifact)
         result = self.engine.converge(desired, dry_run=dry_run, full=full, known=self._known())
         if not dry_run:

@@ -9,12 +9,12 @@ import pytest
 
 import lbc
 from bench.gen import generate
-from lbc.apply.state import State
+from lbc.apply.state import State, plan_between
+from lbc.backends.iptables import incremental
 from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, key, parse
-from lbc.backends.iptables.render import Documents, PoolCache, render_documents
-from lbc.compiler.lower import lower_service, merge, node_info
+from lbc.backends.iptables.render import Documents, render_documents
+from lbc.compiler.lower import lower_service, node_info
 from lbc.compiler.model import Service
-from lbc.ir.nodes import Program
 from tests.test_session import change
 
 
@@ -84,28 +84,37 @@ def test_rendered_state_objects_are_what_reading_the_documents_gives(config: Pat
     assert kernel.desired(artifact).objects == parsed
 
 
-def test_a_render_from_the_pool_cache_is_the_whole_render() -> None:
-    """Rendering again with the last render's pool chains (as a session does) gives the
-    objects a render from scratch gives, after every random change."""
-    cluster = lbc.loads(generate(150, 4, seed=5, external=True)[0])
+@pytest.mark.parametrize("seed", [5, 6])
+def test_the_per_service_table_is_the_whole_render_after_random_changes(seed: int) -> None:
+    """`incremental.Table`, updated service by service, holds exactly the objects of a
+    whole render of the same cluster, and reports exactly the objects that changed."""
+    cluster = lbc.loads(generate(120, 4, seed=seed, external=True)[0])
+    golden = [lbc.load(p) for p in sorted(GOLDEN.glob("*/cluster.toml"))]
     info = node_info(cluster)
-    lowered: dict[int, tuple[Service, Program]] = {}  # by service object, as a session keeps
-    cache = PoolCache()
-    rng, spare, current = random.Random(5), [], cluster
-    reused = 0
-    for _ in range(12):
+    table = incremental.Table(info)
+
+    def key(svc: Service) -> str:
+        return f"{svc.namespace}/{svc.name}"
+
+    table.update({key(s): incremental.part_of(lower_service(info, s)) for s in cluster.services})
+    whole = render_documents(lbc.lower(cluster)).objects
+    assert table.objects == whole
+    rng, spare, current = random.Random(seed), [], cluster
+    # Golden services (node ports, local policies, IPv6, ...) join and leave too.
+    spare += [s for c in golden for s in c.services]
+    rng.shuffle(spare)
+    for _ in range(40):
+        before = dict(table.objects)
+        previous = {key(s): s for s in current.services}
         current = change(rng, current, spare)
-        programs = []
-        for svc in current.services:
-            kept = lowered.get(id(svc))
-            if kept is None or kept[0] is not svc:
-                kept = lowered[id(svc)] = (svc, lower_service(info, svc))
-            programs.append(kept[1])
-        program = merge(info, programs)
-        last = {k: v for made in cache.families.values() for k, v in made.items()}
-        cached = render_documents(program, cache, text=False)
-        assert cached.objects == render_documents(program).objects
-        assert not cached  # no restore text was made
-        now = {k: v for made in cache.families.values() for k, v in made.items()}
-        reused += sum(1 for k, v in now.items() if last.get(k) is v)
-    assert reused > 500, "unchanged pools came from the cache"
+        now = {key(s): s for s in current.services}
+        updates: dict[str, incremental.Part | None] = {
+            k: incremental.part_of(lower_service(info, s))
+            for k, s in now.items()
+            if previous.get(k) is not s
+        }
+        updates.update({k: None for k in previous.keys() - now.keys()})
+        reported = table.update(updates)
+        whole = render_documents(lbc.lower(current)).objects
+        assert table.objects == whole
+        assert reported == plan_between("iptables", State(before), State(whole)).changes

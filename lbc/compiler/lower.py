@@ -242,7 +242,7 @@ def _lower_port(
             pool=target_pool.id,
             **extra,  # type: ignore[arg-type]
         )
-        frontends.append((_frontend_key(frontend), frontend))
+        frontends.append((frontend_key(frontend), frontend))
 
     cluster_masq = Masquerade.ALWAYS if node.masquerade_all else Masquerade.OFF_CLUSTER
     for ip in svc.cluster_ips:
@@ -322,7 +322,7 @@ def _ip_key(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int
     return (ip.version, int(ip))
 
 
-def _frontend_key(f: Frontend) -> _FrontendKey:
+def frontend_key(f: Frontend) -> _FrontendKey:
     return (f.family, _KIND_ORDER[f.kind], _address_int(f.address), f.proto, f.port)
 
 
@@ -341,6 +341,6 @@ def merge(info: NodeInfo, programs: Iterable[Program]) -> Program:
     cluster_ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
     for program in programs:
         pools += program.pools
-        frontends += [(_frontend_key(f), f) for f in program.frontends]
+        frontends += [(frontend_key(f), f) for f in program.frontends]
         cluster_ips.update(ipaddress.ip_address(a) for a in program.reject_unknown)
     return assemble(info, pools, frontends, cluster_ips)

@@ -149,7 +149,7 @@ def render_family(program: Program, family: int, split_above: int | None = SPLIT
     `split_above`: the most frontend rules a dispatch chain holds before it is split
     into a tree (None: never, kube-proxy's linear chains).
     """
-    return _FamilyRenderer(program, family, split_above).render()
+    return FamilyRenderer(program, family, split_above).render()
 
 
 class Documents(dict[int, str]):
@@ -161,52 +161,21 @@ class Documents(dict[int, str]):
         self.objects = objects
 
 
-# What a pool's chains were, by pool (see `PoolCache`): the pool and its cluster-IP
-# frontends (the objects themselves), its chain's rules, and its endpoint chains.
-_Cached = tuple[Pool, tuple[Frontend, ...], tuple[str, ...], tuple[tuple[str, tuple[str]], ...]]
-
-
-class PoolCache:
-    """Pool chains of the last render, for a renderer that renders the same program
-    again with a few services changed (`lbc.Session`): a pool that is the same object,
-    with the same cluster-IP frontend objects, has the same chains. Each render keeps
-    only what it used."""
-
-    def __init__(self) -> None:
-        self.families: dict[int, dict[int, _Cached]] = {}
-
-
-def render_documents(
-    program: Program, cache: PoolCache | None = None, text: bool = True
-) -> Documents:
-    """Every family's restore document and, alongside, their state objects (only the
-    objects when not `text`: what an apply needs)."""
+def render_documents(program: Program) -> Documents:
+    """Every family's restore document and, alongside, their state objects."""
     documents: dict[int, str] = {}
     objects: dict[str, tuple[str, ...]] = {}
     for family in program.families():
-        previous = cache.families.get(family, {}) if cache is not None else None
-        renderer = _FamilyRenderer(program, family, SPLIT_ABOVE, previous)
-        renderer.build()
-        if text:
-            documents[family] = renderer.text()
+        renderer = FamilyRenderer(program, family, SPLIT_ABOVE)
+        documents[family] = renderer.render()
         objects.update(renderer.filter.objects(family))
         objects.update(renderer.nat.objects(family))
-        if cache is not None:
-            cache.families[family] = renderer.made
     return Documents(documents, objects)
 
 
-class _FamilyRenderer:
-    def __init__(
-        self,
-        program: Program,
-        family: int,
-        split_above: int | None,
-        previous: dict[int, _Cached] | None = None,
-    ) -> None:
+class FamilyRenderer:
+    def __init__(self, program: Program, family: int, split_above: int | None) -> None:
         self.program = program
-        self.previous = previous  # pool chains of the last render (None: no cache)
-        self.made: dict[int, _Cached] = {}
         self.family = family
         self.split_above = split_above
         bits = 32 if family == 4 else 128
@@ -381,38 +350,6 @@ class _FamilyRenderer:
 
     def pool_chain(self, pool: Pool, cluster_ips: list[Frontend]) -> None:
         """The pool's chain and its endpoints' chains; `cluster_ips` are the pool's frontends."""
-        if self.previous is None:
-            self._pool_chain(pool, cluster_ips)
-            return
-        frontends = tuple(cluster_ips)
-        chains = self.nat.chains
-        found = self.previous.get(id(pool))
-        if (
-            found is not None
-            and found[0] is pool
-            and len(found[1]) == len(frontends)
-            and all(a is b for a, b in zip(found[1], frontends, strict=True))
-        ):
-            name = self.pool_name(pool)
-            self.nat.declare(name)
-            chains[name] = list(found[2])
-            for sep, rules in found[3]:
-                chains.setdefault(sep, rules)
-            self.made[id(pool)] = found
-            return
-        before = len(chains)
-        self._pool_chain(pool, cluster_ips)
-        if len(chains) == before:
-            return  # no usable backend: no chains
-        name = self.pool_name(pool)
-        seps: list[tuple[str, tuple[str]]] = []
-        for b in pool.active:
-            endpoint = chains[n.SEP + b.id]
-            if isinstance(endpoint, tuple):
-                seps.append((n.SEP + b.id, endpoint))
-        self.made[id(pool)] = (pool, frontends, tuple(chains[name]), tuple(seps))
-
-    def _pool_chain(self, pool: Pool, cluster_ips: list[Frontend]) -> None:
         active = pool.active
         if not active:
             return

@@ -1,0 +1,136 @@
+"""The iptables chains kept per service, so that a change renders only its services.
+
+The state objects of a program (`render.render_documents(...).objects`) are the union
+of what each service contributes and a shared part:
+- each service's own chains (its pools' `LBC-SVC-`/`LBC-SVL-` and endpoint chains,
+  its external and firewall chains), named from its content and never shared;
+- its frontends' rules for the dispatch chains, its cluster IPs and its node-port
+  addresses, from which the shared part is made: the dispatch trees of both tables,
+  the cluster-IP catch-all, the fixed chains and the jumps from the built-in chains.
+
+`Table.update` swaps the contributions of the services that changed and returns the
+object changes. The shared part is made again only when its inputs changed (a new
+frontend, a pool that became empty), not for a change of endpoints. A test holds the
+table equal to a whole render after random changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lbc.apply.state import Change, changes
+from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry
+from lbc.backends.iptables.render import FamilyRenderer
+from lbc.compiler.lower import frontend_key
+from lbc.ir.nodes import Kind, NodeInfo, Program
+
+Lines = tuple[str, ...]
+_FrontendKey = tuple[int, int, int, str, int]
+# A frontend's rules for the dispatch chains: nat LBC-SERVICES, nat LBC-NODEPORTS,
+# filter LBC-SERVICES, each in the order the renderer gathers them.
+Rules = tuple[tuple[Entry, ...], tuple[Entry, ...], tuple[Entry, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """What one service contributes."""
+
+    objects: Mapping[str, Lines]  # its own chains
+    frontends: tuple[tuple[_FrontendKey, int, Rules], ...]  # (order, family, its rules)
+    cluster_ips: frozenset[str]
+    node_addresses: frozenset[tuple[int, str]]  # (family, address) of its node ports
+
+
+def part_of(program: Program) -> Part:
+    """The contribution of the program of one service (`lower.lower_service`)."""
+    objects: dict[str, Lines] = {}
+    frontends: list[tuple[_FrontendKey, int, Rules]] = []
+    node_addresses: set[tuple[int, str]] = set()
+    for family in program.families():
+        renderer = FamilyRenderer(program, family, SPLIT_ABOVE)
+        mine = renderer.frontends()
+        for f in mine:
+            before = (
+                len(renderer.nat_services),
+                len(renderer.nat_nodeports),
+                len(renderer.filter_services),
+            )
+            renderer.dispatch(f)
+            rules = (
+                tuple(renderer.nat_services[before[0] :]),
+                tuple(renderer.nat_nodeports[before[1] :]),
+                tuple(renderer.filter_services[before[2] :]),
+            )
+            frontends.append((frontend_key(f), family, rules))
+            if f.kind is Kind.NODE_PORT:
+                node_addresses.add((family, f.address))
+        renderer.own(mine)
+        objects.update(renderer.nat.objects(family))
+        objects.update(renderer.filter.objects(family))
+    return Part(
+        objects, tuple(frontends), frozenset(program.reject_unknown), frozenset(node_addresses)
+    )
+
+
+class Table:
+    """The desired iptables state, kept as per-service parts and the shared chains."""
+
+    def __init__(self, node: NodeInfo) -> None:
+        self.node = node
+        self.objects: dict[str, Lines] = {}
+        self.parts: dict[str, Part] = {}
+        self._shared: set[str] = set()  # keys of the shared part
+        self._made_of: object = None  # what the shared part was made from
+
+    def update(self, parts: Mapping[str, Part | None]) -> tuple[Change, ...]:
+        """Give each named service its new part (None: gone); the object changes."""
+        touched: dict[str, Lines | None] = {}
+        for name, new in parts.items():
+            old = self.parts.pop(name, None)
+            for key in old.objects if old is not None else ():
+                touched.setdefault(key, self.objects.pop(key, None))
+            if new is not None:
+                self.parts[name] = new
+        for new in parts.values():
+            for key, lines in (new.objects if new is not None else {}).items():
+                touched.setdefault(key, self.objects.get(key))
+                self.objects[key] = lines
+        self._remake_shared(touched)
+        return changes(sorted(touched), touched.__getitem__, self.objects.get)
+
+    def _remake_shared(self, touched: dict[str, Lines | None]) -> None:
+        frontends = sorted(f for part in self.parts.values() for f in part.frontends)
+        cluster_ips = frozenset(ip for part in self.parts.values() for ip in part.cluster_ips)
+        nodes = frozenset(a for part in self.parts.values() for a in part.node_addresses)
+        made_of = (tuple(frontends), cluster_ips, nodes)
+        if made_of == self._made_of:
+            return
+        self._made_of = made_of
+        shared: dict[str, Lines] = {}
+        ordered_ips = sorted(cluster_ips, key=lambda a: _address_key(a))
+        families = sorted({family for _, family, _ in frontends})
+        for family in families:
+            renderer = FamilyRenderer(Program(self.node, (), ()), family, SPLIT_ABOVE)
+            for _, of, (nat_services, nat_nodeports, filter_services) in frontends:
+                if of == family:
+                    renderer.nat_services += nat_services
+                    renderer.nat_nodeports += nat_nodeports
+                    renderer.filter_services += filter_services
+            addresses = sorted(a for f, a in nodes if f == family)
+            renderer.shared(ordered_ips, addresses)
+            shared.update(renderer.filter.objects(family))
+            shared.update(renderer.nat.objects(family))
+        for key in self._shared - shared.keys():
+            touched.setdefault(key, self.objects.pop(key, None))
+        for key, lines in shared.items():
+            if self.objects.get(key) != lines:
+                touched.setdefault(key, self.objects.get(key))
+                self.objects[key] = lines
+        self._shared = set(shared)
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
