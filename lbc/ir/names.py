@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
+import socket
 
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 base32
 _PAIRS = tuple(a + b for a in _B32 for b in _B32)  # every 10-bit value as two characters
@@ -36,3 +38,16 @@ def service_port_name(namespace: str, name: str, port: str) -> str:
 def hostport(address: str, port: int) -> str:
     """`ip:port`, with brackets around IPv6 addresses."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def address_key(address: str) -> tuple[int, int]:
+    """Sort key of an address or network: family, then numeric value."""
+    # A plain address (every frontend and backend) is read in C; anything else, such
+    # as a network, through ipaddress. Both give the same key for a plain address.
+    try:
+        if ":" in address:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, address))
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address))
+    except (OSError, ValueError):
+        ip = ipaddress.ip_network(address, strict=False)
+        return ip.version, int(ip.network_address)

@@ -16,7 +16,6 @@ table equal to a whole render after random changes.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from lbc.apply.state import Change, changes
 from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry
 from lbc.backends.iptables.render import FamilyRenderer
 from lbc.compiler.lower import frontend_key
+from lbc.ir.names import address_key
 from lbc.ir.nodes import Kind, NodeInfo, Program
 
 Lines = tuple[str, ...]
@@ -109,7 +109,7 @@ class Table:
             return
         self._made_of = made_of
         shared: dict[str, Lines] = {}
-        ordered_ips = sorted(cluster_ips, key=lambda a: _address_key(a))
+        ordered_ips = sorted(cluster_ips, key=address_key)  # as lowering orders them
         families = sorted({family for _, family, _ in frontends})
         for family in families:
             renderer = FamilyRenderer(Program(self.node, (), ()), family, SPLIT_ABOVE)
@@ -129,8 +129,3 @@ class Table:
                 touched.setdefault(key, self.objects.get(key))
                 self.objects[key] = lines
         self._shared = set(shared)
-
-
-def _address_key(address: str) -> tuple[int, int]:
-    ip = ipaddress.ip_address(address)
-    return ip.version, int(ip)

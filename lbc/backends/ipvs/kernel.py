@@ -80,10 +80,10 @@ from lbc.backends.ipvs.ops import (
     LoadRules,
     SetSysctl,
 )
-from lbc.backends.ipvs.rules import address_key
 from lbc.backends.nftables.incremental import ELEMENT
 from lbc.backends.nftables.kernel import incremental_script, parse
 from lbc.errors import ApplyError
+from lbc.ir.names import address_key
 from lbc.ir.nodes import Proto
 
 LINK_KEY = f"link {n.LINK}"

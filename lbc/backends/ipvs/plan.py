@@ -23,8 +23,9 @@ from lbc.backends.ipvs.ops import (
     Operation,
     SetSysctl,
 )
-from lbc.backends.ipvs.rules import address_key, render_rules, virtual_addresses
+from lbc.backends.ipvs.rules import render_rules, virtual_addresses
 from lbc.errors import Unsupported, UnsupportedError
+from lbc.ir.names import address_key
 from lbc.ir.nodes import Backend, Frontend, Pool, Program, Scheduler
 
 # IR schedulers IPVS has under the same name (IPVS has no random scheduler).

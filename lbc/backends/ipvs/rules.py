@@ -21,12 +21,11 @@ wrong for "drop". The rules make both verdicts explicit instead of relying on it
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from collections.abc import Iterable
 
 from lbc.backends.ipvs import names as n
 from lbc.backends.ipvs.ops import PROTO_NUMBER
+from lbc.ir.names import address_key
 from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program
 
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -55,19 +54,6 @@ def virtual_addresses(program: Program) -> list[str]:
         if f.kind is not Kind.NODE_PORT and f.address not in node
     }
     return sorted(found, key=address_key)
-
-
-def address_key(address: str) -> tuple[int, int]:
-    """Sort key of an address or network: family, then numeric value."""
-    # A plain address (every frontend and backend) is read in C; anything else, such
-    # as a network, through ipaddress. Both give the same key for a plain address.
-    try:
-        if ":" in address:
-            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, address))
-        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address))
-    except (OSError, ValueError):
-        ip = ipaddress.ip_network(address, strict=False)
-        return ip.version, int(ip.network_address)
 
 
 def render_rules(program: Program) -> str:

@@ -22,7 +22,7 @@ from lbc.backends.ipvs.ops import (
     Operation,
     SetSysctl,
 )
-from lbc.backends.ipvs.rules import address_key
+from lbc.ir.names import address_key
 
 SECTIONS = {
     "link": f"ip link add {n.LINK} type dummy; ip link set {n.LINK} down",
