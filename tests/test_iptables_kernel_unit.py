@@ -12,9 +12,10 @@ from bench.gen import generate
 from lbc.apply.state import State, plan_between
 from lbc.backends.iptables import incremental
 from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, key, parse
-from lbc.backends.iptables.render import Documents, render_documents
+from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, Documents, render_documents
 from lbc.compiler.lower import lower_service, node_info
 from lbc.compiler.model import Service
+from tests.test_iptables_render import large_config
 from tests.test_session import change
 
 
@@ -118,3 +119,32 @@ def test_the_per_service_table_is_the_whole_render_after_random_changes(seed: in
         whole = render_documents(lbc.lower(current)).objects
         assert table.objects == whole
         assert reported == plan_between("iptables", State(before), State(whole)).changes
+
+
+def test_the_per_service_table_follows_the_large_cluster_threshold_both_ways() -> None:
+    """Crossing LARGE_CLUSTER_ENDPOINTS (up, then down) re-renders every service's chains
+    in the other form: the table stays the whole render, and reports every chain whose
+    rules changed, as a plan from the previous state would."""
+    base = lbc.loads(large_config(250, 4))  # exactly the threshold: comments kept
+    grown = lbc.loads(large_config(250, 4, extra=1))
+    info = node_info(base)
+    table = incremental.Table(info)
+
+    def parts(cluster: lbc.Cluster, only: str | None = None) -> dict[str, incremental.Part]:
+        return {
+            f"{s.namespace}/{s.name}": incremental.part_of(lower_service(info, s))
+            for s in cluster.services
+            if only is None or s.name == only
+        }
+
+    table.update(parts(base))
+    assert not table.large and table.endpoint_chains == LARGE_CLUSTER_ENDPOINTS
+    states = [render_documents(lbc.lower(base)).objects]
+    assert table.objects == states[0]
+    for cluster, large in ((grown, True), (base, False)):
+        before = dict(table.objects)
+        reported = table.update(parts(cluster, only="svc-0000"))
+        whole = render_documents(lbc.lower(cluster)).objects
+        assert table.large is large and table.objects == whole
+        assert reported == plan_between("iptables", State(before), State(whole)).changes
+        assert len(reported) > 1000, "every service's chains changed form"

@@ -14,7 +14,7 @@ import pytest
 
 import lbc
 from lbc.backends.iptables import names as n
-from lbc.backends.iptables.render import STATISTIC_STEPS, comment
+from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, STATISTIC_STEPS, comment
 from tests.golden import CASES, GOLDEN
 
 BUILTIN_CHAINS = {
@@ -243,6 +243,23 @@ def tree_config(services: int = 400, seed: int = 20240611) -> str:
     return "\n".join(out)
 
 
+def large_config(services: int, endpoints: int, extra: int = 0) -> str:
+    """`services` services of `endpoints` endpoints each (one more on the first, with
+    `extra`), every fourth with ClientIP affinity: `services * endpoints + extra`
+    endpoint chains."""
+    out = ['[node]\nname = "node-1"\naddresses = ["192.168.49.2"]\npod_cidrs = ["10.244.0.0/16"]\n']
+    for i in range(services):
+        count = endpoints + (extra if i == 0 else 0)
+        eps = ", ".join(f'{{ ip = "10.244.{i >> 6}.{(i & 63) * 4 + k}" }}' for k in range(count))
+        out.append(
+            f'[[services]]\nname = "svc-{i:04d}"\ncluster_ips = ["10.96.{i >> 8}.{i & 255}"]\n'
+            'ports = [{ name = "http", port = 80, target_port = 9376 }]\n'
+            + ('session_affinity = "ClientIP"\n' if i % 4 == 0 else "")
+            + f"endpoints = [{eps}]\n"
+        )
+    return "\n".join(out)
+
+
 def iptables_text(config: str) -> str:
     """The iptables artifact text of a cluster.toml text."""
     return lbc.compile(lbc.loads(config), backend="iptables").text()
@@ -258,6 +275,7 @@ def all_outputs() -> dict[str, str]:
     out["worst-case"] = iptables_text(worst_case_config())
     out["weights-1-2-3"] = iptables_text(weighted_config([1, 2, 3]))
     out["dispatch-tree"] = iptables_text(tree_config())
+    out["large-cluster"] = iptables_text(large_config(250, 4, extra=1))
     return out
 
 
@@ -407,3 +425,56 @@ def test_every_comment_is_one_word_within_the_kernel_limit(case: str) -> None:
 def test_worst_case_comments_come_close_to_the_limit() -> None:
     """The worst case really exercises long comments, so the limit test above means something."""
     assert 200 < max(len(c) for c in comments(OUTPUTS["worst-case"])) <= MAX_COMMENT
+
+
+# --- large clusters ---------------------------------------------------------------------
+def endpoint_rules(doc: str) -> list[str]:
+    """The rules that concern one endpoint: its chain's, and its pool's rule for it."""
+    return [
+        line
+        for line in doc.splitlines()
+        if line.startswith(f"-A {n.SEP}")
+        or (line.startswith(("-A LBC-SVC-", "-A LBC-SVL-")) and f"-j {n.SEP}" in line)
+    ]
+
+
+def without_comments(line: str) -> str:
+    return re.sub(r' -m comment --comment "[^"]*"', "", line)
+
+
+def test_large_clusters_drop_the_endpoint_comments_as_kube_proxy_does() -> None:
+    """Up to LARGE_CLUSTER_ENDPOINTS endpoint chains every endpoint rule names its
+    service; one more, and none does (kube-proxy's large cluster mode, same threshold),
+    while the rest keeps its comments and the rules are otherwise the same."""
+    assert LARGE_CLUSTER_ENDPOINTS == 1000
+    small = iptables_text(large_config(250, 4))
+    large = iptables_text(large_config(250, 4, extra=1))
+    small_rules, large_rules = endpoint_rules(small), endpoint_rules(large)
+    assert small.count(f":{n.SEP}") == 1000 and large.count(f":{n.SEP}") == 1001
+    assert len(small_rules) > 3000 and all("--comment" in r for r in small_rules)
+    assert not any("--comment" in r for r in large_rules)
+    assert any("-m recent" in r for r in large_rules), "affinity rules are covered"
+    # Apart from the comments, only svc-0000's endpoint rules differ (its extra endpoint).
+    (dispatch,) = [
+        r
+        for r in large.splitlines()
+        if '"default/svc-0000:http cluster IP"' in r and not r.startswith("-A LBC-SVC-")
+    ]
+    pool = dispatch.split()[-1]
+    first = {pool} | {r.split()[-1] for r in large_rules if r.startswith(f"-A {pool} ")}
+    assert len(first) == 6, "svc-0000's pool and its five endpoints"
+
+    def rest(rules: list[str]) -> list[str]:
+        return [r for r in rules if r.split()[1] not in first]
+
+    assert [without_comments(r) for r in rest(small_rules)] == rest(large_rules)
+    # Per endpoint of the other 249 services: its pool rule and its chain's two, and an
+    # affinity rule in the pools of the 62 with affinity (svc-0004, svc-0008, ...).
+    assert len(rest(large_rules)) == 249 * 4 * 3 + 62 * 4
+    # Every other rule is the same, comments included.
+    others = []
+    for doc in (small, large):
+        mine = set(endpoint_rules(doc))
+        others.append([r for r in doc.splitlines() if r.startswith("-A") and r not in mine])
+    assert others[0] == others[1]
+    assert sum("--comment" in r for r in others[1]) > 250

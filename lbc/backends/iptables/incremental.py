@@ -16,12 +16,12 @@ table equal to a whole render after random changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from lbc.apply.state import Change, changes
 from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry
-from lbc.backends.iptables.render import FamilyRenderer
+from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, FamilyRenderer, endpoint_chains
 from lbc.compiler.lower import frontend_key
 from lbc.ir.names import address_key
 from lbc.ir.nodes import Kind, NodeInfo, Program
@@ -37,21 +37,46 @@ Rules = tuple[tuple[Entry, ...], tuple[Entry, ...], tuple[Entry, ...]]
 class Part:
     """What one service contributes."""
 
-    objects: Mapping[str, Lines]  # its own chains
+    program: Program  # the service's own program (`lower.lower_service`)
+    endpoint_chains: int  # its `LBC-SEP-` chains, toward the cluster's total
     frontends: tuple[tuple[_FrontendKey, int, Rules], ...]  # (order, family, its rules)
     cluster_ips: frozenset[str]
     node_addresses: frozenset[tuple[int, str]]  # (family, address) of its node ports
+    # Its own chains, as rendered for a cluster of either size (`render.is_large`): made
+    # when first asked for, in the one form last asked for.
+    _made: dict[bool, Mapping[str, Lines]] = field(default_factory=dict, compare=False, repr=False)
+
+    def objects(self, large: bool) -> Mapping[str, Lines]:
+        """The service's own chains (the keys are the same for either size)."""
+        made = self._made.get(large)
+        if made is None:
+            self._made.clear()
+            made = self._made[large] = _own_chains(self.program, large)
+        return made
+
+    def chain_keys(self) -> Iterable[str]:
+        """The keys of its own chains."""
+        return next(iter(self._made.values())) if self._made else self.objects(False)
+
+
+def _own_chains(program: Program, large: bool) -> dict[str, Lines]:
+    objects: dict[str, Lines] = {}
+    for family in program.families():
+        renderer = FamilyRenderer(program, family, SPLIT_ABOVE, large)
+        renderer.own(renderer.frontends())
+        objects.update(renderer.nat.objects(family))
+        objects.update(renderer.filter.objects(family))
+    return objects
 
 
 def part_of(program: Program) -> Part:
     """The contribution of the program of one service (`lower.lower_service`)."""
-    objects: dict[str, Lines] = {}
     frontends: list[tuple[_FrontendKey, int, Rules]] = []
     node_addresses: set[tuple[int, str]] = set()
     for family in program.families():
-        renderer = FamilyRenderer(program, family, SPLIT_ABOVE)
-        mine = renderer.frontends()
-        for f in mine:
+        # The frontends' dispatch rules name no endpoint: the same at any size.
+        renderer = FamilyRenderer(program, family, SPLIT_ABOVE, large=False)
+        for f in renderer.frontends():
             before = (
                 len(renderer.nat_services),
                 len(renderer.nat_nodeports),
@@ -66,11 +91,12 @@ def part_of(program: Program) -> Part:
             frontends.append((frontend_key(f), family, rules))
             if f.kind is Kind.NODE_PORT:
                 node_addresses.add((family, f.address))
-        renderer.own(mine)
-        objects.update(renderer.nat.objects(family))
-        objects.update(renderer.filter.objects(family))
     return Part(
-        objects, tuple(frontends), frozenset(program.reject_unknown), frozenset(node_addresses)
+        program,
+        endpoint_chains(program),
+        tuple(frontends),
+        frozenset(program.reject_unknown),
+        frozenset(node_addresses),
     )
 
 
@@ -81,20 +107,41 @@ class Table:
         self.node = node
         self.objects: dict[str, Lines] = {}
         self.parts: dict[str, Part] = {}
+        self.endpoint_chains = 0  # of every part together
+        self.large = False  # `render.is_large` of the whole: how the parts are rendered
         self._shared: set[str] = set()  # keys of the shared part
         self._made_of: object = None  # what the shared part was made from
 
     def update(self, parts: Mapping[str, Part | None]) -> tuple[Change, ...]:
-        """Give each named service its new part (None: gone); the object changes."""
+        """Give each named service its new part (None: gone); the object changes.
+
+        When the total of endpoint chains crosses `LARGE_CLUSTER_ENDPOINTS`, every
+        service's chains are rendered again in the other form.
+        """
         touched: dict[str, Lines | None] = {}
+
+        def drop(part: Part) -> None:
+            for key in part.chain_keys():
+                touched.setdefault(key, self.objects.pop(key, None))
+
         for name, new in parts.items():
             old = self.parts.pop(name, None)
-            for key in old.objects if old is not None else ():
-                touched.setdefault(key, self.objects.pop(key, None))
+            if old is not None:
+                drop(old)
+                self.endpoint_chains -= old.endpoint_chains
             if new is not None:
                 self.parts[name] = new
-        for new in parts.values():
-            for key, lines in (new.objects if new is not None else {}).items():
+                self.endpoint_chains += new.endpoint_chains
+        large = self.endpoint_chains > LARGE_CLUSTER_ENDPOINTS
+        if large == self.large:
+            fresh: Iterable[Part | None] = parts.values()
+        else:
+            for name, part in self.parts.items():
+                if name not in parts:
+                    drop(part)
+            self.large, fresh = large, list(self.parts.values())
+        for new in fresh:
+            for key, lines in (new.objects(large) if new is not None else {}).items():
                 touched.setdefault(key, self.objects.get(key))
                 self.objects[key] = lines
         self._remake_shared(touched)
@@ -112,7 +159,7 @@ class Table:
         ordered_ips = sorted(cluster_ips, key=address_key)  # as lowering orders them
         families = sorted({family for _, family, _ in frontends})
         for family in families:
-            renderer = FamilyRenderer(Program(self.node, (), ()), family, SPLIT_ABOVE)
+            renderer = FamilyRenderer(Program(self.node, (), ()), family, SPLIT_ABOVE, False)
             for _, of, (nat_services, nat_nodeports, filter_services) in frontends:
                 if of == family:
                     renderer.nat_services += nat_services

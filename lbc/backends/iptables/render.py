@@ -16,7 +16,7 @@ gives the flat layout at any size (the benchmarks' kube-proxy baseline).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lbc.backends.iptables import names as n
@@ -25,6 +25,10 @@ from lbc.ir.names import digest, hostport
 from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program, Proto
 
 STATISTIC_STEPS = 1 << 31  # the kernel's resolution of `-m statistic --probability`
+# Above this many endpoint chains, the rules of each endpoint (in its pool's chain and
+# its own) carry no comment, as kube-proxy's "large cluster mode" does at the same
+# number: they are most of the ruleset, and their comments a third of its bytes.
+LARGE_CLUSTER_ENDPOINTS = 1000
 _KIND_LABEL = {
     Kind.CLUSTER_IP: "cluster IP",
     Kind.EXTERNAL_IP: "external IP",
@@ -107,7 +111,8 @@ class _Table:
         out = [f"*{self.name}", *(f":{c} - [0:0]" for c in self.chains), *self.hooks]
         for rules in self.chains.values():
             out += rules
-        return [*out, "COMMIT"]
+        out.append("COMMIT")
+        return out
 
 
 def comment(text: str) -> str:
@@ -143,39 +148,83 @@ def probabilities(weights: Sequence[int]) -> list[str]:
     return out
 
 
+def endpoint_chains(program: Program) -> int:
+    """How many `LBC-SEP-` chains the program has (one per active backend id)."""
+    return len({b.id for pool in program.pools for b in pool.active})
+
+
+def is_large(program: Program) -> bool:
+    """Whether the program's endpoint rules go without comments (`LARGE_CLUSTER_ENDPOINTS`)."""
+    return endpoint_chains(program) > LARGE_CLUSTER_ENDPOINTS
+
+
 def render_family(program: Program, family: int, split_above: int | None = SPLIT_ABOVE) -> str:
     """The iptables-restore document for one family (4 or 6).
 
     `split_above`: the most frontend rules a dispatch chain holds before it is split
     into a tree (None: never, kube-proxy's linear chains).
     """
-    return FamilyRenderer(program, family, split_above).render()
+    return FamilyRenderer(program, family, split_above, is_large(program)).render()
 
 
-class Documents(dict[int, str]):
-    """The restore document of each family, with the state objects they hold
-    (`objects`: what `kernel.parse` of the documents gives, made while rendering)."""
+class Documents(Mapping[int, str]):
+    """The restore document of each family, printed when first asked for, with the
+    state objects they hold (`objects`: what `kernel.parse` of the documents gives,
+    made from the rendered chains when first asked for, not by reading the text).
 
-    def __init__(self, documents: dict[int, str], objects: dict[str, tuple[str, ...]]) -> None:
-        super().__init__(documents)
-        self.objects = objects
+    Compiling asks only for `lines` (the artifact's text); an apply asks for the
+    objects, and a restore of a whole family for its document.
+    """
+
+    def __init__(self, renderers: Sequence[FamilyRenderer]) -> None:
+        self._renderers = {r.family: r for r in renderers}
+        self._documents: dict[int, str] = {}
+        self._objects: dict[str, tuple[str, ...]] | None = None
+
+    def __getitem__(self, family: int) -> str:
+        if family not in self._documents:
+            self._documents[family] = self._renderers[family].text()
+        return self._documents[family]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._renderers)
+
+    def __len__(self) -> int:
+        return len(self._renderers)
+
+    def lines(self, family: int) -> list[str]:
+        """The document of `family` as lines, without its final newline."""
+        return self._renderers[family].lines()
+
+    @property
+    def objects(self) -> dict[str, tuple[str, ...]]:
+        if self._objects is None:
+            objects: dict[str, tuple[str, ...]] = {}
+            for family, renderer in self._renderers.items():
+                objects.update(renderer.filter.objects(family))
+                objects.update(renderer.nat.objects(family))
+            self._objects = objects
+        return self._objects
 
 
 def render_documents(program: Program) -> Documents:
     """Every family's restore document and, alongside, their state objects."""
-    documents: dict[int, str] = {}
-    objects: dict[str, tuple[str, ...]] = {}
+    renderers = []
+    large = is_large(program)
     for family in program.families():
-        renderer = FamilyRenderer(program, family, SPLIT_ABOVE)
-        documents[family] = renderer.render()
-        objects.update(renderer.filter.objects(family))
-        objects.update(renderer.nat.objects(family))
-    return Documents(documents, objects)
+        renderer = FamilyRenderer(program, family, SPLIT_ABOVE, large)
+        renderer.build()
+        renderers.append(renderer)
+    return Documents(renderers)
 
 
 class FamilyRenderer:
-    def __init__(self, program: Program, family: int, split_above: int | None) -> None:
+    """The chains of one family. `large`: endpoint rules without comments (`is_large`
+    of the whole program, which a renderer of a single service cannot tell)."""
+
+    def __init__(self, program: Program, family: int, split_above: int | None, large: bool) -> None:
         self.program = program
+        self.large = large
         self.family = family
         self.split_above = split_above
         bits = 32 if family == 4 else 128
@@ -200,7 +249,10 @@ class FamilyRenderer:
         return self.text()
 
     def text(self) -> str:
-        return "\n".join([*self.filter.lines(), *self.nat.lines()]) + "\n"
+        return "\n".join([*self.lines(), ""])  # the final newline without a copy
+
+    def lines(self) -> list[str]:
+        return [*self.filter.lines(), *self.nat.lines()]
 
     def build(self) -> None:
         frontends = self.frontends()
@@ -361,38 +413,45 @@ class FamilyRenderer:
         rules = nat.chains[name]
         assert isinstance(rules, list)
         what = _escape(pool.service)
-        # Each endpoint's `ip:port`, its chain, and the start of its rules in the pool's
-        # chain (the comment names the pool's service and the endpoint).
-        ends = [(b, n.SEP + b.id, hostport(b.address, b.port)) for b in active]
-        to = f'-A {name} -m comment --comment "{what} -> '
+        large = self.large
+        # Each endpoint's `ip:port`, its chain, and what its rules in the pool's chain
+        # start with: a comment naming the pool's service and the endpoint (none for a
+        # large cluster).
+        to = f"-A {name}" if large else f'-A {name} -m comment --comment "{what} -> '
+        ends = [
+            (b, sep, where, to if large else f'{to}{where}"')
+            for b in active
+            for sep, where in ((n.SEP + b.id, hostport(b.address, b.port)),)
+        ]
         timeout = pool.affinity_timeout
         if timeout is not None:
             recent = f" -m recent --rcheck --seconds {timeout} --reap --name "
             rsource = f" --mask {self.mask()} --rsource -j "
-            rules += [f'{to}{where}"{recent}{sep}{rsource}{sep}' for _, sep, where in ends]
+            rules += [f"{start}{recent}{sep}{rsource}{sep}" for _, sep, _, start in ends]
         chances = self.chances(tuple([b.weight for b in active]))
         statistic = " -m statistic --mode random --probability "
         rules += [
-            f'{to}{where}"{statistic}{chance} -j {sep}'
-            for (_, sep, where), chance in zip(ends, chances, strict=False)
+            f"{start}{statistic}{chance} -j {sep}"
+            for (_, sep, _, start), chance in zip(ends, chances, strict=False)
         ]
-        rules += [f'{to}{where}" -j {sep}' for _, sep, where in ends[len(chances) :]]
+        rules += [f"{start} -j {sep}" for _, sep, _, start in ends[len(chances) :]]
         chains = nat.chains
-        proto, host, note = pool.proto, self.host, f'-m comment --comment "{what}"'
+        proto, host = pool.proto, self.host
+        note = "" if large else f' -m comment --comment "{what}"'
         if timeout is not None:
             dnat = f" -m recent --set --name {{sep}} --mask {self.mask()} --rsource -m {proto}"
-        for b, sep, where in ends:
+        for b, sep, where, _ in ends:
             if sep in chains:
                 continue  # the same endpoint in a cluster and a local pool
-            hairpin = f"-A {sep} -s {b.address}{host} {note} -j {n.MARK_MASQ}"
+            hairpin = f"-A {sep} -s {b.address}{host}{note} -j {n.MARK_MASQ}"
             if timeout is None:
                 chains[sep] = (
-                    f"{hairpin}\n-A {sep} -p {proto} {note} -m {proto} -j DNAT "
+                    f"{hairpin}\n-A {sep} -p {proto}{note} -m {proto} -j DNAT "
                     f"--to-destination {where}",
                 )
             else:
                 chains[sep] = (
-                    f"{hairpin}\n-A {sep} -p {proto} {note}{dnat.format(sep=sep)} -j DNAT "
+                    f"{hairpin}\n-A {sep} -p {proto}{note}{dnat.format(sep=sep)} -j DNAT "
                     f"--to-destination {where}",
                 )
 
