@@ -188,20 +188,27 @@ def _ports(at: Path, svc: Service) -> Iterator[Found]:
             yield (where, 'type = "NodePort" needs a node_port on every port')
 
 
+_VERSION_OF = {ipaddress.IPv4Address: 4, ipaddress.IPv6Address: 6}
+
+
 def _endpoints(at: Path, svc: Service) -> Iterator[Found]:
     families = sorted({ip.version for ip in svc.cluster_ips})
-    # Keyed by the packed address: equal exactly when the addresses are, and hashed in
-    # C (an address object hashes in Python). Key paths are made only for a problem.
-    seen: dict[bytes, int] = {}
+    # Keyed by the address's integer, one dict per family: equal exactly when the
+    # addresses are, and hashed in C (an address object hashes in Python); the family
+    # by the address's type (`version` is a Python property). Key paths are made only
+    # for a problem.
+    seen: dict[type, dict[int, int]] = {t: {} for t, v in _VERSION_OF.items() if v in families}
     for j, ep in enumerate(svc.endpoints):
         ip = ep.ip
-        if ip.version not in families:
+        numbers = seen.get(type(ip))
+        if numbers is None:
             have = " and ".join(f"IPv{v}" for v in families)
             yield (
                 (*at, "endpoints", j, "ip"),
                 f"endpoint {ip} is IPv{ip.version} but the service is {have} only",
             )
-        first = seen.setdefault(ip.packed, j)
+            continue
+        first = numbers.setdefault(int(ip), j)
         if first != j:
             yield (
                 (*at, "endpoints", j, "ip"),
