@@ -16,7 +16,9 @@ number, and every named set is found by walking the table's set list. So instead
 kube-proxy's `numgen random mod N vmap { 0 : goto a, ... }`, a pool picks its backend
 with chained rules, as iptables does with probabilities:
 `numgen random mod 6 < 1 dnat to a`, `numgen random mod 5 < 2 dnat to b`, `dnat to c`
-gives weights 1:2:3 the shares 1/6, 2/6, 3/6 exactly. The one exception is session
+gives weights 1:2:3 the shares 1/6, 2/6, 3/6 exactly (as far as the kernel's draw
+allows: `numgen random` scales a 32-bit random number, each fraction is within 2^-32).
+The one exception is session
 affinity, which needs a dynamic set per backend (kube-proxy's `affinity-` sets), so
 services with ClientIP affinity still cost more to load, in proportion to their
 backends.
@@ -111,7 +113,8 @@ def shares(weights: list[int]) -> list[tuple[int, int]]:
     """(numerator, modulus) of each chained `numgen random mod M < K` rule but the last.
 
     Rule i fires with chance w_i / (w_i + ... + w_n) given that no earlier rule did, so
-    backend i is chosen with chance w_i / total, exactly. Fractions are reduced.
+    backend i is chosen with chance w_i / total, exactly (the kernel's 32-bit draw puts
+    each rule's chance within 2^-32 of its fraction). Fractions are reduced.
     """
     return list(shares_of(tuple(weights)))
 
