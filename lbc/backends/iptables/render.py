@@ -418,11 +418,10 @@ class FamilyRenderer:
         # start with: a comment naming the pool's service and the endpoint (none for a
         # large cluster).
         to = f"-A {name}" if large else f'-A {name} -m comment --comment "{what} -> '
-        ends = [
-            (b, sep, where, to if large else f'{to}{where}"')
-            for b in active
-            for sep, where in ((n.SEP + b.id, hostport(b.address, b.port)),)
-        ]
+        ends = []
+        for b in active:
+            where = hostport(b.address, b.port)
+            ends.append((b, n.SEP + b.id, where, to if large else f'{to}{where}"'))
         timeout = pool.affinity_timeout
         if timeout is not None:
             recent = f" -m recent --rcheck --seconds {timeout} --reap --name "
