@@ -219,10 +219,12 @@ def test_iptables_transaction_failing_at_its_last_step_changes_nothing(
 
 
 def test_iptables_late_failure_is_rolled_back(node: netns.Netns, tmp_path: Path) -> None:
-    """The restore succeeds but inserting a jump fails: the old rules are written back."""
+    """The restore's first table commits but its second fails (iptables-nft commits
+    each table on its own): the old rules are written back."""
     lock = tmp_path / "lock"
     empty_first = IptablesKernel(node.name)
-    lbc.apply(config([("10.244.1.7", 1)]), "iptables", kernel=empty_first, lock_path=lock)
+    # No endpoints yet: a REJECT in the filter table, which hostnames' endpoints remove.
+    lbc.apply(config([]), "iptables", kernel=empty_first, lock_path=lock)
     node.exec(
         "iptables",
         "-t",
@@ -238,16 +240,22 @@ def test_iptables_late_failure_is_rolled_back(node: netns.Netns, tmp_path: Path)
     )
     before = all_rules(node)
 
+    failed = []
+
     def run(argv: Sequence[str], stdin: str | None = None) -> str:
-        if "-I" in argv:
-            raise lbc.ApplyError("injected: inserting a jump failed")
+        if "iptables-restore" in argv and stdin and not failed:
+            first_table = stdin[: stdin.index("COMMIT\n") + len("COMMIT\n")]
+            assert "\nCOMMIT\n*" in stdin, "a document of two tables"
+            run_command(argv, first_table)
+            failed.append(stdin)
+            raise lbc.ApplyError("injected: the second table's transaction failed")
         return run_command(argv, stdin)
 
     with pytest.raises(lbc.ApplyError, match="previous rules were restored"):
         lbc.apply(
             lbc.load(HOSTNAMES), "iptables", kernel=IptablesKernel(node.name, run), lock_path=lock
         )
-    assert all_rules(node) == before
+    assert failed and all_rules(node) == before
 
 
 def test_iptables_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path) -> None:
@@ -595,7 +603,7 @@ class CountingIptables(IptablesKernel):
 def test_iptables_nft_commits_are_verified_by_generation_and_remembered(
     node: netns.Netns, tmp_path: Path
 ) -> None:
-    """iptables-nft writes nf_tables transactions: one per restored table and per jump.
+    """iptables-nft writes nf_tables transactions: one per restored table.
     When the generation moved by exactly that many, nothing is read back, and the next
     run plans from the record; another tool's write makes it read again."""
     lock = tmp_path / "lock"
@@ -606,7 +614,7 @@ def test_iptables_nft_commits_are_verified_by_generation_and_remembered(
     big = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=2)
     first = lbc.apply(small, "iptables", kernel=kernel, lock_path=lock)
     assert first.applied and kernel.snapshots == 1, "no read-back after the commit"
-    assert kernel.transactions >= 3  # filter and nat restores, PREROUTING/OUTPUT jumps
+    assert kernel.transactions >= 2  # the filter and nat tables of one restore, jumps in them
     second = lbc.apply(big, "iptables", kernel=kernel, lock_path=lock)
     assert second.applied and not second.read and kernel.snapshots == 1
     assert lbc.verify(big, "iptables", netns=node.name).in_sync

@@ -27,7 +27,7 @@ def document(chains: int) -> str:
         }
     )
     kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
-    return kernel._restore_document(4, desired, set(desired.objects), delete=False)
+    return kernel._restore_document(4, State({}), desired, set(desired.objects))
 
 
 def test_small_writes_do_not_list_the_table() -> None:
@@ -55,7 +55,7 @@ def test_each_chain_is_declared_with_its_rules_after_the_chains_it_jumps_to() ->
     assert isinstance(artifact.data, Documents)
     desired = State(dict(artifact.data.objects))
     kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
-    document = kernel._restore_document(4, desired, set(desired.objects), delete=False)
+    document = kernel._restore_document(4, State({}), desired, set(desired.objects))
     declared: list[str] = []
     current = ""
     for line in document.splitlines():
@@ -76,14 +76,38 @@ def test_each_chain_is_declared_with_its_rules_after_the_chains_it_jumps_to() ->
     assert len(svc) > 300 and svc != sorted(svc), "chains in hash order, not name order"
 
 
-def test_stale_chains_are_deleted_in_the_same_restore_unless_jumped_to() -> None:
-    stale = {key(4, "nat", "LBC-SEP-OLD"), key(4, "nat", "LBC-SERVICES")}
+def test_stale_chains_are_emptied_then_deleted_after_the_jumps_to_them() -> None:
+    hook = key(4, "nat", "PREROUTING") + " jumps"
+    jump = '-A PREROUTING -m comment --comment "lbc service portals" -j LBC-SERVICES'
+    live = State(
+        {key(4, "nat", "LBC-SEP-OLD"): (), key(4, "nat", "LBC-SERVICES"): (), hook: (jump,)}
+    )
+    stale = set(live.objects)
     kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
-    first = kernel._restore_document(4, State({}), stale, delete=False).splitlines()
-    assert "-X LBC-SEP-OLD" in first and "-X LBC-SERVICES" not in first
-    assert ":LBC-SERVICES - [0:0]" in first, "emptied in the first pass"
-    second = kernel._restore_document(4, State({}), stale, delete=True).splitlines()
-    assert second == ["*nat", "-X LBC-SERVICES", "COMMIT"]
+    lines = kernel._restore_document(4, live, State({}), stale).splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT" and lines.count("*nat") == 1
+    assert {":LBC-SEP-OLD - [0:0]", ":LBC-SERVICES - [0:0]"} <= set(lines[1:3]), "emptied first"
+    removal = '-D PREROUTING -m comment --comment "lbc service portals" -j LBC-SERVICES'
+    assert lines[3] == removal
+    assert set(lines[4:6]) == {"-X LBC-SEP-OLD", "-X LBC-SERVICES"}, "deleted after the jump"
+
+
+def test_jumps_from_built_in_chains_are_inserted_after_their_targets_exist() -> None:
+    hook = key(4, "nat", "OUTPUT") + " jumps"
+    jump = '-A OUTPUT -m comment --comment "lbc service portals" -j LBC-SERVICES'
+    services = key(4, "nat", "LBC-SERVICES")
+    desired = State({services: ("-A LBC-SERVICES -j RETURN",), hook: (jump,)})
+    kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
+    lines = kernel._restore_document(4, State({}), desired, set(desired.objects)).splitlines()
+    assert lines == [
+        "*nat",
+        ":LBC-SERVICES - [0:0]",
+        "-A LBC-SERVICES -j RETURN",
+        '-I OUTPUT -m comment --comment "lbc service portals" -j LBC-SERVICES',
+        "COMMIT",
+    ]
+    again = kernel._restore_document(4, desired, desired, {hook})
+    assert again == "", "a jump already there is not inserted twice"
 
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"

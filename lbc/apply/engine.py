@@ -182,7 +182,7 @@ class Engine:
         self.kernel.commit(live, desired, plan)
         after_generation = self.generation()
         # How many transactions the commit was (nftables: one; iptables-nft: one per
-        # restored table and per jump inserted or deleted).
+        # restored table).
         sent = getattr(self.kernel, "transactions", 1)
         if before is not None and after_generation == before + sent:
             self._step("verified: the commit was the only change to the ruleset")

@@ -2,9 +2,10 @@
 
 Equivalent to `iptables-save -t nat` / `iptables-save -t filter` for the snapshot and
 `iptables-restore --noflush` (one document per family holding every changed chain)
-for the commit. Jumps from the built-in chains are inserted and deleted one by one
-(`iptables -t nat -I PREROUTING ...`), never restored, so re-applies cannot duplicate
-them. Only chains named `LBC-...` and rules jumping to them are ever read or written.
+for the commit. Jumps from the built-in chains are deleted and inserted one by one
+(`-D PREROUTING ...`, `-I PREROUTING ...` lines of that restore), never appended, so
+re-applies cannot duplicate them. Only chains named `LBC-...` and rules jumping to
+them are ever read or written.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import shlex
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
@@ -27,8 +28,6 @@ TABLES = ("filter", "nat")
 # `_restore_document`; measured with bench/iptables_restore.py).
 LIST_FIRST_FROM = 2000
 LOCALHOST_MATCH = "-d 127.0.0.1/32 "
-# The chains jumped to from built-in chains: deleted only after those jumps.
-HOOKED = frozenset({n.SERVICES, n.FORWARD, n.POSTROUTING})
 COMMANDS = {
     4: ("iptables", "iptables-save", "iptables-restore"),
     6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),
@@ -195,7 +194,7 @@ class IptablesKernel:
         return State(objects)
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
-        """Write the plan: restore, then jumps, then chain deletions; undo on a late failure.
+        """Write the plan in one restore per family; undo on a late failure.
 
         A restore is atomic per table, not across the tables of one document: when a
         table or a later step fails after something was written, the previous state is
@@ -212,9 +211,7 @@ class IptablesKernel:
             # when it writes such a rule.
             self._run(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
         try:
-            self._restore(desired, touched, delete=False)
-            self._jumps(live, desired, touched)
-            self._restore(desired, touched, delete=True)
+            self._restore(live, desired, touched)
             if plan.full:
                 # Re-declaring an existing empty chain changes nothing, so a full
                 # rewrite can send transactions the kernel does not count: make the
@@ -225,50 +222,38 @@ class IptablesKernel:
             if now == live:
                 raise  # the step that failed was the first write: nothing changed
             try:
-                back = {c.key for c in plan_between("iptables", now, live).changes}
-                self._restore(live, back, delete=False)
-                self._jumps(now, live, back)
-                self._restore(live, back, delete=True)
+                self._restore(
+                    now, live, {c.key for c in plan_between("iptables", now, live).changes}
+                )
             except ApplyError as undo:
                 raise ApplyError(f"{exc}; undoing it failed too: {undo}") from exc
             raise ApplyError(f"{exc} (the previous rules were restored)") from exc
 
-    def _restore(self, desired: State, touched: set[str], delete: bool) -> None:
+    def _restore(self, live: State, desired: State, touched: set[str]) -> None:
         for family, (_, _, restore) in COMMANDS.items():
-            document = self._restore_document(family, desired, touched, delete)
+            document = self._restore_document(family, live, desired, touched)
             if document:
                 self._write([restore, "-w", "--noflush"], document)
                 # iptables-nft commits each table of a restore on its own.
                 self.transactions += document.count("\nCOMMIT") - 1
 
-    def _jumps(self, live: State, desired: State, touched: set[str]) -> None:
-        for family, (binary, _, _) in COMMANDS.items():
-            for table, argv in self._jump_changes(family, live, desired, touched, add=False):
-                self._write([binary, "-w", "-t", table, "-D", *argv])
-            for table, argv in self._jump_changes(family, live, desired, touched, add=True):
-                self._write([binary, "-w", "-t", table, "-I", *argv])
-
-    def _restore_document(
-        self, family: int, desired: State, touched: set[str], delete: bool
-    ) -> str:
-        """Under --noflush, declaring a chain empties it: changed chains are written whole
-        and stale chains emptied and deleted, all in the first pass. Only the chains that
-        built-in chains jump to wait for the second pass, after those jumps are gone."""
+    def _restore_document(self, family: int, live: State, desired: State, touched: set[str]) -> str:
+        """Per table: the changed chains written whole (under --noflush, declaring a
+        chain empties it), stale chains emptied; then the jumps from built-in chains
+        deleted and inserted one by one (`-D`, `-I`: exact, so a re-apply cannot
+        duplicate them); then the stale chains deleted, now that nothing jumps to them."""
         out: list[str] = []
         for table in TABLES:
             head = f"ipv{family} {table} {n.PREFIX}"
             mine = [k for k in touched if k.startswith(head)]
-            removed = [k for k in mine if k not in desired.objects]
-            hooked = [k for k in removed if k.split()[2] in HOOKED]
-            if delete:
-                lines = [f"-X {k.split()[2]}" for k in sorted(hooked, key=_scatter)]
-            else:
-                lines = [f":{k.split()[2]} - [0:0]" for k in sorted(removed, key=_scatter)]
-                written = {k: desired.objects[k] for k in mine if k in desired.objects}
-                for k in creation_order(written, head[: -len(n.PREFIX)]):
-                    lines.append(f":{k.split()[2]} - [0:0]")
-                    lines += written[k]
-                lines += [f"-X {k.split()[2]}" for k in removed if k not in hooked]
+            removed = sorted((k for k in mine if k not in desired.objects), key=_scatter)
+            lines = [f":{k.split()[2]} - [0:0]" for k in removed]
+            written = {k: desired.objects[k] for k in mine if k in desired.objects}
+            for k in creation_order(written, head[: -len(n.PREFIX)]):
+                lines.append(f":{k.split()[2]} - [0:0]")
+                lines += written[k]
+            lines += self._jump_changes(family, table, live, desired, touched)
+            lines += [f"-X {k.split()[2]}" for k in removed]
             if lines:
                 # A chainless command first makes iptables-nft's --noflush restore skip
                 # its per-line walk of a sorted list of the chains it needs (quadratic
@@ -278,14 +263,17 @@ class IptablesKernel:
                 out += [f"*{table}", *listing, *lines, "COMMIT"]
         return "\n".join(out) + "\n" if out else ""
 
+    @staticmethod
     def _jump_changes(
-        self, family: int, live: State, desired: State, touched: set[str], add: bool
-    ) -> Iterator[tuple[str, list[str]]]:
-        mine = f"ipv{family} "
+        family: int, table: str, live: State, desired: State, touched: set[str]
+    ) -> list[str]:
+        """The `-D` lines of lbc's jumps in `table`'s built-in chains that must go, then
+        the `-I` lines of the ones to add."""
+        mine = f"ipv{family} {table} "
+        deleted, inserted = [], []
         for k in sorted(k for k in touched if k.endswith(" jumps") and k.startswith(mine)):
-            table = k.split()[1]
             have = Counter(live.objects.get(k, ()))
             want = Counter(desired.objects.get(k, ()))
-            extra = (want - have) if add else (have - want)
-            for rule in sorted(extra.elements()):
-                yield table, shlex.split(rule)[1:]
+            deleted += [f"-D {rule[3:]}" for rule in sorted((have - want).elements())]
+            inserted += [f"-I {rule[3:]}" for rule in sorted((want - have).elements())]
+        return deleted + inserted
