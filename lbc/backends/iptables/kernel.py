@@ -25,9 +25,11 @@ from lbc.errors import ApplyError
 
 TABLES = ("filter", "nat")
 # From this many chains written in one table, a restore starts with `-S` (see
-# `_restore_document`; measured with bench/iptables_restore.py).
+# `_restore_documents`; measured with bench/iptables_restore.py).
 LIST_FIRST_FROM = 2000
 LOCALHOST_MATCH = "-d 127.0.0.1/32 "
+# The chains jumped to from built-in chains: deleted only after those jumps.
+HOOKED = frozenset({n.SERVICES, n.FORWARD, n.POSTROUTING})
 COMMANDS = {
     4: ("iptables", "iptables-save", "iptables-restore"),
     6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),
@@ -231,37 +233,47 @@ class IptablesKernel:
 
     def _restore(self, live: State, desired: State, touched: set[str]) -> None:
         for family, (_, _, restore) in COMMANDS.items():
-            document = self._restore_document(family, live, desired, touched)
-            if document:
+            for document in self._restore_documents(family, live, desired, touched):
                 self._write([restore, "-w", "--noflush"], document)
                 # iptables-nft commits each table of a restore on its own.
                 self.transactions += document.count("\nCOMMIT") - 1
 
-    def _restore_document(self, family: int, live: State, desired: State, touched: set[str]) -> str:
+    def _restore_documents(
+        self, family: int, live: State, desired: State, touched: set[str]
+    ) -> list[str]:
         """Per table: the changed chains written whole (under --noflush, declaring a
-        chain empties it), stale chains emptied; then the jumps from built-in chains
-        deleted and inserted one by one (`-D`, `-I`: exact, so a re-apply cannot
-        duplicate them); then the stale chains deleted, now that nothing jumps to them."""
-        out: list[str] = []
+        chain empties it) and stale chains emptied and deleted; then the jumps from
+        built-in chains deleted and inserted one by one (`-D`, `-I`: exact, so a
+        re-apply cannot duplicate them) and the stale chains they jumped to deleted.
+        One document, one transaction per table; two when the first starts with `-S`,
+        after which iptables-nft cannot insert into a built-in chain that the kernel
+        does not have yet (it lists it, but does not create it)."""
+        first: list[str] = []
+        late: list[str] = []
         for table in TABLES:
             head = f"ipv{family} {table} {n.PREFIX}"
             mine = [k for k in touched if k.startswith(head)]
             removed = sorted((k for k in mine if k not in desired.objects), key=_scatter)
+            hooked = [k for k in removed if k.split()[2] in HOOKED]
             lines = [f":{k.split()[2]} - [0:0]" for k in removed]
             written = {k: desired.objects[k] for k in mine if k in desired.objects}
             for k in creation_order(written, head[: -len(n.PREFIX)]):
                 lines.append(f":{k.split()[2]} - [0:0]")
                 lines += written[k]
-            lines += self._jump_changes(family, table, live, desired, touched)
-            lines += [f"-X {k.split()[2]}" for k in removed]
-            if lines:
-                # A chainless command first makes iptables-nft's --noflush restore skip
-                # its per-line walk of a sorted list of the chains it needs (quadratic
-                # in chains); `-S` is the only such command that changes nothing. It
-                # prints the table, so it pays off only for large writes.
-                listing = ["-S"] if len(mine) >= LIST_FIRST_FROM else []
-                out += [f"*{table}", *listing, *lines, "COMMIT"]
-        return "\n".join(out) + "\n" if out else ""
+            lines += [f"-X {k.split()[2]}" for k in removed if k not in hooked]
+            jumps = self._jump_changes(family, table, live, desired, touched)
+            jumps += [f"-X {k.split()[2]}" for k in hooked]
+            # A chainless command first makes iptables-nft's --noflush restore skip its
+            # per-line walk of a sorted list of the chains it needs (quadratic in
+            # chains); `-S` is the only such command that changes nothing. It prints
+            # the table, so it pays off only for large writes.
+            if len(mine) >= LIST_FIRST_FROM:
+                first += [f"*{table}", "-S", *lines, "COMMIT"]
+                if jumps:
+                    late += [f"*{table}", *jumps, "COMMIT"]
+            elif lines or jumps:
+                first += [f"*{table}", *lines, *jumps, "COMMIT"]
+        return ["\n".join(doc) + "\n" for doc in (first, late) if doc]
 
     @staticmethod
     def _jump_changes(
