@@ -18,9 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 import lbc
+from bench.gen import generate
 from lbc.apply import Plan, State
 from lbc.backends.base import Artifact
-from lbc.backends.iptables.kernel import IptablesKernel, run_command
+from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, run_command
 from lbc.backends.nftables.kernel import NftablesKernel
 from lbc.cli import main
 from tests import netns
@@ -256,6 +257,26 @@ def test_iptables_late_failure_is_rolled_back(node: netns.Netns, tmp_path: Path)
             lbc.load(HOSTNAMES), "iptables", kernel=IptablesKernel(node.name, run), lock_path=lock
         )
     assert failed and all_rules(node) == before
+
+
+def test_iptables_large_first_apply_into_an_empty_namespace_inserts_its_jumps(
+    tmp_path: Path,
+) -> None:
+    """From LIST_FIRST_FROM chains a table's restore starts with `-S`, after which
+    iptables-nft cannot insert into a built-in chain the kernel does not have yet: the
+    jumps of a large first apply into an empty namespace must still land."""
+    netns.require(*TOOLS)
+    cluster = lbc.loads(generate(800, 2, seed=4)[0])
+    with netns.Lab() as lab:
+        ns = lab.namespace("node")
+        result = lbc.apply(cluster, "iptables", netns=ns.name, lock_path=tmp_path / "lock")
+        assert result.applied
+        nat = ns.exec("iptables-save", "-t", "nat")
+        assert nat.count("\n:LBC-") >= LIST_FIRST_FROM
+        for hook in ("PREROUTING", "OUTPUT"):
+            assert re.search(rf"^-A {hook} .*-j LBC-SERVICES$", nat, re.M), hook
+        assert re.search(r"^-A POSTROUTING .*-j LBC-POSTROUTING$", nat, re.M)
+        assert lbc.verify(cluster, "iptables", netns=ns.name).in_sync
 
 
 def test_iptables_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path) -> None:
