@@ -19,13 +19,16 @@ from tests.test_iptables_render import large_config
 from tests.test_session import change
 
 
+def sep_chains(chains: int) -> dict[str, tuple[str, ...]]:
+    """`chains` nat chains of one rule each, as state objects."""
+    return {
+        key(4, "nat", f"LBC-SEP-{i:016d}"): (f"-A LBC-SEP-{i:016d} -j RETURN",)
+        for i in range(chains)
+    }
+
+
 def document(chains: int) -> str:
-    desired = State(
-        {
-            key(4, "nat", f"LBC-SEP-{i:016d}"): (f"-A LBC-SEP-{i:016d} -j RETURN",)
-            for i in range(chains)
-        }
-    )
+    desired = State(sep_chains(chains))
     kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
     return "".join(kernel._restore_documents(4, State({}), desired, set(desired.objects)))
 
@@ -95,10 +98,7 @@ def test_stale_chains_are_emptied_then_deleted_after_the_jumps_to_them() -> None
 def test_large_writes_change_the_jumps_in_a_second_restore_without_a_listing() -> None:
     """After a leading `-S`, iptables-nft cannot insert into a built-in chain the kernel
     does not have yet: the jumps (and the chains they leave) follow in a second document."""
-    desired = {
-        key(4, "nat", f"LBC-SEP-{i:016d}"): ("-A LBC-SEP-{i:016d} -j RETURN",)
-        for i in range(LIST_FIRST_FROM)
-    }
+    desired = sep_chains(LIST_FIRST_FROM)
     hook = key(4, "nat", "OUTPUT") + " jumps"
     desired[hook] = ("-A OUTPUT -j LBC-SEP-0000000000000000",)
     kernel = IptablesKernel(runner=lambda argv, stdin=None: "")
