@@ -30,6 +30,10 @@ What each row asserts:
   The node itself listens on every node port a row uses: a PASS row to the node gets
   the node's own answer, and any other row that the rules fail to handle does too.
 
+Every row runs through iptables, through iptables in its large-cluster form (forced on
+each small case: endpoint rules without comments, pools of one endpoint without an
+endpoint chain) and through nftables.
+
 Rules are loaded once per (backend, golden case), replacing the previous case's:
 the rows run grouped by backend, then case.
 """
@@ -47,6 +51,8 @@ from functools import cache
 import pytest
 
 import lbc
+from lbc.backends.iptables.dispatch import SPLIT_ABOVE
+from lbc.backends.iptables.render import FamilyRenderer
 from lbc.ir import Program
 from lbc.ir.trace import trace
 from tests import netns
@@ -68,7 +74,10 @@ from tests.golden import GOLDEN
 
 pytestmark = pytest.mark.netns
 
-BACKENDS = ("iptables", "nftables")
+# "iptables-large": the iptables backend's large-cluster form (`render.is_large`: no
+# endpoint comments, no endpoint chain for a pool of one endpoint), forced on each case.
+LARGE = "iptables-large"
+BACKENDS = ("iptables", LARGE, "nftables")
 TOOLS = ("nft", "iptables-restore", "ip6tables-restore", "conntrack")
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
 NODE6 = "fd00:49::2"
@@ -96,9 +105,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def refused_by(backend: str, case: str) -> bool:
+def backend_of(variant: str) -> str:
+    """The backend a variant of the matrix renders with."""
+    return "iptables" if variant == LARGE else variant
+
+
+def refused_by(variant: str, case: str) -> bool:
     """The backend cannot express the case: its golden file is `<backend>.unsupported`."""
-    return (GOLDEN / case / f"{backend}.unsupported").exists()
+    return (GOLDEN / case / f"{backend_of(variant)}.unsupported").exists()
 
 
 CASES = tuple(dict.fromkeys(f.case for f in FLOWS))  # in the matrix's order
@@ -168,8 +182,12 @@ class Flows:
             self.node.exec(command, input="*filter\nCOMMIT\n*nat\nCOMMIT\n")
         self.node.exec("nft", "flush", "ruleset")
         self.node.exec("nft", "-f", "/dev/stdin", input=CONNTRACK_ON)
-        artifact = lbc.compile(cluster(case), backend=backend)
-        if backend == "iptables":
+        artifact = lbc.compile(cluster(case), backend=backend_of(backend))
+        if backend == LARGE:
+            for family in sorted(artifact.data):
+                doc = FamilyRenderer(program(case), family, SPLIT_ABOVE, large=True).render()
+                self.node.exec(RESTORE[family], input=doc)
+        elif backend == "iptables":
             for family, doc in sorted(artifact.data.items()):
                 self.node.exec(RESTORE[family], input=doc)
         else:
@@ -338,7 +356,7 @@ def test_flow_on_the_kernel(flows: Flows, backend: str, flow: Flow) -> None:
     if refused_by(backend, flow.case):
         # Nothing to load: the backend says it cannot express the case, as its golden says.
         with pytest.raises(lbc.UnsupportedError):
-            lbc.compile(cluster(flow.case), backend=backend)
+            lbc.compile(cluster(flow.case), backend=backend_of(backend))
         return
     flows.load(backend, flow.case)
     flows.forget_connections()

@@ -11,6 +11,7 @@ import lbc
 from bench.gen import generate
 from lbc.apply.state import State, plan_between
 from lbc.backends.iptables import incremental
+from lbc.backends.iptables import names as n
 from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, key, parse
 from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, Documents, render_documents
 from lbc.compiler.lower import lower_service, node_info
@@ -190,12 +191,16 @@ def test_the_per_service_table_is_the_whole_render_after_random_changes(seed: in
         assert reported == plan_between("iptables", State(before), State(whole)).changes
 
 
-def test_the_per_service_table_follows_the_large_cluster_threshold_both_ways() -> None:
+@pytest.mark.parametrize(("services", "endpoints"), [(250, 4), (1000, 1)])
+def test_the_per_service_table_follows_the_large_cluster_threshold_both_ways(
+    services: int, endpoints: int
+) -> None:
     """Crossing LARGE_CLUSTER_ENDPOINTS (up, then down) re-renders every service's chains
     in the other form: the table stays the whole render, and reports every chain whose
-    rules changed, as a plan from the previous state would."""
-    base = lbc.loads(large_config(250, 4))  # exactly the threshold: comments kept
-    grown = lbc.loads(large_config(250, 4, extra=1))
+    rules changed, as a plan from the previous state would. With one endpoint per
+    service, the endpoint chains of the pools without affinity go and come back."""
+    base = lbc.loads(large_config(services, endpoints))  # exactly the threshold
+    grown = lbc.loads(large_config(services, endpoints, extra=1))
     info = node_info(base)
     table = incremental.Table(info)
 
@@ -207,7 +212,7 @@ def test_the_per_service_table_follows_the_large_cluster_threshold_both_ways() -
         }
 
     table.update(parts(base))
-    assert not table.large and table.endpoint_chains == LARGE_CLUSTER_ENDPOINTS
+    assert not table.large and table.endpoints == LARGE_CLUSTER_ENDPOINTS
     states = [render_documents(lbc.lower(base)).objects]
     assert table.objects == states[0]
     for cluster, large in ((grown, True), (base, False)):
@@ -217,3 +222,9 @@ def test_the_per_service_table_follows_the_large_cluster_threshold_both_ways() -
         assert table.large is large and table.objects == whole
         assert reported == plan_between("iptables", State(before), State(whole)).changes
         assert len(reported) > 1000, "every service's chains changed form"
+        # An endpoint chain per endpoint, except, in a large cluster, in the pools of
+        # one endpoint without affinity (every fourth service has affinity; the grown
+        # cluster is the large one, with one more endpoint on svc-0000).
+        sizes = [endpoints + (1 if large and i == 0 else 0) for i in range(services)]
+        want = sum(c for i, c in enumerate(sizes) if not large or i % 4 == 0 or c > 1)
+        assert sum(k.split()[2].startswith(n.SEP) for k in whole) == want

@@ -14,7 +14,14 @@ import pytest
 
 import lbc
 from lbc.backends.iptables import names as n
-from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, STATISTIC_STEPS, comment
+from lbc.backends.iptables.dispatch import SPLIT_ABOVE
+from lbc.backends.iptables.render import (
+    LARGE_CLUSTER_ENDPOINTS,
+    STATISTIC_STEPS,
+    FamilyRenderer,
+    comment,
+)
+from lbc.ir import Program
 from tests.golden import CASES, GOLDEN
 
 BUILTIN_CHAINS = {
@@ -478,3 +485,83 @@ def test_large_clusters_drop_the_endpoint_comments_as_kube_proxy_does() -> None:
         others.append([r for r in doc.splitlines() if r.startswith("-A") and r not in mine])
     assert others[0] == others[1]
     assert sum("--comment" in r for r in others[1]) > 250
+
+
+def chain_of(line: str) -> str | None:
+    """The chain a declaration (`:X - [0:0]`) or rule (`-A X ...`) is about."""
+    if line.startswith(":"):
+        return line[1:].split()[0]
+    return line.split()[1] if line.startswith("-A ") else None
+
+
+def inline_lone_endpoints(doc: str) -> str:
+    """`doc` with each pool of one endpoint and no affinity holding its endpoint chain's
+    rules in place of its jump there, and the endpoint chains no rule jumps to any more
+    removed: the large-cluster form, written as a substitution of text."""
+    lines = doc.splitlines()
+    rules: dict[str, list[str]] = {}
+    for line in lines:
+        if line.startswith("-A "):
+            rules.setdefault(line.split()[1], []).append(line)
+    replace: dict[str, list[str]] = {}
+    for chain, chain_rules in rules.items():
+        jumps = [r for r in chain_rules if f"-j {n.SEP}" in r]
+        if chain.startswith((n.SVC, n.SVL)) and len(jumps) == 1 and "-m recent" not in jumps[0]:
+            endpoint = rules[jumps[0].split()[-1]]
+            replace[jumps[0]] = [f"-A {chain} {r.split(' ', 2)[2]}" for r in endpoint]
+    out = [new for line in lines for new in replace.get(line, [line])]
+    used = {line.split()[-1] for line in out if f"-j {n.SEP}" in line}
+    kept = []
+    for line in out:
+        chain = chain_of(line)
+        if chain is None or not chain.startswith(n.SEP) or chain in used:
+            kept.append(line)
+    return "\n".join([*kept, ""])
+
+
+def large_form(program: Program, family: int) -> str:
+    return FamilyRenderer(program, family, SPLIT_ABOVE, large=True).render()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if (GOLDEN / c / "iptables.rules").is_file()])
+def test_large_clusters_put_a_lone_endpoint_in_its_pool_chain(case: str) -> None:
+    """In the large-cluster form, a pool of one endpoint without affinity holds its
+    endpoint's hairpin mark and DNAT itself: the small form without comments, each such
+    jump replaced by the rules it jumped to, and nothing else changed."""
+    program = lbc.lower(lbc.load(GOLDEN / case / "cluster.toml"))
+    for family in program.families():
+        small = FamilyRenderer(program, family, SPLIT_ABOVE, large=False).render()
+        large = large_form(program, family)
+        commented = set(endpoint_rules(small))  # the rules the large form strips
+        expected = inline_lone_endpoints(
+            "\n".join(without_comments(r) if r in commented else r for r in small.splitlines())
+        )
+        assert large == expected
+
+
+def test_a_large_cluster_keeps_endpoint_chains_where_a_pool_chooses() -> None:
+    """Pools of several endpoints, and pools with affinity (which marks the chosen
+    endpoint's chain), keep their endpoint chains; pools of one endpoint lose them."""
+    config = [NODE]
+    for i, (count, affinity) in enumerate([(1, False), (1, True), (3, False), (3, True)] * 2):
+        eps = ", ".join(f'{{ ip = "10.244.{i}.{k + 1}" }}' for k in range(count))
+        config.append(
+            f'[[services]]\nname = "svc-{i}"\ncluster_ips = ["10.96.0.{i + 1}"]\n'
+            'ports = [{ name = "http", port = 80, target_port = 9376 }]\n'
+            + ('session_affinity = "ClientIP"\n' if affinity else "")
+            + f"endpoints = [{eps}]\n"
+        )
+    program = lbc.lower(lbc.loads("\n".join(config)))
+    doc = large_form(program, 4)
+    nat = doc[doc.index("*nat") :]
+    pools = [c for c in map(chain_of, nat.splitlines()) if c and c.startswith(n.SVC)]
+    by_pool = {p: [r for r in nat.splitlines() if r.startswith(f"-A {p} ")] for p in set(pools)}
+    lone = [p for p, rules in by_pool.items() if not any(f"-j {n.SEP}" in r for r in rules)]
+    assert len(by_pool) == 8 and len(lone) == 2  # svc-0 and svc-4
+    for pool in lone:
+        assert [r.split(" -j ")[1].split()[0] for r in by_pool[pool]] == [
+            n.MARK_MASQ,  # from outside the pod network
+            n.MARK_MASQ,  # the hairpin: from the endpoint itself
+            "DNAT",
+        ]
+    assert nat.count(f":{n.SEP}") == 2 * (1 + 3 + 3)

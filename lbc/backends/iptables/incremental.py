@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from lbc.apply.state import Change, changes
 from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry
-from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, FamilyRenderer, endpoint_chains
+from lbc.backends.iptables.render import LARGE_CLUSTER_ENDPOINTS, FamilyRenderer, endpoint_count
 from lbc.compiler.lower import frontend_key
 from lbc.ir.names import address_key
 from lbc.ir.nodes import Kind, NodeInfo, Program
@@ -38,16 +38,17 @@ class Part:
     """What one service contributes."""
 
     program: Program  # the service's own program (`lower.lower_service`)
-    endpoint_chains: int  # its `LBC-SEP-` chains, toward the cluster's total
+    endpoints: int  # its endpoints, toward the cluster's total
     frontends: tuple[tuple[_FrontendKey, int, Rules], ...]  # (order, family, its rules)
     cluster_ips: frozenset[str]
     node_addresses: frozenset[tuple[int, str]]  # (family, address) of its node ports
     # Its own chains, as rendered for a cluster of either size (`render.is_large`): made
-    # when first asked for, in the one form last asked for.
+    # when first asked for, in the one form last asked for (a large cluster's has no
+    # endpoint chain for a pool of one endpoint).
     _made: dict[bool, Mapping[str, Lines]] = field(default_factory=dict, compare=False, repr=False)
 
     def objects(self, large: bool) -> Mapping[str, Lines]:
-        """The service's own chains (the keys are the same for either size)."""
+        """The service's own chains in the form for a cluster of that size."""
         made = self._made.get(large)
         if made is None:
             self._made.clear()
@@ -55,7 +56,7 @@ class Part:
         return made
 
     def chain_keys(self) -> Iterable[str]:
-        """The keys of its own chains."""
+        """The keys of its own chains, in the form last made (the form the table holds)."""
         return next(iter(self._made.values())) if self._made else self.objects(False)
 
 
@@ -93,7 +94,7 @@ def part_of(program: Program) -> Part:
                 node_addresses.add((family, f.address))
     return Part(
         program,
-        endpoint_chains(program),
+        endpoint_count(program),
         tuple(frontends),
         frozenset(program.reject_unknown),
         frozenset(node_addresses),
@@ -107,7 +108,7 @@ class Table:
         self.node = node
         self.objects: dict[str, Lines] = {}
         self.parts: dict[str, Part] = {}
-        self.endpoint_chains = 0  # of every part together
+        self.endpoints = 0  # of every part together
         self.large = False  # `render.is_large` of the whole: how the parts are rendered
         self._shared: set[str] = set()  # keys of the shared part
         self._made_of: object = None  # what the shared part was made from
@@ -115,7 +116,7 @@ class Table:
     def update(self, parts: Mapping[str, Part | None]) -> tuple[Change, ...]:
         """Give each named service its new part (None: gone); the object changes.
 
-        When the total of endpoint chains crosses `LARGE_CLUSTER_ENDPOINTS`, every
+        When the total of endpoints crosses `LARGE_CLUSTER_ENDPOINTS`, every
         service's chains are rendered again in the other form.
         """
         touched: dict[str, Lines | None] = {}
@@ -128,11 +129,11 @@ class Table:
             old = self.parts.pop(name, None)
             if old is not None:
                 drop(old)
-                self.endpoint_chains -= old.endpoint_chains
+                self.endpoints -= old.endpoints
             if new is not None:
                 self.parts[name] = new
-                self.endpoint_chains += new.endpoint_chains
-        large = self.endpoint_chains > LARGE_CLUSTER_ENDPOINTS
+                self.endpoints += new.endpoints
+        large = self.endpoints > LARGE_CLUSTER_ENDPOINTS
         if large == self.large:
             fresh: Iterable[Part | None] = parts.values()
         else:
