@@ -155,11 +155,19 @@ def test_rendered_state_objects_are_what_reading_the_documents_gives(config: Pat
     assert kernel.desired(artifact).objects == parsed
 
 
-@pytest.mark.parametrize("seed", [5, 6])
-def test_the_per_service_table_is_the_whole_render_after_random_changes(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("services", "endpoints", "seed"),
+    [(120, 4, 5), (120, 4, 6), (1100, 1, 7)],
+    ids=["small-5", "small-6", "large-one-endpoint-7"],
+)
+def test_the_per_service_table_is_the_whole_render_after_random_changes(
+    services: int, endpoints: int, seed: int
+) -> None:
     """`incremental.Table`, updated service by service, holds exactly the objects of a
-    whole render of the same cluster, and reports exactly the objects that changed."""
-    cluster = lbc.loads(generate(120, 4, seed=seed, external=True)[0])
+    whole render of the same cluster, and reports exactly the objects that changed. The
+    large cluster's pools of one endpoint gain and lose endpoints and affinity, so they
+    move between the forms with and without an endpoint chain."""
+    cluster = lbc.loads(generate(services, endpoints, seed=seed, external=True)[0])
     golden = [lbc.load(p) for p in sorted(GOLDEN.glob("*/cluster.toml"))]
     info = node_info(cluster)
     table = incremental.Table(info)
@@ -171,6 +179,7 @@ def test_the_per_service_table_is_the_whole_render_after_random_changes(seed: in
     whole = render_documents(lbc.lower(cluster)).objects
     assert table.objects == whole
     rng, spare, current = random.Random(seed), [], cluster
+    flips = 0  # pool chains that changed between DNAT-ing and jumping to endpoints
     # Golden services (node ports, local policies, IPv6, ...) join and leave too.
     spare += [s for c in golden for s in c.services]
     rng.shuffle(spare)
@@ -189,6 +198,13 @@ def test_the_per_service_table_is_the_whole_render_after_random_changes(seed: in
         whole = render_documents(lbc.lower(current)).objects
         assert table.objects == whole
         assert reported == plan_between("iptables", State(before), State(whole)).changes
+        for c in reported:
+            if c.before and c.after and c.key.split()[2].startswith(n.SVC):
+                lone = ["-j DNAT" in rules[-1] for rules in (c.before, c.after)]
+                flips += lone[0] != lone[1]
+    assert table.large is (endpoints == 1)
+    # A pool of the large cluster gained or lost its endpoint chain at least once.
+    assert flips > 0 if table.large else flips == 0
 
 
 @pytest.mark.parametrize(("services", "endpoints"), [(250, 4), (1000, 1)])
