@@ -427,13 +427,26 @@ class FamilyRenderer:
             ends.append((b, n.SEP + b.id, where, to if large else f'{to}{where}"'))
         timeout = pool.affinity_timeout
         proto, host = pool.proto, self.host
+        note = "" if large else f' -m comment --comment "{what}"'
+        if timeout is None:
+            match = f" -m {proto}"
+        else:  # the DNAT remembers the client for this endpoint (`{sep}`: its chain)
+            match = f" -m recent --set --name {{sep}} --mask {self.mask()} --rsource -m {proto}"
+
+        def endpoint_rules(chain: str, address: str, where: str) -> str:
+            """An endpoint's hairpin mark and DNAT as rules of `chain`, joined."""
+            dnat = match if timeout is None else match.format(sep=chain)
+            return (
+                f"-A {chain} -s {address}{host}{note} -j {n.MARK_MASQ}\n"
+                f"-A {chain} -p {proto}{note}{dnat} -j DNAT --to-destination {where}"
+            )
+
         if large and timeout is None and len(ends) == 1:
             # The endpoint chain's two rules, in the pool's chain: the same packets take
             # the same path, with one chain and one jump fewer to load (a cluster of
             # 30,000 one-endpoint services loads in two thirds of the time).
             b, _, where, _ = ends[0]
-            rules.append(f"-A {name} -s {b.address}{host} -j {n.MARK_MASQ}")
-            rules.append(f"-A {name} -p {proto} -m {proto} -j DNAT --to-destination {where}")
+            rules += endpoint_rules(name, b.address, where).split("\n")
             return
         if timeout is not None:
             recent = f" -m recent --rcheck --seconds {timeout} --reap --name "
@@ -447,23 +460,9 @@ class FamilyRenderer:
         ]
         rules += [f"{start} -j {sep}" for _, sep, _, start in ends[len(chances) :]]
         chains = nat.chains
-        note = "" if large else f' -m comment --comment "{what}"'
-        if timeout is not None:
-            dnat = f" -m recent --set --name {{sep}} --mask {self.mask()} --rsource -m {proto}"
         for b, sep, where, _ in ends:
-            if sep in chains:
-                continue  # the same endpoint in a cluster and a local pool
-            hairpin = f"-A {sep} -s {b.address}{host}{note} -j {n.MARK_MASQ}"
-            if timeout is None:
-                chains[sep] = (
-                    f"{hairpin}\n-A {sep} -p {proto}{note} -m {proto} -j DNAT "
-                    f"--to-destination {where}",
-                )
-            else:
-                chains[sep] = (
-                    f"{hairpin}\n-A {sep} -p {proto}{note}{dnat.format(sep=sep)} -j DNAT "
-                    f"--to-destination {where}",
-                )
+            if sep not in chains:  # else the same endpoint in a cluster and a local pool
+                chains[sep] = (endpoint_rules(sep, b.address, where),)
 
     def chances(self, weights: tuple[int, ...]) -> list[str]:
         """`probabilities(weights)`, made once for each list of weights."""
