@@ -250,9 +250,16 @@ class IptablesKernel:
         does not have yet (it lists it, but does not create it)."""
         first: list[str] = []
         late: list[str] = []
+        # The touched keys of each table of the family (`ipv4 nat ...`), in one pass.
+        by_table: dict[str, list[str]] = {}
+        family_head = f"ipv{family} "
+        for k in touched:
+            if k.startswith(family_head):
+                by_table.setdefault(k.split(" ", 2)[1], []).append(k)
         for table in TABLES:
             head = f"ipv{family} {table} {n.PREFIX}"
-            mine = [k for k in touched if k.startswith(head)]
+            keys = by_table.get(table, [])
+            mine = [k for k in keys if k.startswith(head)]
             removed = sorted((k for k in mine if k not in desired.objects), key=_scatter)
             hooked = [k for k in removed if k.split()[2] in HOOKED]
             lines = [f":{k.split()[2]} - [0:0]" for k in removed]
@@ -261,7 +268,7 @@ class IptablesKernel:
                 lines.append(f":{k.split()[2]} - [0:0]")
                 lines += written[k]
             lines += [f"-X {k.split()[2]}" for k in removed if k not in hooked]
-            jumps = self._jump_changes(family, table, live, desired, touched)
+            jumps = self._jump_changes(live, desired, [k for k in keys if k.endswith(" jumps")])
             jumps += [f"-X {k.split()[2]}" for k in hooked]
             # A chainless command first makes iptables-nft's --noflush restore skip its
             # per-line walk of a sorted list of the chains it needs (quadratic in
@@ -276,14 +283,12 @@ class IptablesKernel:
         return ["\n".join(doc) + "\n" for doc in (first, late) if doc]
 
     @staticmethod
-    def _jump_changes(
-        family: int, table: str, live: State, desired: State, touched: set[str]
-    ) -> list[str]:
-        """The `-D` lines of lbc's jumps in `table`'s built-in chains that must go, then
-        the `-I` lines of the ones to add."""
-        mine = f"ipv{family} {table} "
+    def _jump_changes(live: State, desired: State, jump_keys: list[str]) -> list[str]:
+        """The `-D` lines of lbc's jumps that must go from the built-in chains of one
+        table (`jump_keys`, the table's touched `... jumps` keys), then the `-I` lines of
+        the ones to add."""
         deleted, inserted = [], []
-        for k in sorted(k for k in touched if k.endswith(" jumps") and k.startswith(mine)):
+        for k in sorted(jump_keys):
             have = Counter(live.objects.get(k, ()))
             want = Counter(desired.objects.get(k, ()))
             deleted += [f"-D {rule[3:]}" for rule in sorted((have - want).elements())]
