@@ -12,7 +12,7 @@ plugin. Nothing here prints or exits; errors are `lbc.errors.LbcError` subclasse
 from lbc.api import apply, backend_names, backends, compile, delete, diff, plan, verify
 from lbc.apply import ApplyResult, FakeKernel, KernelAdapter, Plan
 from lbc.backends.base import Artifact, Backend, Feature
-from lbc.compiler.load import load, loads
+from lbc.compiler.load import load, loads, validate
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster
 from lbc.errors import (
@@ -23,8 +23,10 @@ from lbc.errors import (
     Problem,
     Unsupported,
     UnsupportedError,
+    UsageError,
 )
 from lbc.ir.nodes import Program
+from lbc.ir.trace import Origin, Trace, Verdict, trace
 from lbc.session import Session
 
 __version__ = "0.1.0"
@@ -40,13 +42,17 @@ __all__ = [
     "Feature",
     "KernelAdapter",
     "LbcError",
+    "Origin",
     "Plan",
     "PluginError",
     "Problem",
     "Program",
     "Session",
+    "Trace",
     "Unsupported",
     "UnsupportedError",
+    "UsageError",
+    "Verdict",
     "__version__",
     "apply",
     "backend_names",
@@ -58,5 +64,7 @@ __all__ = [
     "loads",
     "lower",
     "plan",
+    "trace",
+    "validate",
     "verify",
 ]

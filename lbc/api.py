@@ -15,6 +15,7 @@ from lbc.apply.state import Plan
 from lbc.backends.base import Artifact, Backend
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster
+from lbc.errors import UsageError
 from lbc.ir.nodes import Program
 
 
@@ -24,9 +25,12 @@ def compile(source: Cluster | Program, backend: str | Backend = "iptables") -> A
     Raises `UnsupportedError` listing everything the backend cannot express, and
     `PluginError` for an unknown backend name.
     """
-    program = lower(source) if isinstance(source, Cluster) else source
-    chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
-    return chosen.compile(program)
+    chosen = plugins.resolve(backend)
+    if isinstance(source, Program):
+        return chosen.compile(source)
+    if not isinstance(source, Cluster):
+        raise UsageError(f"compile() takes a Cluster or a Program, not {type(source).__name__}")
+    return chosen.compile(lower(source))
 
 
 def backends() -> Mapping[str, Backend]:
@@ -47,7 +51,7 @@ def _engine(
     lock_timeout: float,
     progress: Callable[[str], None] | None = None,
 ) -> Engine:
-    chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
+    chosen = plugins.resolve(backend)
     adapter = kernel or chosen.kernel(netns)
     return Engine(chosen, adapter, Path(lock_path), lock_timeout, progress)
 

@@ -158,6 +158,8 @@ def _split_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"{text!r} is not ADDRESS:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} of {text!r} is out of range 1-65535")
     host = host.removeprefix("[").removesuffix("]")
     return str(ipaddress.ip_address(host)), int(port)
 

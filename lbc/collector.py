@@ -9,18 +9,24 @@ build (`lbc.loads`, `lbc.lower`, a backend's compile and printing, an apply) run
 with the collector paused instead. Reference counting still frees everything they
 drop at once; the collector resumes when the outermost of them returns or raises,
 and any cyclic garbage made meanwhile waits for its next pass. A caller that
-disabled the collector itself keeps it disabled.
+disabled the collector itself keeps it disabled. The collector is the process's:
+calls in several threads are counted, and it resumes when the last of them returns.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+_lock = threading.Lock()
+_holders = 0  # calls running, in any thread, while lbc holds the collector paused
 
 
 def paused(fn: Callable[P, R]) -> Callable[P, R]:
@@ -29,12 +35,22 @@ def paused(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        if not gc.isenabled():  # paused by an outer call, or by the caller
+        global _holders
+        with _lock:
+            # Counted across threads: the collector resumes when the last lbc call
+            # that paused it returns, not when the first does.
+            hold = _holders > 0 or gc.isenabled()
+            if hold:
+                _holders += 1
+                gc.disable()
+        if not hold:  # the caller disabled the collector: it stays disabled
             return fn(*args, **kwargs)
-        gc.disable()
         try:
             return fn(*args, **kwargs)
         finally:
-            gc.enable()
+            with _lock:
+                _holders -= 1
+                if _holders == 0:
+                    gc.enable()
 
     return run

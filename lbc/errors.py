@@ -33,6 +33,10 @@ class ConfigError(LbcError):
         self.problems: tuple[Problem, ...] = tuple(problems)
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[Problem, ...]]]:
+        # Pickled and copied by its problems (for process pools), not its message.
+        return type(self), (self.problems,)
+
     def __str__(self) -> str:
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in config"
@@ -60,10 +64,18 @@ class UnsupportedError(LbcError):
         self.items: tuple[Unsupported, ...] = tuple(items)
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type[UnsupportedError], tuple[str, tuple[Unsupported, ...]]]:
+        return type(self), (self.backend, self.items)
+
     def __str__(self) -> str:
         lines = [f"backend {self.backend!r} cannot express {len(self.items)} thing(s):"]
         lines += [f"  {item}" for item in self.items]
         return "\n".join(lines)
+
+
+class UsageError(LbcError, TypeError, ValueError):
+    """A library call was given an argument it cannot use: of the wrong type or value
+    (also a `TypeError` and a `ValueError`, as Python's own checks would raise)."""
 
 
 class PluginError(LbcError):

@@ -10,7 +10,7 @@ import pluggy
 
 from lbc import hookspecs
 from lbc.backends.base import Backend
-from lbc.errors import PluginError
+from lbc.errors import PluginError, UsageError
 
 ENTRY_POINT_GROUP = "lbc"
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -69,3 +69,12 @@ def get_backend(name: str, pm: pluggy.PluginManager | None = None) -> Backend:
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise PluginError(f"unknown backend {name!r} (known: {', '.join(known)}){hint}")
+
+
+def resolve(backend: str | Backend) -> Backend:
+    """`backend` itself, or the backend of that name (`get_backend`)."""
+    if isinstance(backend, str):
+        return get_backend(backend)
+    if isinstance(backend, Backend):
+        return backend
+    raise UsageError(f"a backend is a name or a Backend, not {type(backend).__name__}")

@@ -44,7 +44,7 @@ from lbc.backends.iptables.kernel import IptablesKernel
 from lbc.collector import paused
 from lbc.compiler.lower import lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Service
-from lbc.errors import ApplyError
+from lbc.errors import ApplyError, UsageError
 from lbc.ir.nodes import NodeInfo, Program
 
 Changed = dict[str, tuple[Service, Program] | None]  # service key -> new model and program
@@ -65,7 +65,7 @@ class Session:
         lock_timeout: float = 30.0,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        chosen = plugins.get_backend(backend) if isinstance(backend, str) else backend
+        chosen = plugins.resolve(backend)
         adapter = kernel or chosen.kernel(netns)
         self.engine = Engine(chosen, adapter, Path(lock_path), lock_timeout, progress)
         self._node: NodeInfo | None = None
@@ -85,6 +85,8 @@ class Session:
     def apply(self, cluster: Cluster, *, dry_run: bool = False, full: bool = False) -> ApplyResult:
         """Make the kernel match `cluster` (as `lbc.apply`), doing work in proportion to
         what changed since the last apply; raises `ApplyError` with nothing changed."""
+        if not isinstance(cluster, Cluster):
+            raise UsageError(f"Session.apply() takes a Cluster, not {type(cluster).__name__}")
         info = node_info(cluster)
         if info != self._node:
             self._services = {}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +64,81 @@ def test_public_names_are_exported_and_typed() -> None:
     for name in lbc.__all__:
         assert hasattr(lbc, name), name
     assert (Path(lbc.__file__).parent / "py.typed").exists()
+
+
+def test_load_tells_text_from_a_path() -> None:
+    assert lbc.load('node = {name = "n"}').node.name == "n"  # one line of TOML
+    assert lbc.load(EXAMPLE.read_bytes()) == lbc.load(EXAMPLE)
+    assert lbc.loads(EXAMPLE.read_bytes()) == lbc.load(EXAMPLE)
+    with pytest.raises(lbc.ConfigError, match="cannot read file"):
+        lbc.load(str(EXAMPLE) + ".missing")
+    with pytest.raises(lbc.ConfigError, match="missing required key 'node'"):
+        lbc.load("")
+    with pytest.raises(lbc.ConfigError, match="not a path: embedded null byte"):
+        lbc.load("a\0b")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: lbc.load(None), "load\\(\\) takes a path or TOML text, not NoneType"),
+        (lambda: lbc.loads(3), "loads\\(\\) takes TOML text"),
+        (lambda: lbc.compile(None), "compile\\(\\) takes a Cluster or a Program, not NoneType"),
+        (lambda: lbc.compile(lbc.load(EXAMPLE), None), "a backend is a name or a Backend"),
+        (lambda: lbc.lower("cluster.toml"), "lower\\(\\) takes a Cluster, not str"),
+        (lambda: lbc.validate({}), "validate\\(\\) takes a Cluster, not dict"),
+        (lambda: lbc.Session(3), "a backend is a name or a Backend, not int"),
+    ],
+    ids=["load", "loads", "compile", "compile-backend", "lower", "validate", "session"],
+)
+def test_an_argument_of_the_wrong_kind_is_a_usage_error(call: Any, message: str) -> None:
+    with pytest.raises(lbc.UsageError, match=message) as exc:
+        call()
+    assert isinstance(exc.value, lbc.LbcError) and isinstance(exc.value, TypeError)
+
+
+def test_deep_nesting_is_a_config_error_not_a_recursion_error() -> None:
+    with pytest.raises(lbc.ConfigError, match="nested too deeply"):
+        lbc.loads("a = " + "[" * 500 + "]" * 500)
+    # Deeper than Python's recursion limit, which tomli accepts: an unknown key,
+    # reported without walking what lies below it.
+    deep = '[node]\nname = "n"\n' + ".".join(["k"] * 700) + " = 1\n"
+    with pytest.raises(lbc.ConfigError) as exc:
+        lbc.loads(deep, filename="deep.toml")
+    assert [str(p) for p in exc.value.problems] == ["deep.toml:3: node.k: unknown key 'k'"]
+
+
+def test_validate_checks_a_cluster_changed_in_code() -> None:
+    cluster = lbc.load(EXAMPLE)
+    assert lbc.validate(cluster) == cluster
+    svc = cluster.services[0]
+    port = svc.ports[0].model_copy(update={"port": 70000})
+    other = svc.model_copy(update={"name": "other", "ports": [port]})
+    changed = cluster.model_copy(update={"services": [other, svc, svc]})
+    with pytest.raises(lbc.ConfigError) as exc:
+        lbc.validate(changed)
+    assert [str(p) for p in exc.value.problems] == [
+        "<cluster>: services[0].ports[0].port: port 70000 is out of range 1-65535",
+        "<cluster>: services[2].name: duplicate service default/hostnames (also services[1])",
+    ]
+
+
+def test_lowering_refuses_two_services_on_one_address_and_port() -> None:
+    cluster = lbc.load(EXAMPLE)
+    svc = cluster.services[0]
+    twin = cluster.model_copy(update={"services": [svc, svc.model_copy(update={"name": "twin"})]})
+    with pytest.raises(lbc.ConfigError, match=r"10\.0\.1\.175:80/tcp is claimed by both"):
+        lbc.compile(twin, "nftables")
+
+
+def test_errors_survive_pickling_for_process_pools() -> None:
+    with pytest.raises(lbc.UnsupportedError) as unsupported:
+        lbc.compile(lbc.load(ROOT / "golden" / "scheduler-rr" / "cluster.toml"), "iptables")
+    with pytest.raises(lbc.ConfigError) as config:
+        lbc.loads("[node]\nname = 'n'\nx = 1\n", filename="f.toml")
+    for exc in (unsupported.value, config.value):
+        again = pickle.loads(pickle.dumps(exc))
+        assert type(again) is type(exc) and str(again) == str(exc)
+        assert copy.copy(exc).args == exc.args
+    assert pickle.loads(pickle.dumps(unsupported.value)).items == unsupported.value.items
+    assert pickle.loads(pickle.dumps(config.value)).problems == config.value.problems

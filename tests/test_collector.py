@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -130,4 +131,30 @@ def test_nested_pauses_resume_only_when_the_outermost_returns() -> None:
 
     outer()
     assert states == [False, False]
+    assert gc.isenabled()
+
+
+def test_calls_in_two_threads_resume_the_collector_when_the_last_returns() -> None:
+    second_in = threading.Event()
+    first_returned = threading.Event()
+    seen: dict[str, bool] = {}
+
+    @paused
+    def first() -> None:
+        thread.start()
+        assert second_in.wait(10)
+        seen["first"] = gc.isenabled()
+
+    @paused
+    def second() -> None:
+        second_in.set()
+        assert first_returned.wait(10)
+        seen["second, after the first returned"] = gc.isenabled()
+
+    thread = threading.Thread(target=second)
+    first()  # returns while `second` runs in its thread
+    seen["between"] = gc.isenabled()
+    first_returned.set()
+    thread.join(10)
+    assert seen == {"first": False, "between": False, "second, after the first returned": False}
     assert gc.isenabled()

@@ -107,3 +107,28 @@ def test_hairpin_masquerade_follows_where_the_backend_runs() -> None:
     result = trace(p, "10.244.2.6", "192.168.49.2", 30080, origin=Origin.POD)
     (own,) = [c for c in result.choices if c.address == "10.244.2.6"]
     assert own.masquerade, result.steps
+
+
+def test_the_tracer_checks_its_arguments() -> None:
+    hostnames = program("hostnames")
+    assert lbc.trace(hostnames, "10.244.9.9", "10.0.1.175", 80, "TCP").verdict is Verdict.FORWARD
+    # Any spelling of an address is read; the trace names it canonically.
+    long_form = trace(hostnames, "10.244.9.9", "10.0.1.175", 80)
+    assert long_form.steps[0].startswith("packet 10.244.9.9 -> 10.0.1.175:80/tcp")
+    for args, message in [
+        (("nope", "10.0.1.175", 80, "tcp"), "source 'nope' is not an IPv4 or IPv6 address"),
+        (("1.2.3.4", "10.0.1", 80, "tcp"), "destination '10.0.1' is not"),
+        (("1.2.3.4", "10.0.1.175", 70000, "tcp"), "port 70000 is not a port number"),
+        (("1.2.3.4", "10.0.1.175", 0, "tcp"), "port 0 is not a port number"),
+        (("1.2.3.4", "10.0.1.175", 80, "icmp"), "protocol 'icmp' is not one of tcp, udp, sctp"),
+    ]:
+        with pytest.raises(lbc.UsageError, match=message):
+            trace(hostnames, *args)
+
+
+def test_explain_rejects_a_port_out_of_range() -> None:
+    case = str(GOLDEN / "hostnames" / "cluster.toml")
+    args = ["explain", case, "--from", "1.2.3.4", "--to", "10.0.1.175:65536"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "port 65536 of '10.0.1.175:65536' is out of range 1-65535" in result.output

@@ -20,25 +20,66 @@ from lbc.compiler.checks import Found, check
 from lbc.compiler.locate import Path, format_path, key_lines, line_of
 from lbc.compiler.model import Cluster, Node, Service, quote
 from lbc.compiler.prevalidate import prevalidate
-from lbc.errors import ConfigError, Problem
+from lbc.errors import ConfigError, Problem, UsageError
 
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def load(source: str | os.PathLike[str]) -> Cluster:
-    """Load a cluster from a path (`Path` or a one-line string) or from TOML text."""
-    if isinstance(source, os.PathLike) or "\n" not in source:
-        return loads(_read(FsPath(source)), filename=str(source))
-    return loads(source)
+def load(source: str | bytes | os.PathLike[str]) -> Cluster:
+    """Load a cluster from a file or from TOML text.
+
+    A `Path` (any `os.PathLike`) is a file. A string is TOML text when it has a
+    newline, is empty, or has a `=` and names no existing file; otherwise it is a
+    file's path. Bytes are TOML text in UTF-8.
+    """
+    if isinstance(source, os.PathLike):
+        return loads(_read(FsPath(source)), filename=os.fspath(source))
+    if isinstance(source, bytes):
+        return loads(source)
+    if not isinstance(source, str):
+        raise UsageError(f"load() takes a path or TOML text, not {type(source).__name__}")
+    if not source or "\n" in source or ("=" in source and not os.path.exists(source)):
+        return loads(source)
+    return loads(_read(FsPath(source)), filename=source)
 
 
 @paused
-def loads(text: str, filename: str = "<string>") -> Cluster:
-    """Parse and validate cluster.toml text; raise `ConfigError` listing every problem."""
+def loads(text: str | bytes, filename: str = "<string>") -> Cluster:
+    """Parse and validate cluster.toml text; raise `ConfigError` listing every problem.
+
+    `filename` is what the problems name. Bytes are decoded as UTF-8.
+    """
+    if isinstance(text, bytes):
+        text = _decode(text, filename)
+    elif not isinstance(text, str):
+        raise UsageError(f"loads() takes TOML text (str or bytes), not {type(text).__name__}")
     try:
         data = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
         raise ConfigError([_toml_problem(exc, filename)]) from None
+    except RecursionError:  # tomli's limit on nesting, or Python's own
+        message = "malformed TOML: tables or arrays are nested too deeply"
+        raise ConfigError([Problem(filename, "", None, message)]) from None
+    return _checked(data, text, filename)
+
+
+@paused
+def validate(cluster: Cluster) -> Cluster:
+    """`cluster`, checked as `loads` checks a file; raise `ConfigError` listing every problem.
+
+    For a cluster built or changed in code: pydantic does not validate what
+    `model_copy(update=...)` puts in, and `Cluster.model_validate` of a `Cluster`
+    returns it unchecked, while `lbc.lower` and the backends assume a valid cluster.
+    The problems name key paths (`services[2].ports[0].port`) without lines. Returns
+    a validated copy.
+    """
+    if not isinstance(cluster, Cluster):
+        raise UsageError(f"validate() takes a Cluster, not {type(cluster).__name__}")
+    return _checked(cluster.model_dump(mode="json", exclude_unset=True), "", "<cluster>")
+
+
+def _checked(data: dict[str, Any], text: str, filename: str) -> Cluster:
+    """The cluster of parsed `data`, or `ConfigError` naming lines of `text` if any."""
     try:
         cluster = Cluster.model_validate(prevalidate(data))
     except ValidationError:
@@ -62,13 +103,19 @@ def _read(path: FsPath) -> str:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError([Problem(str(path), "", None, f"cannot read file: {reason}")]) from None
+    except ValueError as exc:  # such as a NUL character in the path
+        raise ConfigError([Problem(repr(str(path)), "", None, f"not a path: {exc}")]) from None
+    return _decode(raw, str(path))
+
+
+def _decode(raw: bytes, filename: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         byte = raw[exc.start]
         message = f"not UTF-8 text (byte {byte:#04x}); save the file as UTF-8"
-        raise ConfigError([Problem(str(path), "", line, message)]) from None
+        raise ConfigError([Problem(filename, "", line, message)]) from None
 
 
 def _toml_problem(exc: tomli.TOMLDecodeError, filename: str) -> Problem:
@@ -108,12 +155,22 @@ def _valid_parts(data: dict[str, Any]) -> tuple[Node | None, list[tuple[int, Ser
 
 
 def _without(data: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
-    """A copy of `data` without the keys at `paths` (unknown keys, already reported)."""
-    pruned = copy.deepcopy(data)
+    """`data` without the keys at `paths` (unknown keys, already reported).
+
+    Only the tables and arrays on those paths are copied: `data` stays as it was, and
+    no part of it is walked that the paths do not lead to (it may be nested deeply).
+    """
+    pruned = dict(data)
     for path in paths:
         parent: Any = pruned
         for part in path[:-1]:
-            parent = parent[part] if _has(parent, part) else None
+            if not _has(parent, part):
+                parent = None
+                break
+            child = parent[part]
+            if isinstance(child, dict | list):
+                child = parent[part] = copy.copy(child)
+            parent = child
         if isinstance(parent, dict):
             parent.pop(path[-1], None)
     return pruned

@@ -16,7 +16,8 @@ from operator import attrgetter, itemgetter
 
 from lbc.collector import paused
 from lbc.compiler.model import Cluster, Service, ServicePort
-from lbc.ir.names import digest, service_port_name
+from lbc.errors import ConfigError, Problem, UsageError
+from lbc.ir.names import digest, hostport, service_port_name
 from lbc.ir.nodes import (
     Backend,
     Empty,
@@ -46,6 +47,8 @@ _ip_int = attrgetter("ip._ip")
 @paused
 def lower(cluster: Cluster) -> Program:
     """Lower a validated cluster to its IR program (pure; canonical order)."""
+    if not isinstance(cluster, Cluster):
+        raise UsageError(f"lower() takes a Cluster, not {type(cluster).__name__}")
     info = node_info(cluster)
     pools: list[Pool] = []
     frontends: list[tuple[_FrontendKey, Frontend]] = []
@@ -91,12 +94,28 @@ def assemble(
     """The program of lowered parts, in canonical order."""
     pools.sort(key=lambda p: (p.service, p.family, p.proto, p.local_only))
     frontends.sort(key=itemgetter(0))  # stable, and never compares the frontends
+    _claimed_once(frontends)
     return Program(
         node=info,
         pools=tuple(pools),
         frontends=tuple(f for _, f in frontends),
         reject_unknown=tuple(str(ip) for ip in sorted(cluster_ips, key=_ip_key)),
     )
+
+
+def _claimed_once(frontends: list[tuple[_FrontendKey, Frontend]]) -> None:
+    """Raise `ConfigError` if two service ports claim one address, protocol and port.
+
+    `lbc.load` refuses such a cluster; one built or changed in code may still hold it
+    (`lbc.validate` finds that and everything else), and no backend can express it.
+    """
+    owners: dict[tuple[int, int, str, int], str] = {}
+    for (family, _, number, proto, port), frontend in frontends:
+        owner = owners.setdefault((family, number, proto, port), frontend.service)
+        if owner != frontend.service:
+            where = f"{hostport(frontend.address, port)}/{proto}"
+            message = f"{where} is claimed by both {owner} and {frontend.service}"
+            raise ConfigError([Problem("<cluster>", "", None, message)])
 
 
 def _lower_service(

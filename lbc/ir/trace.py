@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from lbc.errors import UsageError
 from lbc.ir.names import hostport
 from lbc.ir.nodes import Empty, Frontend, Masquerade, Pool, Program, Proto
 
@@ -78,8 +79,21 @@ def trace(
     proto: Proto | str = Proto.TCP,
     origin: Origin | None = None,
 ) -> Trace:
-    """Trace a new connection from `source` to `destination:port`."""
-    proto = Proto(proto)
+    """Trace a new connection from `source` to `destination:port`.
+
+    Addresses may be written in any form `ipaddress` reads, the protocol in any case;
+    a malformed address, a port outside 1-65535 or an unknown protocol raises
+    `UsageError`.
+    """
+    source = _address_text(source, "source")
+    destination = _address_text(destination, "destination")
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise UsageError(f"port {port!r} is not a port number (1-65535)")
+    try:
+        proto = Proto(proto.lower() if isinstance(proto, str) else proto)
+    except ValueError:
+        known = ", ".join(p.value for p in Proto)
+        raise UsageError(f"protocol {proto!r} is not one of {known}") from None
     origin = origin or origin_of(program, source)
     steps = [f"packet {source} -> {hostport(destination, port)}/{proto} from {origin}"]
     front = _find_frontend(program, destination, port, proto)
@@ -122,6 +136,14 @@ def trace(
     if pool.affinity_timeout is not None:
         steps.append(f"client-IP affinity keeps a client on its backend {pool.affinity_timeout}s")
     return Trace(Verdict.FORWARD, origin, front, pool, choices, tuple(steps))
+
+
+def _address_text(text: str, what: str) -> str:
+    """`text` as an address in canonical form, or `UsageError` naming `what` it is."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
 
 
 def _find_frontend(program: Program, address: str, port: int, proto: Proto) -> Frontend | None:
