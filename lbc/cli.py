@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import json
+import os
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +20,13 @@ import click
 from lbc import api
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Plan
+from lbc.backends.base import Backend
 from lbc.compiler.load import load
 from lbc.compiler.lower import lower
-from lbc.compiler.model import Cluster
+from lbc.compiler.model import Cluster, Node, quote
 from lbc.errors import ConfigError, LbcError, PluginError, UnsupportedError
 from lbc.ir.trace import Origin, trace
+from lbc.plugins import resolve
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -38,7 +45,60 @@ def _fail(exc: LbcError) -> NoReturn:
     sys.exit(EXIT_KERNEL)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OutputError(Exception):
+    """Standard output cannot be written (a full disk, a closed file; not a broken pipe)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _echo(message: str = "", *, nl: bool = True, **style: Any) -> None:
+    """`click.secho` to standard output; a failed write becomes `_OutputError`."""
+    try:
+        click.secho(message, nl=nl, **style)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # click's own handling: the reader went away, exit quietly
+        raise _OutputError(exc) from None
+
+
+class _Main(click.Group):
+    """The `lbc` group: reports a failed write to standard output in one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            result = super().invoke(ctx)
+            _flush()
+        except _OutputError as exc:
+            reason = exc.error.strerror or type(exc.error).__name__
+            click.echo(f"lbc: cannot write output: {reason}", err=True)
+            _discard_stdout()
+            sys.exit(1)
+        return result
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        raise _OutputError(exc) from None
+
+
+def _discard_stdout() -> None:
+    # What could not be written is still buffered, and the interpreter flushes
+    # standard output once more on its way out, which would fail with a traceback-like
+    # "Exception ignored" report: let that last flush go to /dev/null instead.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        fd = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lbc")
 def main() -> None:
     """lbc compiles Kubernetes-style Services in cluster.toml into load-balancer rules."""
@@ -64,26 +124,79 @@ def main() -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write to this file instead of standard output.",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Write to this file instead of standard output ('-': standard output).",
 )
-def compile_cmd(file: Path, backend: str, fmt: str, output: Path | None) -> None:
+def compile_cmd(file: Path, backend: str, fmt: str, output: str | None) -> None:
     """Compile FILE (cluster.toml) with a backend; no root and no kernel needed."""
     try:
-        artifact = api.compile(load(file), backend=backend)
+        chosen = resolve(backend)
+    except LbcError as exc:
+        _fail(exc)
+    # A format the backend does not offer is a mistake in the command, not in FILE:
+    # say so before FILE is read, as click does for its own options.
+    fmt = _format_of(chosen, fmt)
+    try:
+        artifact = api.compile(load(file), backend=chosen)
         text = artifact.text(fmt)
     except LbcError as exc:
         _fail(exc)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        tmp = output.with_name(output.name + ".tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(output)
-        except OSError as exc:
-            click.echo(f"lbc: cannot write {output}: {exc.strerror}", err=True)
-            sys.exit(EXIT_CONFIG)
+    if output is None or output == "-":
+        _echo(text, nl=False)
+        return
+    try:
+        _write_file(Path(output), text)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        click.echo(f"lbc: cannot write {output}: {reason}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _format_of(backend: Backend, fmt: str) -> str:
+    """The backend's name for output format `fmt` (any case), or a usage error."""
+    try:
+        # A backend's formats are the keys of its artifact, whatever the program (the
+        # formats are printed only on use): those of an empty cluster's artifact.
+        empty = lower(Cluster(node=Node(name="lbc")))
+        offered = list(backend.render(empty).formats)
+    except Exception:  # a plugin that cannot render an empty cluster: let compile tell
+        return fmt
+    by_case = {name.lower(): name for name in offered}
+    if fmt.lower() in by_case:
+        return by_case[fmt.lower()]
+    raise click.BadParameter(
+        f"{quote(fmt)} is not one of {', '.join(sorted(offered))} "
+        f"(the formats of backend {backend.name!r})",
+        param_hint="'-f' / '--format'",
+    )
+
+
+def _write_file(output: Path, text: str) -> None:
+    """Write `text` to `output` whole or not at all: a temporary file renamed over it.
+
+    The temporary file is made beside the file it replaces, under a name of its own
+    (two runs never share one, and a long `output` name leaves room for it), and is
+    removed on any failure. A symlink is followed: its target is replaced and the link
+    stays a link. The file keeps its permissions, or gets the umask's for a new one
+    (mkstemp's own are 0600).
+    """
+    target = Path(os.path.realpath(output))
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=".lbc-", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @main.command("check")
@@ -94,14 +207,15 @@ def check_cmd(file: Path) -> None:
         cluster = load(file)
     except LbcError as exc:
         _fail(exc)
-    click.echo(f"{file}: ok ({len(cluster.services)} services)")
+    n = len(cluster.services)
+    _echo(f"{file}: ok ({n} service{'' if n == 1 else 's'})")
 
 
 @main.command("schema")
 def schema_cmd() -> None:
     """Print the JSON Schema of cluster.toml."""
     schema = Cluster.model_json_schema()
-    click.echo(json.dumps(schema, indent=2, sort_keys=True))
+    _echo(json.dumps(schema, indent=2, sort_keys=True))
 
 
 @main.command("backends")
@@ -113,11 +227,11 @@ def backends_cmd() -> None:
         _fail(exc)
     width = max(len(name) for name in found)
     for name, backend in found.items():
-        click.echo(f"{name:<{width}}  {backend.description}")
+        _echo(f"{name:<{width}}  {backend.description}")
         features = ", ".join(sorted(backend.features)) or "-"
         schedulers = ", ".join(sorted(backend.schedulers))
-        click.echo(f"{'':<{width}}  features: {features}")
-        click.echo(f"{'':<{width}}  schedulers: {schedulers}")
+        _echo(f"{'':<{width}}  features: {features}")
+        _echo(f"{'':<{width}}  schedulers: {schedulers}")
 
 
 @main.command("explain")
@@ -139,29 +253,61 @@ def explain_cmd(file: Path, source: str, dest: str, proto: str, origin: str | No
     """Explain where a new connection goes: frontend, pool, backends, masquerade."""
     try:
         address, port = _split_hostport(dest)
-        ipaddress.ip_address(source)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="'--to'") from None
+    try:
+        src = _ip(source)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--from'") from None
+    if src.version != address.version:
+        raise click.UsageError(
+            f"source and destination are different IP families "
+            f"(--from is IPv{src.version}, --to is IPv{address.version})"
+        )
     try:
         program = lower(load(file))
     except LbcError as exc:
         _fail(exc)
     result = trace(
-        program, source, address, port, proto.lower(), Origin(origin) if origin else None
+        program, str(src), str(address), port, proto.lower(), Origin(origin) if origin else None
     )
     for step in result.steps:
-        click.echo(step)
-    click.echo(f"verdict: {result.verdict}")
+        _echo(step)
+    _echo(f"verdict: {result.verdict}")
 
 
-def _split_hostport(text: str) -> tuple[str, int]:
+def _split_hostport(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """`10.0.0.1:80` or `[fd00::1]:80` as its address and port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{text!r} is not ADDRESS:PORT")
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {port} of {text!r} is out of range 1-65535")
-    host = host.removeprefix("[").removesuffix("]")
-    return str(ipaddress.ip_address(host)), int(port)
+    # ASCII digits only: str.isdigit() and int() also take other scripts' digits.
+    if not sep or not port or not (port.isascii() and port.isdigit()):
+        raise ValueError(f"{quote(text)} is not ADDRESS:PORT (or [IPv6-ADDRESS]:PORT)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not bracketed and ":" in host:
+        # `fd00::1:80` is itself an IPv6 address: only brackets make the port certain.
+        try:
+            example = f": [{ipaddress.IPv6Address(host)}]:{port}"
+        except ValueError:
+            example = ", such as [fd00::1]:80"
+        raise ValueError(f"write an IPv6 address in brackets, then its port{example}")
+    address = _ip(host[1:-1] if bracketed else host)
+    if address.version == 4 and bracketed:
+        raise ValueError(f"brackets are for IPv6 addresses: write {host[1:-1]}:{port}")
+    number = port.lstrip("0")
+    if len(number) > 5 or not 1 <= int(number or "0") <= 65535:
+        shown = port if len(port) <= 10 else port[:7] + "..."
+        raise ValueError(f"port {shown} of {quote(text)} is out of range 1-65535")
+    return address, int(number)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{quote(text)} is not an IPv4 or IPv6 address") from None
+    if "%" in text:  # `fe80::1%eth0`: rules know no zones, as cluster.toml does not
+        raise ValueError(f"{quote(text)}: an IPv6 zone id is not allowed here")
+    return address
 
 
 _ACTION_STYLE = {
@@ -173,15 +319,15 @@ _ACTION_STYLE = {
 
 def _show_plan(plan: Plan, fmt: str) -> None:
     if fmt == "json":
-        click.echo(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+        _echo(json.dumps(plan.to_json(), indent=2, sort_keys=True))
         return
     for change in plan.changes:
         mark, colour = _ACTION_STYLE[change.action]
-        click.secho(f"{mark} {change.action} {change.key}", fg=colour, bold=True)
+        _echo(f"{mark} {change.action} {change.key}", fg=colour, bold=True)
         for line in change.diff():
             fg = "green" if line.startswith("+") else "red" if line.startswith("-") else None
-            click.secho(f"    {line}", fg=fg)
-    click.echo(f"{plan.backend}: {plan.summary()}")
+            _echo(f"    {line}", fg=fg)
+    _echo(f"{plan.backend}: {plan.summary()}")
 
 
 def _kernel_options(fn: _F) -> _F:
@@ -219,7 +365,13 @@ def _lock_options(fn: _F) -> _F:
 @main.command("plan")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @_kernel_options
-@click.option("-f", "--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "-f",
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    default="text",
+)
 def plan_cmd(file: Path, backend: str, netns: str | None, fmt: str) -> None:
     """Show what apply would change (exit 0 in sync, 1 changes pending)."""
     try:
@@ -273,7 +425,7 @@ def apply_cmd(
         _fail(exc)
     if dry_run:
         _show_plan(result.plan, "text")
-    click.echo(result.summary())
+    _echo(result.summary())
 
 
 @main.command("verify")
@@ -286,7 +438,7 @@ def verify_cmd(file: Path, backend: str, netns: str | None) -> None:
     except LbcError as exc:
         _fail(exc)
     if drift.in_sync:
-        click.echo(f"{backend}: kernel matches {file}")
+        _echo(f"{backend}: kernel matches {file}")
         return
     _show_plan(drift, "text")
     click.echo(f"{backend}: drift detected; `lbc apply` restores {file}", err=True)
@@ -309,7 +461,7 @@ def delete_cmd(
         _fail(exc)
     if dry_run:
         _show_plan(result.plan, "text")
-    click.echo(result.summary())
+    _echo(result.summary())
 
 
 @main.command("diff")
@@ -328,5 +480,5 @@ def diff_cmd(old: Path, new: Path, backend: str) -> None:
             fg = "green"
         elif line.startswith("-") and not line.startswith("---"):
             fg = "red"
-        click.secho(line, fg=fg)
+        _echo(line, fg=fg)
     sys.exit(EXIT_PENDING if text else 0)

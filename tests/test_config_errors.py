@@ -11,16 +11,18 @@ unexpected extra one, a wrong line or path, or a message without the fragment.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydantic
 import pytest
 
 import lbc
-from lbc.compiler.model import DNS_LABEL
+from lbc.compiler.model import DNS_LABEL, Node, number
 
 BAD = Path(__file__).parent / "bad"
 CORPUS = sorted(BAD.glob("*.toml"))
@@ -41,7 +43,9 @@ ports = [{ name = "http", port = 80, protocol = "udp" }]
 def expectations(path: Path) -> list[Expected]:
     """The `# expect:` lines at the top of a corpus file."""
     out: list[Expected] = []
-    for raw in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+    for raw in (
+        path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff").splitlines()
+    ):
         if not raw.startswith("#"):
             break
         m = EXPECT.match(raw)
@@ -203,3 +207,103 @@ def test_any_edit_of_a_good_file_gives_config_error_or_cluster() -> None:
                 assert p.line is None or 1 <= p.line <= n_lines, p
                 assert "Input should" not in p.message and "Value error" not in p.message, p
                 assert len(p.message) < 200, p
+
+
+# --- values and documents the corpus cannot hold in one file each ----------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (65536, "65536"),
+        (10**20 - 1, "99999999999999999999"),
+        (10**20, "1000000000000000...(21 digits)"),
+        (-(10**5000), "-1000000000000000...(5001 digits)"),
+        (2**16000 - 1, "3019469337239227...(4817 digits)"),
+    ],
+    ids=["short", "20-digits", "21-digits", "negative-5001-digits", "16000-bits"],  # no str()
+)
+def test_long_numbers_are_cut_short(value: int, shown: str) -> None:
+    assert number(value) == shown
+    assert len(number(value, hexadecimal=True)) < 40
+
+
+def test_a_negative_integer_too_long_for_python_is_a_config_error() -> None:
+    text = '[node]\nname = "n"\nmasquerade_mark = -' + "4" * 4500 + "\n"
+    with pytest.raises(lbc.ConfigError) as info:
+        lbc.loads(text)
+    assert info.value.problems == (
+        lbc.Problem(
+            "<string>",
+            "node.masquerade_mark",
+            3,
+            "integer too large (4500 digits; a TOML integer fits in 64 bits)",
+        ),
+    )
+
+
+@pytest.mark.parametrize("source", ["\ufeff" + VALID, ("\ufeff" + VALID).encode("utf-8")])
+def test_a_byte_order_mark_is_skipped_in_text_and_bytes(source: str | bytes) -> None:
+    assert lbc.loads(source) == lbc.loads(VALID)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'node = { name = "n" }\n[node]\n',
+            "table [node] cannot be declared: node is an inline table (line 1)",
+        ),
+        ('[node]\nname = "n"\n\n[node]\n', "table [node] is declared twice (first on line 1)"),
+        (
+            'node.name = "n"\n[node]\n',
+            "table [node] is declared twice (by dotted keys on line 1)",
+        ),
+        (
+            '[[services]]\nname = "a"\n[services]\n',
+            "[services] is an array of tables ([[services]], line 1); add an element with "
+            "[[services]]",
+        ),
+        (
+            '[node]\nname = "n"\nx = { a = 1 }\nx.b = 2\n',
+            "node.x is an inline table (line 3): every key of an inline table is written "
+            "inside its braces",
+        ),
+        (
+            '[node.x]\n[node]\nname = "n"\nx.y = 1\n',
+            "table [node.x] is declared by its header (line 1); dotted keys cannot add to it",
+        ),
+        (
+            '"a.b" = { c = 1 }\n["a.b".c.d]\n',
+            'table ["a.b".c.d] cannot be declared: "a.b" is an inline table (line 1), which '
+            "cannot be extended",
+        ),
+    ],
+)
+def test_tables_that_cannot_be_declared_are_explained(text: str, message: str) -> None:
+    (problem,) = problems_of(text)
+    assert message in problem.message
+    assert "(" + "'" not in problem.message  # no Python tuple such as ('node', 'x')
+
+
+def test_a_zone_id_is_refused_in_addresses_given_as_objects() -> None:
+    with pytest.raises(pydantic.ValidationError, match="zone id"):
+        Node(name="n", addresses=[ipaddress.IPv6Address("fd00::1%eth0")])
+    with pytest.raises(pydantic.ValidationError, match="zone id"):
+        Node(name="n", pod_cidrs=[ipaddress.IPv6Network("fd00::%eth0/64")])
+
+
+def test_validate_refuses_special_addresses_set_in_code() -> None:
+    cluster = lbc.loads(VALID)
+    svc = cluster.services[0]
+    changed = cluster.model_copy(
+        update={"services": [svc.model_copy(update={"cluster_ips": [ipaddress.ip_address("::1")]})]}
+    )
+    with pytest.raises(lbc.ConfigError) as info:
+        lbc.validate(changed)
+    assert [(p.path, p.message) for p in info.value.problems] == [
+        (
+            "services[0].cluster_ips[0]",
+            "cluster IP ::1 is the loopback address, which Kubernetes does not allow",
+        )
+    ]

@@ -15,7 +15,15 @@ import pytest
 import tomli
 
 from lbc.compiler import locate
-from lbc.compiler.locate import format_path, key_lines, line_of
+from lbc.compiler.locate import (
+    Defined,
+    definitions,
+    format_path,
+    key_lines,
+    line_of,
+    long_integer,
+    toml_key,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,8 +225,10 @@ def test_quoted_keys_are_decoded() -> None:
 def _valid_toml(path: Path) -> bool:
     try:
         tomli.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomli.TOMLDecodeError):
-        return False  # some bad-input files are broken TOML on purpose
+    except ValueError:
+        # Some bad-input files are broken on purpose: not UTF-8, not TOML, or holding
+        # an integer too long for Python to convert (each a ValueError).
+        return False
     return True
 
 
@@ -282,3 +292,74 @@ def test_format_path() -> None:
 
 def test_module_example() -> None:
     assert doctest.testmod(locate).failed == 0
+
+
+# --- what tomli's messages need: how a key was first written, long integers ------------
+
+
+def test_definitions_say_how_each_part_of_a_key_was_written() -> None:
+    text = """\
+[node]
+name = "n"
+addresses = ["a"]
+extra = { a = 1 }
+x.y.z = 1
+[[services]]
+ports = [{ port = 1 }]
+[services.sub]
+"""
+    assert definitions(text, ("node", "addresses")) == [
+        Defined(("node",), "table", 1),
+        Defined(("node", "addresses"), "array", 3),
+    ]
+    assert definitions(text, ("node", "extra", "b")) == [
+        Defined(("node",), "table", 1),
+        Defined(("node", "extra"), "inline table", 4),
+        Defined(("node", "extra", "b"), "", None),
+    ]
+    assert [d.kind for d in definitions(text, ("node", "x", "y", "z"))] == [
+        "table",
+        "dotted",
+        "dotted",
+        "value",
+    ]
+    # tomli names keys without array indices: `ports` of the latest [[services]].
+    assert definitions(text, ("services", "ports")) == [
+        Defined(("services",), "array of tables", 6),
+        Defined(("services", "ports"), "array", 7),
+    ]
+    # A header's own table is declared; the tables it passes through are only implied.
+    assert definitions("[a.b]\n", ("a", "b")) == [
+        Defined(("a",), "", 1),
+        Defined(("a", "b"), "table", 1),
+    ]
+
+
+def test_definitions_follow_the_latest_element_of_an_array_of_tables() -> None:
+    text = '[[s]]\nports = [1]\n[[s]]\nname = "b"\n'
+    assert definitions(text, ("s", "ports"))[-1] == Defined(("s", "ports"), "", None)
+    assert definitions(text, ("s", "name"))[-1] == Defined(("s", "name"), "value", 4)
+
+
+def test_long_integer_finds_the_first_decimal_integer_over_the_limit() -> None:
+    digits = "9" * 30
+    text = f"""\
+a = "{digits}"  # a string of digits is no integer
+# {digits} nor is a comment
+b = 0x{"f" * 30}
+c = [1, 2, {digits[:10]}]
+[[t]]
+[[t]]
+n = {{ m = -{"1_" * 14}1, k = {digits} }}
+d = {digits}
+"""
+    assert long_integer(text, 9) == (("c", 2), 4, 10)
+    assert long_integer(text, 14) == (("t", 1, "n", "m"), 7, 15)  # digits, not "_" or "-"
+    assert long_integer(text, 15) == (("t", 1, "n", "k"), 7, 30)
+    assert long_integer(text, 30) is None
+
+
+def test_toml_key_writes_keys_as_toml_does() -> None:
+    assert toml_key(("services", "ports")) == "services.ports"
+    assert toml_key(("a.b", "c")) == '"a.b".c'
+    assert toml_key(("", 'q"uote')) == '"".' + '"q\\"uote"'

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import tomli
+from pydantic import ValidationError
 
 from lbc.compiler.load import loads
 from lbc.compiler.model import Cluster, Endpoint
@@ -20,6 +21,8 @@ VALID: list[dict[str, Any]] = [
     {"ip": "2001:db8::1", "node": "n"},
     {"ip": "2001:DB8:0:0::2"},
     {"ip": "::ffff:10.0.0.1"},
+    {"ip": "10.0.0.5", "ready": False, "serving": False},
+    {"ip": "10.0.0.6", "serving": False, "ready": False},
 ]
 INVALID: list[object] = [
     "10.0.0.1",
@@ -46,6 +49,12 @@ INVALID: list[object] = [
     {"ip": "10.0.0.1", "serving": "yes"},
     {"ip": "10.0.0.1", "terminating": None},
     {"ip": "10.0.0.1", "port": 80},
+    # A contradiction for the schema to word: ready (also by default) but not serving.
+    {"ip": "10.0.0.1", "ready": True, "serving": False},
+    {"ip": "10.0.0.1", "serving": False},
+    {"ip": "10.0.0.1", "serving": False, "ready": True},
+    # Zone ids: the schema refuses them (the fast path reads IPv4 only by itself).
+    {"ip": "fd00::1%eth0"},
 ]
 
 
@@ -109,3 +118,17 @@ def _toml(value: object) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     return str(value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [{"ip": "10.0.0.1", "serving": False}, {"ip": "10.0.0.1", "ready": True, "serving": False}],
+)
+def test_a_ready_endpoint_that_is_not_serving_is_refused_as_pydantic_refuses_it(
+    raw: dict[str, Any],
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        Endpoint.model_validate(raw)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("serving",)
+    assert "contradicts ready = true" in error["msg"]

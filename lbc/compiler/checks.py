@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from lbc.compiler.locate import Path, format_path
 from lbc.compiler.model import Node, Service
 
 Found = tuple[Path, str]
 Indexed = Sequence[tuple[int, Service]]
+# A service that failed the schema: its index, what of it passed, the keys that did not.
+Partial = tuple[int, Service, frozenset[str]]
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Keys of a service that hold the addresses it answers on, in the order they are checked.
@@ -17,17 +19,27 @@ _ADDRESS_KEYS = ("cluster_ips", "external_ips", "load_balancer_ips")
 _LABEL = {"cluster_ips": "cluster IP", "external_ips": "external IP", "load_balancer_ips": "LB IP"}
 
 
-def check(node: Node | None, services: Indexed) -> list[Found]:
+def check(node: Node | None, services: Indexed, partial: Sequence[Partial] = ()) -> list[Found]:
     """Every semantic problem as `(key path, message)`.
 
     `node` is None when it failed schema validation, and `services` holds only the
     services that passed it, with their index in the file; checks that need a part
     which is missing are skipped, so a schema error never causes a false report here.
+    `partial` holds the services that failed it, each with the keys that passed it on
+    their own (the others unset or empty) and the set of keys that did not: each gets
+    the checks of one service that read none of its broken keys, so that one run
+    reports as much as it can. Across services such a service takes part by its name
+    only (a duplicate name shows at once); its addresses and ports are compared with
+    other services' once it passes the schema.
     """
     found: list[Found] = []
     if node is not None:
         found += _node(node)
-    found += _across_services(services)
+    if partial:
+        named = [(i, _name_only(s)) for i, s, _ in partial]
+        found += _across_services(sorted([*services, *named], key=lambda item: item[0]))
+    else:
+        found += _across_services(services)
     for i, svc in services:
         at: Path = ("services", i)
         found += _addresses(at, svc)
@@ -36,7 +48,77 @@ def check(node: Node | None, services: Indexed) -> list[Found]:
         found += _endpoints(at, svc)
         if node is not None:
             found += _against_node(at, svc, node)
+    for i, svc, broken in partial:
+        at = ("services", i)
+        for checker, reads in _READS:
+            if not reads & broken:
+                found += checker(at, svc)
+        if "ports" not in broken:
+            found += _ports(at, svc, by_type="type" not in broken)
+        if node is not None and not _AGAINST_NODE_READS & broken:
+            found += _against_node(at, svc, node)
     return found
+
+
+# --- addresses no service, endpoint or node may have -----------------------------------
+#
+# Kubernetes' API validation (ValidateNonSpecialIP for service and node addresses, and
+# its endpoint IP validation) refuses the unspecified, loopback, link-local and
+# multicast addresses: none of them names one host that other hosts reach. lbc also
+# refuses the IPv4 broadcast address, and IPv4-mapped IPv6 addresses, which a rule
+# would match only in IPv6 packets while the traffic they mean arrives as IPv4.
+
+_V4 = ipaddress.IPv4Address
+# IPv4 addresses by their first byte: those of which some are special (0.0.0.0,
+# 127/8, 169.254/16, 224/4, 255.255.255.255). One lookup clears nearly every address.
+_V4_SUSPECT = tuple(b in (0, 127, 169, 255) or 224 <= b <= 239 for b in range(256))
+_SPECIAL_BLOCKS: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.ip_network(cidr), kind)
+    for cidr, kind in (
+        ("0.0.0.0/32", "unspecified"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("255.255.255.255/32", "broadcast"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+    )
+)
+_REFUSED = "which Kubernetes does not allow"
+
+
+def _special(ip: IP) -> str | None:
+    """What makes `ip` unusable as a service, endpoint or node address, or None."""
+    if type(ip) is _V4 and not _V4_SUSPECT[int(ip) >> 24]:
+        return None
+    for block, kind in _SPECIAL_BLOCKS:
+        if ip.version != block.version or ip not in block:
+            continue
+        if block.num_addresses == 1:
+            return f"the {kind} address, {_REFUSED}"
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            return f"an {kind} IPv6 address, {_REFUSED}; write {ip.ipv4_mapped}"
+        return f"a {kind} address ({block}), {_REFUSED}"
+    return None
+
+
+def _shown(ip: IP) -> str:
+    """`ip` as a message shows it: an IPv4-mapped address in its usual `::ffff:a.b.c.d`
+    form (Python before 3.13 prints `::ffff:a00:1`)."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return f"::ffff:{mapped}" if mapped is not None else str(ip)
+
+
+def _special_network(cidr: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+    """The special range that holds all of `cidr` (no pod has such addresses), or None."""
+    for block, kind in _SPECIAL_BLOCKS:
+        # (the versions are equal, which mypy cannot see through the union)
+        if cidr.version == block.version and cidr.subnet_of(block):  # type: ignore[arg-type]
+            return f"the {kind} range {block}" if block.num_addresses > 1 else f"the {kind} address"
+    return None
 
 
 def _node(node: Node) -> Iterator[Found]:
@@ -48,11 +130,17 @@ def _node(node: Node) -> Iterator[Found]:
                 f"a second IPv{cidr.version} pod CIDR; give at most one per IP family",
             )
         families.add(cidr.version)
+        why = _special_network(cidr)
+        if why is not None:
+            yield (("node", "pod_cidrs", i), f"pod CIDR {cidr} is inside {why}; pods cannot use it")
     seen: dict[IP, int] = {}
     for i, ip in enumerate(node.addresses):
         if ip in seen:
             yield (("node", "addresses", i), f"{ip} is listed twice (also addresses[{seen[ip]}])")
         seen.setdefault(ip, i)
+        why = _special(ip)
+        if why is not None:
+            yield (("node", "addresses", i), f"node address {_shown(ip)} is {why}")
 
 
 def _across_services(services: Indexed) -> Iterator[Found]:
@@ -133,6 +221,12 @@ def _addresses(at: Path, svc: Service) -> Iterator[Found]:
                 yield (where, f"{ip} is already listed at {format_path(seen[ip])}")
                 continue
             seen[ip] = (key, j)
+            # (`_special`'s own first test, inline: most addresses pass it, and a call
+            # per cluster IP is noticeable with ten thousand services)
+            why = _special(ip) if type(ip) is not _V4 or _V4_SUSPECT[int(ip) >> 24] else None
+            if why is not None:
+                yield (where, f"{_LABEL[key]} {_shown(ip)} is {why}")
+                continue
             if key != "cluster_ips" and ip.version not in families:
                 yield (
                     where,
@@ -160,7 +254,8 @@ def _settings(at: Path, svc: Service) -> Iterator[Found]:
         )
 
 
-def _ports(at: Path, svc: Service) -> Iterator[Found]:
+def _ports(at: Path, svc: Service, by_type: bool = True) -> Iterator[Found]:
+    """Port names and numbers, and (`by_type`) node ports against the service's type."""
     names: dict[str, int] = {}
     seen: dict[tuple[str, int], int] = {}
     for k, port in enumerate(svc.ports):
@@ -180,6 +275,8 @@ def _ports(at: Path, svc: Service) -> Iterator[Found]:
                 f"port {port.port}/{port.protocol.lower()} is already ports[{seen[pkey]}]",
             )
         seen.setdefault(pkey, k)
+        if not by_type:
+            continue
         if port.node_port is not None and svc.type == "ClusterIP":
             yield ((*where, "node_port"), 'node_port needs type = "NodePort" or "LoadBalancer"')
         if port.node_port is None and svc.type == "NodePort":
@@ -198,6 +295,8 @@ def _endpoints(at: Path, svc: Service) -> Iterator[Found]:
     # by the address's type (`version` is a Python property). Key paths are made only
     # for a problem.
     seen: dict[type, dict[int, int]] = {t: {} for t, v in _VERSION_OF.items() if v in families}
+    v4 = seen.get(_V4)
+    suspect = _V4_SUSPECT
     for j, ep in enumerate(svc.endpoints):
         ip = ep.ip
         numbers = seen.get(type(ip))
@@ -208,7 +307,15 @@ def _endpoints(at: Path, svc: Service) -> Iterator[Found]:
                 f"endpoint {ip} is IPv{ip.version} but the service is {have} only",
             )
             continue
-        first = numbers.setdefault(int(ip), j)
+        n = int(ip)
+        # An IPv4 address is cleared by its first byte here, without a call (there may be
+        # a hundred thousand endpoints); the rest, and IPv6, by `_special`.
+        if numbers is not v4 or suspect[n >> 24]:
+            why = _special(ip)
+            if why is not None:
+                yield ((*at, "endpoints", j, "ip"), f"endpoint {_shown(ip)} is {why}")
+                continue
+        first = numbers.setdefault(n, j)
         if first != j:
             yield (
                 (*at, "endpoints", j, "ip"),
@@ -235,6 +342,35 @@ def _against_node(at: Path, svc: Service, node: Node) -> Iterator[Found]:
             (*at, "ports", k, "node_port"),
             f"node port {number} needs an {need} address in node.addresses",
         )
+
+
+# The keys each check of one service reads: a service that failed the schema gets the
+# check only if none of them is broken (a default in place of a broken key misleads).
+# `_ports` reads `ports`, and `type` only for its node-port checks.
+_READS: tuple[tuple[Callable[[Path, Service], Iterator[Found]], frozenset[str]], ...] = (
+    (_addresses, frozenset(_ADDRESS_KEYS)),
+    (
+        _settings,
+        frozenset(
+            {
+                "type",
+                "external_ips",
+                "load_balancer_ips",
+                "load_balancer_source_ranges",
+                "external_traffic_policy",
+                "session_affinity",
+                "session_affinity_timeout",
+            }
+        ),
+    ),
+    (_endpoints, frozenset({"cluster_ips", "endpoints"})),
+)
+_AGAINST_NODE_READS = frozenset({"cluster_ips", "ports", "type"})
+
+
+def _name_only(svc: Service) -> Service:
+    """`svc`'s namespace and name, without addresses or ports."""
+    return Service.model_construct(namespace=svc.namespace, name=svc.name, cluster_ips=[], ports=[])
 
 
 def _who(svc: Service) -> str:

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import datetime
 import difflib
+import functools
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
 import tomli
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from lbc.collector import paused
 from lbc.compiler import model
-from lbc.compiler.checks import Found, check
-from lbc.compiler.locate import Path, format_path, key_lines, line_of
-from lbc.compiler.model import Cluster, Node, Service, quote
+from lbc.compiler.checks import Found, Partial, check
+from lbc.compiler.locate import (
+    Path,
+    definitions,
+    format_path,
+    key_lines,
+    line_of,
+    long_integer,
+    toml_key,
+)
+from lbc.compiler.model import Cluster, Endpoint, Node, Service, ServicePort, number, quote
 from lbc.compiler.prevalidate import prevalidate
 from lbc.errors import ConfigError, Problem, UsageError
 
@@ -53,13 +64,21 @@ def loads(text: str | bytes, filename: str = "<string>") -> Cluster:
         text = _decode(text, filename)
     elif not isinstance(text, str):
         raise UsageError(f"loads() takes TOML text (str or bytes), not {type(text).__name__}")
+    # A byte order mark, as some editors write at the start of a UTF-8 file, is not
+    # TOML; it is not a line either, so line numbers stay as they were.
+    text = text.removeprefix("\ufeff")
     try:
         data = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
-        raise ConfigError([_toml_problem(exc, filename)]) from None
+        raise ConfigError([_toml_problem(exc, text, filename)]) from None
     except RecursionError:  # tomli's limit on nesting, or Python's own
         message = "malformed TOML: tables or arrays are nested too deeply"
         raise ConfigError([Problem(filename, "", None, message)]) from None
+    except ValueError:
+        # Python's limit on the digits of a decimal integer it converts (4300); tomli
+        # lets its ValueError through, without a position. No TOML integer is that
+        # long: the spec's integers are 64-bit.
+        raise ConfigError([_long_integer_problem(text, filename)]) from None
     return _checked(data, text, filename)
 
 
@@ -118,20 +137,100 @@ def _decode(raw: bytes, filename: str) -> str:
         raise ConfigError([Problem(filename, "", line, message)]) from None
 
 
-def _toml_problem(exc: tomli.TOMLDecodeError, filename: str) -> Problem:
+def _long_integer_problem(text: str, filename: str) -> Problem:
+    found = long_integer(text, sys.get_int_max_str_digits() or len(text))
+    if found is None:  # not where the locator looks: say what is known
+        return Problem(filename, "", None, "malformed TOML: an integer is too large")
+    path, line, digits = found
+    message = f"integer too large ({digits} digits; a TOML integer fits in 64 bits)"
+    return Problem(filename, format_path(path), line, message)
+
+
+def _toml_problem(exc: tomli.TOMLDecodeError, text: str, filename: str) -> Problem:
     message = str(getattr(exc, "msg", exc))
+    line: int | None = getattr(exc, "lineno", None)
     if message == "Illegal character '\\n'":
         message = "a string is not closed before the end of its line"
     elif message == "Cannot overwrite a value":
         message = "this key is already set; a key may be given only once"
-    elif message.startswith("Cannot declare ("):
-        # tomli names the table as a Python tuple; say it as the header the user wrote.
-        table = message.removeprefix("Cannot declare ").removesuffix(" twice")
-        parts = [p.strip(" '\"") for p in table.strip("(),").split(",") if p.strip()]
-        message = f"table [{'.'.join(parts)}] is declared twice"
+    elif message.startswith(_CONFLICTS):
+        # tomli names the key as a Python tuple and does not say what is in the way.
+        message = _conflict(message, text, line) or message
     column = getattr(exc, "colno", None)
     where = f" (column {column})" if column else ""
-    return Problem(filename, "", getattr(exc, "lineno", None), f"malformed TOML{where}: {message}")
+    return Problem(filename, "", line, f"malformed TOML{where}: {message}")
+
+
+_CONFLICTS = (
+    "Cannot declare (",
+    "Cannot mutate immutable namespace (",
+    "Cannot redefine namespace (",
+)
+
+
+def _conflict(message: str, text: str, line: int | None) -> str | None:
+    """tomli's "Cannot declare/mutate/redefine ('a', 'b') ..." worded with the TOML keys.
+
+    What is in the way is found by reading the document up to `line` (where tomli
+    stopped): the first leading part of the key written as a value (an inline table or
+    an array, which cannot be extended), or else how the key itself was written.
+    """
+    verb, _, rest = message.partition(" (")
+    try:
+        key = ast.literal_eval("(" + rest.removesuffix(" twice"))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(key, tuple) or not key or not all(isinstance(k, str) for k in key):
+        return None
+    start = 0
+    for _ in range((line or 1) - 1):
+        start = text.find("\n", start) + 1
+    header = text[start:].lstrip(" \t").startswith("[")
+    written = definitions(text[:start], key)
+    blocker = next((d for d in written if d.kind in _VALUE_KINDS), None)
+    name = toml_key(key)
+    if verb == "Cannot declare":
+        if blocker is not None:
+            what = f"{toml_key(blocker.key)} is {_VALUE_KINDS[blocker.kind]} (line {blocker.line})"
+            if blocker.key == key:
+                return f"table [{name}] cannot be declared: {what}"
+            return f"table [{name}] cannot be declared: {what}, which cannot be extended"
+        first = written[-1]
+        if first.kind == "array of tables":
+            return (
+                f"[{name}] is an array of tables ([[{name}]], line {first.line}); "
+                f"add an element with [[{name}]]"
+            )
+        if first.kind == "dotted":
+            return f"table [{name}] is declared twice (by dotted keys on line {first.line})"
+        if first.line is not None:
+            return f"table [{name}] is declared twice (first on line {first.line})"
+        return f"table [{name}] is declared twice"
+    if verb == "Cannot mutate immutable namespace":
+        if blocker is None:  # the locator lost track: still no Python tuple
+            return f"{name} is an inline table or an array: it cannot be extended"
+        what = f"{toml_key(blocker.key)} is {_VALUE_KINDS[blocker.kind]} (line {blocker.line})"
+        if header and blocker.kind == "array":
+            return (
+                f"[[{name}]] cannot add to {toml_key(blocker.key)}, an array written as a "
+                f"value (line {blocker.line}); write every element in that array, or each "
+                f"as [[{name}]]"
+            )
+        if blocker.kind == "inline table":
+            return f"{what}: every key of an inline table is written inside its braces"
+        return f"{what}, not a table: it cannot hold keys"
+    if verb == "Cannot redefine namespace":
+        first = written[-1]
+        where = f" (line {first.line})" if first.line is not None else ""
+        return (
+            f"table [{name}] is declared by its header{where}; dotted keys cannot add to "
+            f"it: write the key under [{name}]"
+        )
+    return None
+
+
+# Values that are complete where they are written: no header or dotted key adds to them.
+_VALUE_KINDS = {"inline table": "an inline table", "array": "an array", "value": "a value"}
 
 
 def _config_error(text: str, filename: str, found: list[Found]) -> ConfigError:
@@ -141,17 +240,64 @@ def _config_error(text: str, filename: str, found: list[Found]) -> ConfigError:
     return ConfigError(problems)
 
 
-def _valid_parts(data: dict[str, Any]) -> tuple[Node | None, list[tuple[int, Service]]]:
-    """The node and the services that pass the schema on their own, for semantic checks."""
+def _valid_parts(
+    data: dict[str, Any],
+) -> tuple[Node | None, list[tuple[int, Service]], list[Partial]]:
+    """The node and the services that pass the schema on their own, for semantic checks,
+    and what passes of the services that do not (`checks.check`)."""
     node = _try(Node, data.get("node"))
     services: list[tuple[int, Service]] = []
+    partial: list[Partial] = []
     raw = data.get("services")
     if isinstance(raw, list):
         for i, item in enumerate(raw):
             svc = _try(Service, item)
             if svc is not None:
                 services.append((i, svc))
-    return node, services
+                continue
+            part = _partial(item)
+            if part is not None:
+                partial.append((i, *part))
+    return node, services, partial
+
+
+def _partial(item: object) -> tuple[Service, frozenset[str]] | None:
+    """A service that fails the schema, as far as it passes: a `Service` of the keys
+    that are valid each on its own (a broken or missing list is empty), and the set of
+    the broken or missing keys. None without a valid namespace and name, which the
+    checks across services tell services apart by."""
+    if not isinstance(item, dict):
+        return None
+    values: dict[str, Any] = {}
+    broken: set[str] = set()
+    for key, field in Service.model_fields.items():
+        if key not in item:
+            if field.is_required():
+                broken.add(key)
+            continue
+        part = _try(_key_model(key), {key: item[key]})
+        if part is None:
+            broken.add(key)
+        else:
+            values[key] = getattr(part, key)
+    if {"namespace", "name"} & broken:
+        return None
+    for key in ("cluster_ips", "ports"):
+        values.setdefault(key, [])
+    return Service.model_construct(**values), frozenset(broken)
+
+
+@functools.cache
+def _key_model(key: str) -> type[BaseModel]:
+    """A model of the one key `key` of a service, validated as `Service` validates it."""
+    field = Service.model_fields[key]
+    config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # (untyped: mypy cannot match a computed keyword argument to create_model's overloads)
+    make: Any = create_model
+    model: type[BaseModel] = make(
+        f"Service_{key}", __config__=config, **{key: (field.annotation, field)}
+    )
+    return model
 
 
 def _without(data: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
@@ -255,7 +401,9 @@ def _message(err: Any, loc: Path) -> str:
     if kind == "missing":
         return f"missing required key {name!r}"
     if kind == "extra_forbidden":
-        return f"unknown key {quote(name)}" + _suggest(loc[:-1], name, None)
+        return f"unknown key {quote(name)}" + (
+            _suggest(loc[:-1], name, None) or _home(loc[:-1], name)
+        )
     if kind in _TYPES:
         return f"expected {_TYPES[kind]}, got {_describe(value)}"
     if kind == "wrong_type":
@@ -291,8 +439,10 @@ def _describe(value: object) -> str:
     """A TOML value as a user would name it: `the string '80'`, `an array`, ..."""
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"the {'integer' if isinstance(value, int) else 'float'} {value!r}"
+    if isinstance(value, int):
+        return f"the integer {number(value)}"
+    if isinstance(value, float):
+        return f"the float {value!r}"
     if isinstance(value, str):
         return f"the string {quote(value)}"
     if isinstance(value, list):
@@ -306,6 +456,8 @@ def _describe(value: object) -> str:
 
 def _out_of_range(loc: Path, name: str, value: object) -> str:
     low, high = _bounds(_field_at(loc))
+    if isinstance(value, int):
+        value = number(value)
     if low is not None and high is not None:
         return f"{name} {value} is out of range {low}-{high}"
     if low is not None:
@@ -338,6 +490,36 @@ def _suggest(table: Path, word: str, options: list[str] | None) -> str:
     """`; did you mean 'x'?` for a close option, or nothing."""
     close = _closest(table, word, options)
     return f"; did you mean {close!r}?" if close else ""
+
+
+# The tables of cluster.toml, each with its header: where `_home` looks for a key.
+_TABLES: tuple[tuple[type[BaseModel], str], ...] = (
+    (Node, "[node]"),
+    (Service, "[[services]]"),
+    (ServicePort, "[[services.ports]]"),
+    (Endpoint, "[[services.endpoints]]"),
+)
+
+
+def _home(table: Path, word: str) -> str:
+    """`; weight belongs in [[services.endpoints]]` for a key of another table, or nothing.
+
+    A key written in the wrong table (an endpoint's `weight` directly under
+    `[[services]]`, a top-level `[[endpoints]]`) is no misspelling: say where it goes.
+    """
+    here = _model_at(table)
+    homes: list[str] = []
+    for table_model, header in _TABLES:
+        field = table_model.model_fields.get(word)
+        if table_model is here or field is None:
+            continue
+        if _inner_model(field.annotation) is not None:  # a table of its own: its header
+            return f"; {word} belong in a service, as [[services.{word}]]"
+        homes.append(header)
+    if not homes:
+        return ""
+    where = homes[0] if len(homes) == 1 else f"{', '.join(homes[:-1])} or {homes[-1]}"
+    return f"; {word} belongs in {where}"
 
 
 def _closest(table: Path, word: str, options: list[str] | None) -> str | None:

@@ -14,6 +14,12 @@ tomli accepts: newlines and trailing commas in inline tables).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import tomli
 
 Path = tuple[str | int, ...]
@@ -32,6 +38,9 @@ class _Reader:
         self.line = 1
         self.lines: dict[Path, int] = {}
         self.array_tables: dict[Path, int] = {}
+        # How each path was first written: "table", "array of tables", "dotted" (a table
+        # made by a dotted key such as `a.b = 1`), "inline table", "array" or "value".
+        self.kinds: dict[Path, str] = {}
 
     # --- low level -----------------------------------------------------------------
     def peek(self) -> str:
@@ -60,8 +69,13 @@ class _Reader:
             else:
                 return
 
-    def record(self, path: Path, line: int | None = None) -> None:
+    def record(self, path: Path, line: int | None = None, kind: str = "") -> None:
         self.lines.setdefault(path, self.line if line is None else line)
+        if kind:
+            self.kinds.setdefault(path, kind)
+
+    def bare(self, path: Path, token: str) -> None:
+        """Called with each bare value (number, boolean, date-time) as written."""
 
     # --- strings -------------------------------------------------------------------
     def string(self) -> str:
@@ -114,8 +128,8 @@ class _Reader:
             self.expect(".")
 
     def value(self, path: Path) -> None:
-        self.record(path)
         c = self.peek()
+        self.record(path, kind=_VALUE_KIND.get(c, "value"))
         if c in ("'", '"'):
             self.string()
         elif c == "[":
@@ -126,6 +140,7 @@ class _Reader:
             j = self.i
             while j < len(self.s) and self.s[j] not in _VALUE_END:
                 j += 1
+            self.bare(path, self.s[self.i : j])
             self.advance_to(j)
 
     def array(self, path: Path) -> None:
@@ -157,8 +172,9 @@ class _Reader:
     def key_value(self, table: Path) -> None:
         line = self.line
         parts = self.key()
-        for n in range(1, len(parts) + 1):
-            self.record((*table, *parts[:n]), line)
+        for n in range(1, len(parts)):
+            self.record((*table, *parts[:n]), line, "dotted")
+        self.record((*table, *parts), line)
         self.expect("=")
         self.skip_ws(False)
         self.value((*table, *parts))
@@ -174,15 +190,18 @@ class _Reader:
         for n, part in enumerate(parts):
             path.append(part)
             prefix = tuple(path)
-            if array and n == len(parts) - 1:
+            last = n == len(parts) - 1
+            if array and last:
                 count = self.array_tables.get(prefix, 0)
                 self.array_tables[prefix] = count + 1
-                self.record(prefix)
+                self.record(prefix, kind="array of tables")
                 path.append(count)
             elif prefix in self.array_tables:
                 # A sub-table of an array of tables belongs to its latest element.
                 path.append(self.array_tables[prefix] - 1)
-            self.record(tuple(path))
+            # The tables a header passes through (`a` of `[a.b]`) are only implied: a
+            # later `[a]` may still declare them.
+            self.record(tuple(path), kind="table" if last else "")
         return tuple(path)
 
     def document(self) -> dict[Path, int]:
@@ -197,14 +216,94 @@ class _Reader:
                 self.key_value(table)
 
 
+_VALUE_KIND = {"{": "inline table", "[": "array"}
+
+
 def key_lines(text: str) -> dict[Path, int]:
     """Return the line of every key path in `text` (TOML that tomli accepted); best effort."""
-    reader = _Reader(text)
+    return _read(_Reader(text)).lines
+
+
+def _read(reader: _Reader) -> _Reader:
+    # Never let a locator bug hide the real error: keep what was found so far.
+    with contextlib.suppress(IndexError, ValueError, tomli.TOMLDecodeError):
+        reader.document()
+    return reader
+
+
+class Defined(NamedTuple):
+    """How a key was first written: its kind (`_Reader.kinds`, "" if only implied) and line."""
+
+    key: tuple[str, ...]
+    kind: str
+    line: int | None
+
+
+def definitions(text: str, key: Sequence[str]) -> list[Defined]:
+    """How each leading part of `key` was first written in `text`, shortest first.
+
+    `key` is a key as tomli's messages name it: without the indices of arrays of
+    tables (`("services", "ports")` is the `ports` of the latest `[[services]]`).
+    `text` is the document up to the line where tomli stopped.
+    """
+    reader = _read(_Reader(text))
+    out: list[Defined] = []
+    path: list[str | int] = []
+    for n, part in enumerate(key):
+        path.append(part)
+        found = tuple(path)
+        out.append(
+            Defined(tuple(key[: n + 1]), reader.kinds.get(found, ""), reader.lines.get(found))
+        )
+        if found in reader.array_tables:
+            path.append(reader.array_tables[found] - 1)
+    return out
+
+
+_DECIMAL = re.compile(r"[+-]?[0-9](?:_?[0-9])*", re.ASCII)
+
+
+class _LongInteger(Exception):
+    def __init__(self, path: Path, line: int, digits: int) -> None:
+        super().__init__(path, line, digits)
+        self.found = (path, line, digits)
+
+
+class _IntegerReader(_Reader):
+    """A reader that stops at the first decimal integer of more than `limit` digits."""
+
+    def __init__(self, text: str, limit: int) -> None:
+        super().__init__(text)
+        self.limit = limit
+
+    def bare(self, path: Path, token: str) -> None:
+        token = token.strip()
+        if len(token) > self.limit and _DECIMAL.fullmatch(token):
+            digits = sum(c.isdigit() for c in token)
+            if digits > self.limit:
+                raise _LongInteger(path, self.line, digits)
+
+
+def long_integer(text: str, limit: int) -> tuple[Path, int, int] | None:
+    """The first decimal integer in `text` with more than `limit` digits, or None.
+
+    Returns its key path, its line and its count of digits. tomli stops at such a
+    number with a plain `ValueError` (Python's limit on converting long decimal
+    strings), without a position; everything before it is valid TOML.
+    """
     try:
-        return reader.document()
-    except (IndexError, ValueError, tomli.TOMLDecodeError):
-        # Never let a locator bug hide the real error: keep what was found so far.
-        return reader.lines
+        _read(_IntegerReader(text, limit))
+    except _LongInteger as found:
+        return found.found
+    return None
+
+
+def toml_key(key: Sequence[str | int]) -> str:
+    """A key as a TOML document writes it: `services.ports`, `"a.b".c`."""
+    return ".".join(
+        part if part and all(c in _BARE for c in part) else json.dumps(part, ensure_ascii=False)
+        for part in (str(p) for p in key)
+    )
 
 
 def line_of(lines: dict[Path, int], path: Path) -> int | None:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import re
 import socket
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -30,14 +40,49 @@ def quote(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
+_LONG = 10**20  # integers from here on are shown cut short
+
+
+def number(value: int, hexadecimal: bool = False) -> str:
+    """A config integer as a message shows it: cut short when long, as `quote` does.
+
+    A TOML hex, octal or binary literal may be thousands of digits long, and Python
+    refuses to write an integer of more than 4300 decimal digits (`str()` raises), so
+    a long one is shown by its leading digits and its length.
+    """
+    if -_LONG < value < _LONG:
+        return f"{value:#x}" if hexadecimal else str(value)
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    if hexadecimal:
+        digits = (value.bit_length() + 3) // 4
+        return f"{sign}{value >> 4 * (digits - 16):#x}...({digits} hex digits)"
+    # Estimate the count of decimal digits from the bit length (a little low, never
+    # high: 0.30102 < log10(2)), then correct it with exact comparisons.
+    digits = int((value.bit_length() - 1) * 0.30102) + 1
+    while value >= 10**digits:
+        digits += 1
+    return f"{sign}{value // 10 ** (digits - 16)}...({digits} digits)"
+
+
 def _wrong_type(expected: str) -> PydanticCustomError:
     # One error instead of one per union member; load.py words it from `expected`.
     return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
 
 
+def _zone_id(text: str, plain: str) -> ValueError:
+    # `fe80::1%eth0` names an interface of one host; a rule cannot match on it, and
+    # `fd00::1%eth0` would not even compare equal to `fd00::1` in duplicate checks.
+    zone = text[text.index("%") :].partition("/")[0]
+    return ValueError(
+        f"{quote(text)}: an IPv6 zone id ({quote(zone)}) is not allowed here; write {plain!r}"
+    )
+
+
 def _address(value: object) -> object:
     # Strings only: pydantic would otherwise read an integer as an IPv4 address.
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if getattr(value, "scope_id", None) is not None:
+            raise _zone_id(str(value), str(value).partition("%")[0])
         return value
     if not isinstance(value, str):
         raise _wrong_type("an IP address string")
@@ -48,54 +93,85 @@ def _address(value: object) -> object:
     except (OSError, ValueError):
         pass
     try:
-        return ipaddress.ip_address(value)
+        parsed = ipaddress.ip_address(value)
     except ValueError:
         pass
+    else:
+        if "%" in value:
+            raise _zone_id(value, value.partition("%")[0])
+        return parsed
     _, slash, prefix = value.partition("/")
     hint = ""
     if slash:
         try:
             ipaddress.ip_interface(value)
-            hint = f" (drop the '/{prefix}')"
         except ValueError:
             pass
+        else:
+            if "%" in value:
+                raise _zone_id(value, value.partition("%")[0])
+            hint = f" (drop the '/{prefix}')"
     raise ValueError(f"{quote(value)} is not an IPv4 or IPv6 address{hint}")
 
 
 def _network(value: object) -> object:
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        if "%" in str(value):
+            raise _zone_id(str(value), _unzoned(str(value)))
         return value
     if not isinstance(value, str):
         raise _wrong_type("a CIDR string")
     try:
-        return ipaddress.ip_network(value, strict=True)
+        parsed = ipaddress.ip_network(value, strict=True)
     except ValueError:
         pass
+    else:
+        if "%" in value:
+            raise _zone_id(value, _unzoned(value))
+        return parsed
     try:
         loose = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValueError(f"{quote(value)} is not a CIDR such as '10.244.0.0/16'") from None
+    if "%" in value:
+        raise _zone_id(value, _unzoned(str(loose)))
     raise ValueError(f"{quote(value)} has host bits set; did you mean '{loose}'?")
+
+
+def _unzoned(cidr: str) -> str:
+    """`fd00::%1/64` without its zone id: `fd00::/64`."""
+    address, _, rest = cidr.partition("%")
+    return address + rest[rest.find("/") :] if "/" in rest else address
 
 
 def _protocol(value: object) -> object:
     if isinstance(value, str):
         if value.upper() not in PROTOCOLS:
-            raise ValueError(f"protocol {quote(value)} is not TCP, UDP or SCTP")
+            close = difflib.get_close_matches(value.upper(), PROTOCOLS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"protocol {quote(value)} is not TCP, UDP or SCTP{hint}")
         return value.upper()
     return value
+
+
+# The README promises "an integer or a hex string": "0x" and hex digits, nothing else
+# (`int(text, 0)` would also take " 0b100_0000_0000_0000 " or "16384").
+_HEX = re.compile(r"0[xX][0-9a-fA-F]+", re.ASCII)
 
 
 def _mark(value: object) -> object:
     if isinstance(value, str):
         text = value
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise ValueError(f"{quote(text)} is not an integer such as 0x4000") from None
+        if not _HEX.fullmatch(text):
+            hint = ""
+            if text.strip().isascii() and text.strip().isdigit():
+                hint = f" (or write the integer without quotes: {text.strip()})"
+            raise ValueError(f"{quote(text)} is not a hex string such as '0x4000'{hint}")
+        value = int(text, 16)
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0 or value >= 1 << 32 or value & (value - 1):
-            raise ValueError(f"{value:#x} is not a single bit of a 32-bit mark, such as 0x4000")
+            shown = number(value, hexadecimal=True)
+            raise ValueError(f"{shown} is not a single bit of a 32-bit mark, such as 0x4000")
         return value
     raise _wrong_type("an integer or a hex string")
 
@@ -110,7 +186,9 @@ ProtocolName = Annotated[
 Mark = Annotated[
     int,
     BeforeValidator(_mark),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": f"^{_HEX.pattern}$"}]}
+    ),
 ]
 
 
@@ -183,6 +261,19 @@ class Endpoint(_Strict):
         default=None, description="Serving (defaults to `ready`); used while terminating."
     )
     terminating: bool = Field(default=False, description="The endpoint is shutting down.")
+
+    @field_validator("serving")
+    @classmethod
+    def _serving_if_ready(cls, serving: bool | None, info: ValidationInfo) -> bool | None:
+        # In Kubernetes a ready endpoint is a serving one (ready = serving and not
+        # terminating); `ready = true, serving = false` says two things at once.
+        # (prevalidate.py leaves such an endpoint to pydantic, so this always runs.)
+        if serving is False and info.data.get("ready") is True:
+            raise ValueError(
+                "serving = false contradicts ready = true (a ready endpoint is serving); "
+                "set ready = false, or drop serving"
+            )
+        return serving
 
 
 class Service(_Strict):

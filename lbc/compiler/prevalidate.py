@@ -66,6 +66,7 @@ class _Endpoints:
         if type(raw) is not dict:
             return None
         values = _DEFAULTS.copy()
+        not_serving = False
         for key, value in raw.items():
             if key == "ip":
                 if type(value) is not str:
@@ -83,6 +84,7 @@ class _Endpoints:
             elif key in _BOOLS:
                 if type(value) is not bool:
                     return None
+                not_serving = not_serving or (key == "serving" and not value)
             elif key == "weight":
                 if type(value) is not int or not 0 <= value <= 65535:
                     return None
@@ -98,6 +100,8 @@ class _Endpoints:
             values[key] = value
         if values["ip"] is None:
             return None
+        if not_serving and values["ready"]:
+            return None  # a contradiction for the schema to word (`Endpoint._serving_if_ready`)
         keys = tuple(raw)
         fields_set = self.key_sets.get(keys)
         if fields_set is None:
