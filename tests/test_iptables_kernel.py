@@ -302,3 +302,47 @@ def test_dual_stack_service_answers_on_both_families(seed: netns.Seed) -> None:
         result = seed.client.request(vip, 80, count=20)
         print(f"\n  dual-stack, client -> {vip} port 80 x20: {result}")
         assert result.sources == Counter({(pod, gateways[pod]): 20})
+
+
+# --- localhost node ports and route_localnet -------------------------------------------
+LOOPBACK_ONLY_PORTS = (9998, 9999)  # services of the node's own, bound to 127.0.0.1
+
+
+def half_open_from(ns: netns.Netns, port: int) -> list[str]:
+    """The peers whose SYN a listener of `ns` on `port` answered and that have not
+    completed the handshake; equivalent to `ss -Htn state syn-recv sport = :PORT`."""
+    out = ns.exec("ss", "-Htn", "state", "syn-recv", "sport", "=", f":{port}")
+    return [line.split()[-1] for line in out.splitlines()]
+
+
+def test_localhost_node_ports_keep_the_loopback_off_the_network() -> None:
+    """route_localnet, which node ports on 127.0.0.1 need, lets a neighbour reach what
+    listens on the node's loopback (CVE-2020-8558); lbc's rules drop that, and only that.
+
+    A neighbour routes 127.0.0.1 to the node. With the rules of a cluster without
+    localhost node ports, the node's loopback-only server answers the neighbour's SYN
+    (the neighbour's own kernel then drops a reply from 127.0.0.1, so the half-open
+    connection on the node tells); with `localhost_node_ports` the SYN is dropped before
+    it, while the node's own connections to its loopback still succeed."""
+    netns.require(*TOOLS)
+    case = GOLDEN / "localhost-node-port" / "cluster.toml"
+    without = lbc.loads(case.read_text().replace("localhost_node_ports = true", ""))
+    with netns.Lab() as lab:
+        node, neighbour = lab.namespace("node"), lab.namespace("nbr")
+        lab.link(node, ["192.168.49.2/24"], neighbour, ["192.168.49.9/24"], b_name="eth0")
+        node.sysctl("net.ipv4.conf.all.route_localnet", 1)  # what `lbc apply` sets
+        neighbour.sysctl("net.ipv4.conf.all.route_localnet", 1)  # may send to 127.0.0.1
+        neighbour.ip("route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local")
+        neighbour.ip("route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local")
+        neighbour.ip("route", "add", "127.0.0.1/32", "via", "192.168.49.2", "dev", "eth0")
+        lab.serve(node, "loopback-only", "127.0.0.1", *LOOPBACK_ONLY_PORTS)
+        exposed, guarded = LOOPBACK_ONLY_PORTS
+        restore(node, lbc.compile(without, "iptables").data[4])
+        neighbour.request("127.0.0.1", exposed, timeout=0.5)
+        peers = [peer.rsplit(":", 1)[0] for peer in half_open_from(node, exposed)]
+        assert peers == ["192.168.49.9"], "the setup does not show the exposure"
+        restore(node, compiled(case))
+        neighbour.request("127.0.0.1", guarded, timeout=0.5)
+        assert half_open_from(node, guarded) == []
+        local = node.request("127.0.0.1", guarded, count=3)
+        assert local.names == Counter({"loopback-only": 3}), local

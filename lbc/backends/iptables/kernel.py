@@ -29,7 +29,7 @@ TABLES = ("filter", "nat")
 LIST_FIRST_FROM = 2000
 LOCALHOST_MATCH = "-d 127.0.0.1/32 "
 # The chains jumped to from built-in chains: deleted only after those jumps.
-HOOKED = frozenset({n.SERVICES, n.FORWARD, n.POSTROUTING})
+HOOKED = frozenset({n.SERVICES, n.FORWARD, n.POSTROUTING, n.FIREWALL})
 COMMANDS = {
     4: ("iptables", "iptables-save", "iptables-restore"),
     6: ("ip6tables", "ip6tables-save", "ip6tables-restore"),

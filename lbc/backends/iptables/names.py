@@ -7,6 +7,7 @@ POSTROUTING = "LBC-POSTROUTING"
 MARK_MASQ = "LBC-MARK-MASQ"
 FORWARD = "LBC-FORWARD"
 CLUSTER_IPS = "LBC-CLUSTER-IPS"  # filter: refuse what reaches a cluster IP undiverted
+FIREWALL = "LBC-FIREWALL"  # filter: keep loopback addresses off the network (route_localnet)
 
 SVC = "LBC-SVC-"  # the cluster-wide pool of a service port
 SVL = "LBC-SVL-"  # its local-endpoints pool (traffic policy Local)

@@ -265,6 +265,24 @@ class FamilyRenderer:
         self.shared(self.program.reject_unknown, node_addresses)
         self.own(frontends)
 
+    def localnet_firewall(self) -> None:
+        """Drop what reaches 127.0.0.0/8 from elsewhere unless it is node-port traffic.
+
+        Node ports on 127.0.0.1 need `route_localnet`, which also lets the neighbours
+        of the node reach whatever listens on its loopback addresses (CVE-2020-8558).
+        kube-proxy guards against it with this same rule: a packet to 127.0.0.0/8 from
+        a source outside it is dropped unless it belongs to a connection already
+        accepted or was translated (DNAT: a node port).
+        """
+        self.filter.declare(n.FIREWALL)
+        for hook in ("INPUT", "OUTPUT"):
+            self.filter.add(hook, f"{comment('lbc localnet firewall')} -j {n.FIREWALL}")
+        self.filter.add(
+            n.FIREWALL,
+            f"! -s 127.0.0.0/8 -d 127.0.0.0/8 {comment('lbc: block incoming localnet connections')}"
+            " -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        )
+
     def frontends(self) -> list[Frontend]:
         return [f for f in self.program.frontends if f.family == self.family]
 
@@ -294,6 +312,8 @@ class FamilyRenderer:
         self.filter.declare(n.FORWARD)
         for hook, rule in BUILTIN_HOOKS["filter"]:
             self.filter.add(hook, rule)
+        if self.family == 4 and self.node.localhost_node_ports:
+            self.localnet_firewall()
         fwd = comment("lbc forwarding rules")
         self.filter.add(n.FORWARD, "-m conntrack --ctstate INVALID -j DROP")
         self.filter.add(n.FORWARD, f"{fwd} -m mark --mark {mark}/{mark} -j ACCEPT")
