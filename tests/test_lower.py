@@ -55,6 +55,25 @@ def test_ready_endpoints_win_over_terminating_ones() -> None:
     assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.1"]
 
 
+def test_ready_terminating_endpoints_count_as_ready() -> None:
+    # kube-proxy looks at `ready` alone: with publishNotReadyAddresses a terminating
+    # pod stays ready, and it keeps taking traffic beside the other ready ones.
+    p = program(
+        svc(
+            endpoints="""
+        { ip = "10.244.1.1" },
+        { ip = "10.244.1.2", ready = true, terminating = true },
+        { ip = "10.244.1.3", ready = false, serving = true, terminating = true },
+    """
+        )
+    )
+    pool = p.pool_index()[frontend(p, Kind.CLUSTER_IP).pool]
+    assert [(b.address, b.terminating) for b in pool.backends] == [
+        ("10.244.1.1", False),
+        ("10.244.1.2", True),
+    ]
+
+
 def test_serving_terminating_endpoints_are_the_fallback() -> None:
     p = program(
         svc(

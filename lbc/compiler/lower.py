@@ -148,7 +148,11 @@ class _Chosen:
     @staticmethod
     def of(svc: Service, family: int, node: str) -> _Chosen:
         """Endpoints of `family` in address order, then kube-proxy's readiness rule:
-        the ready ones; when there are none, the serving terminating ones."""
+        the ready ones; when there are none, the serving terminating ones.
+
+        `ready` alone decides, as in kube-proxy: an endpoint both ready and terminating
+        (a Service with `publishNotReadyAddresses` reports its terminating pods so)
+        takes traffic like any ready one, and keeps its terminating flag in the IR."""
         kind = _IPv4 if family == 4 else _IPv6
         numbered = [(_ip_int(e), e) for e in svc.endpoints if isinstance(e.ip, kind)]
         numbered.sort(key=itemgetter(0))  # stable; addresses are unique (checked)
@@ -158,7 +162,7 @@ class _Chosen:
         local_serving: list[_Pick] = []
         for number, e in numbered:
             terminating = e.terminating
-            if e.ready and not terminating:
+            if e.ready:
                 usable, usable_here = ready, local_ready
             elif terminating and (e.ready if e.serving is None else e.serving):
                 usable, usable_here = serving, local_serving
