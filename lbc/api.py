@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
+from lbc.apply.conntrack import after_apply
 from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Plan
@@ -26,11 +27,15 @@ def compile(source: Cluster | Program, backend: str | Backend = "iptables") -> A
     `PluginError` for an unknown backend name.
     """
     chosen = plugins.resolve(backend)
+    return chosen.compile(_program(source, "compile"))
+
+
+def _program(source: Cluster | Program, caller: str) -> Program:
     if isinstance(source, Program):
-        return chosen.compile(source)
+        return source
     if not isinstance(source, Cluster):
-        raise UsageError(f"compile() takes a Cluster or a Program, not {type(source).__name__}")
-    return chosen.compile(lower(source))
+        raise UsageError(f"{caller}() takes a Cluster or a Program, not {type(source).__name__}")
+    return lower(source)
 
 
 def backends() -> Mapping[str, Backend]:
@@ -90,14 +95,25 @@ def apply(
     lock_path: Path | str = DEFAULT_LOCK,
     lock_timeout: float = 30.0,
     progress: Callable[[str], None] | None = None,
+    clear_stale_udp: bool = True,
 ) -> ApplyResult:
     """Make the kernel match `source` atomically; raises `ApplyError` with nothing changed.
 
     Only what differs is written; `full=True` rewrites everything lbc owns. `progress`
     is told each phase (lock, read, commit, verify) as it starts.
+
+    Then, as kube-proxy does after each sync, the conntrack entries of UDP flows that
+    the rules would now send elsewhere are deleted (`lbc.apply.conntrack`; not on a dry
+    run, not with a `kernel` of the caller's, not with `clear_stale_udp=False`). They
+    are in `ApplyResult.cleared`; a failure there leaves the applied rules in place
+    and is reported in `ApplyResult.warnings`.
     """
     engine = _engine(backend, netns, kernel, lock_path, lock_timeout, progress)
-    return engine.apply(compile(source, engine.backend), dry_run=dry_run, full=full)
+    program = _program(source, "apply")
+    result = engine.apply(engine.backend.compile(program), dry_run=dry_run, full=full)
+    if not clear_stale_udp or dry_run or kernel is not None:
+        return result
+    return after_apply(result, program, netns)
 
 
 def delete(

@@ -393,6 +393,11 @@ def plan_cmd(file: Path, backend: str, netns: str | None, fmt: str) -> None:
     default=None,
     help="Print each phase on stderr as it starts (default: when stderr is a terminal).",
 )
+@click.option(
+    "--keep-udp-flows",
+    is_flag=True,
+    help="Leave conntrack entries of UDP flows to gone endpoints in place (default: delete them).",
+)
 def apply_cmd(
     file: Path,
     backend: str,
@@ -402,6 +407,7 @@ def apply_cmd(
     dry_run: bool,
     full: bool,
     progress: bool | None,
+    keep_udp_flows: bool,
 ) -> None:
     """Apply FILE to the kernel atomically (root)."""
     show = sys.stderr.isatty() if progress is None else progress
@@ -420,11 +426,14 @@ def apply_cmd(
             lock_path=lock_file,
             lock_timeout=lock_timeout,
             progress=phase if show else None,
+            clear_stale_udp=not keep_udp_flows,
         )
     except LbcError as exc:
         _fail(exc)
     if dry_run:
         _show_plan(result.plan, "text")
+    for warning in result.warnings:
+        click.echo(f"lbc: warning: {warning}", err=True)
     _echo(result.summary())
 
 

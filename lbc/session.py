@@ -36,6 +36,7 @@ from typing import Any
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
+from lbc.apply.conntrack import after_apply
 from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
@@ -64,10 +65,15 @@ class Session:
         lock_path: Path | str = DEFAULT_LOCK,
         lock_timeout: float = 30.0,
         progress: Callable[[str], None] | None = None,
+        clear_stale_udp: bool = True,
     ) -> None:
         chosen = plugins.resolve(backend)
         adapter = kernel or chosen.kernel(netns)
         self.engine = Engine(chosen, adapter, Path(lock_path), lock_timeout, progress)
+        self.netns = netns
+        # Stale UDP flows of the changed services are cleared after each apply, as
+        # `lbc.apply` does for the whole cluster (not with a kernel of the caller's).
+        self.clear_stale_udp = clear_stale_udp and kernel is None
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster
@@ -99,8 +105,13 @@ class Session:
                 self.backend.check(entry[1])
         kind = self._incremental()
         if kind is not None:
-            return self._apply_table(kind, cluster, info, changed, dry_run, full)
-        return self._apply_whole(cluster, info, changed, dry_run, full)
+            result = self._apply_table(kind, cluster, info, changed, dry_run, full)
+        else:
+            result = self._apply_whole(cluster, info, changed, dry_run, full)
+        programs = [entry[1] for entry in changed.values() if entry is not None]
+        if dry_run or not self.clear_stale_udp or not programs:
+            return result
+        return after_apply(result, merge(info, programs), self.netns)
 
     def _incremental(self) -> _Incremental | None:
         """How this backend keeps its objects per service, if it does."""

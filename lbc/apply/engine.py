@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lbc.apply import memory
 from lbc.apply.adapter import KernelAdapter
+from lbc.apply.conntrack import Tracked
 from lbc.apply.lock import DEFAULT_LOCK, host_lock
 from lbc.apply.state import Change, Known, Plan, State, plan_between
 from lbc.backends.base import Artifact, Backend
@@ -39,9 +40,20 @@ class ApplyResult:
     # Whether the live state was read from the kernel (False: a caller's known state
     # was still current, as the generation proved).
     read: bool = True
+    # The stale UDP flows deleted from the conntrack table after the commit
+    # (`lbc.apply.conntrack`), and what went wrong on the way without undoing the apply.
+    cleared: tuple[Tracked, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line for people."""
+        line = self._summary()
+        if self.cleared:
+            n = len(self.cleared)
+            line += f"; {n} stale UDP flow{'' if n == 1 else 's'} cleared"
+        return line
+
+    def _summary(self) -> str:
         if self.plan.in_sync and not (self.applied and self.plan.full):
             return f"{self.plan.backend}: already in sync, nothing written"
         if self.plan.in_sync:

@@ -1,0 +1,213 @@
+"""Stale UDP flows after `lbc apply`, on this machine's kernel (iptables and nftables).
+
+A UDP client that keeps its source port (as DNS resolvers do) rides one conntrack
+entry for as long as it keeps sending. These tests prove on the seed topology that:
+
+- when the endpoint a flow was translated to leaves the service, apply deletes the
+  entry and the client's next datagram goes to an endpoint still in the service;
+- when a service that the rules did not handle gets endpoints, the untranslated entry
+  of a flow that was passing by is deleted and the next datagram reaches an endpoint;
+- with `clear_stale_udp=False` both flows stay where they were: the problem the
+  cleanup solves is real on this kernel, not only in theory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import lbc
+from tests import netns
+from tests.test_flows_kernel import CONNTRACK_ON
+
+pytestmark = pytest.mark.netns
+
+BACKENDS = ("iptables", "nftables")
+TOOLS = ("iptables-restore", "ip6tables-restore", "nft", "conntrack")
+VIPS = {4: "10.0.1.175", 6: "fd00:10::1:175"}
+PORT = 53
+# Each test sends from its own source port, so no two ever share a flow.
+SOURCE_PORTS = iter(range(40000, 41000))
+
+# One datagram from (source, sport) to host:port; prints the answering pod's name.
+UDP_FROM = r"""
+import socket, sys
+
+host, port, source, sport, timeout = sys.argv[1:6]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+sock = socket.socket(family, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind((source, int(sport)))
+sock.settimeout(float(timeout))
+sock.sendto(b"?\n", (host, int(port)))
+try:
+    print(sock.recv(512).decode().split()[0])
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def config(family: int, pods: dict[str, str]) -> lbc.Cluster:
+    """One UDP service (53 -> 9376) in `family` whose endpoints are `pods`' addresses."""
+    endpoints = ", ".join(f'{{ ip = "{address}" }}' for address in pods.values())
+    return lbc.loads(
+        f"""
+[node]
+name = "node-1"
+addresses = ["{netns.NODE_ADDRESS}", "{netns.NODE_ADDRESS6}"]
+pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
+
+[[services]]
+name = "dns"
+cluster_ips = ["{VIPS[family]}"]
+ports = [{{ name = "dns", protocol = "UDP", port = {PORT}, target_port = {netns.POD_PORT} }}]
+endpoints = [{endpoints}]
+"""
+    )
+
+
+@pytest.fixture(scope="module")
+def seed() -> Iterator[netns.Seed]:
+    netns.require(*TOOLS)
+    with netns.seed_topology() as topology:
+        # A namespace tracks connections only once some rule needs it; a real node's
+        # always does. This table (not lbc's: apply and delete leave it be) makes sure,
+        # also while lbc has no rules loaded.
+        topology.node.exec("nft", "-f", "/dev/stdin", input=CONNTRACK_ON)
+        yield topology
+
+
+@pytest.fixture
+def lock(seed: netns.Seed, tmp_path: Path) -> Iterator[Path]:
+    """The lock file for this test's applies; lbc's objects are deleted again after it.
+
+    The node's conntrack table starts empty: no test sees another's flows.
+    """
+    for family in ("ipv4", "ipv6"):
+        seed.node.exec("conntrack", "-F", "-f", family)
+    path = tmp_path / "lock"
+    yield path
+    for backend in BACKENDS:
+        lbc.delete(backend, netns=seed.node.name, lock_path=path)
+
+
+def pods_of(seed: netns.Seed, family: int) -> dict[str, str]:
+    return dict(seed.addresses if family == 4 else seed.addresses6)
+
+
+def client_address(family: int) -> str:
+    return netns.CLIENT_ADDRESS if family == 4 else netns.CLIENT_ADDRESS6
+
+
+def ask(seed: netns.Seed, family: int, sport: int) -> str:
+    """The pod that answers a datagram from the client's `sport` to the VIP, or "timeout"."""
+    out = seed.client.exec(
+        sys.executable,
+        "-c",
+        UDP_FROM,
+        VIPS[family],
+        str(PORT),
+        client_address(family),
+        str(sport),
+        "1.0",
+    )
+    return out.strip()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("clear", [True, False], ids=["cleared", "kept"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flow_leaves_the_endpoint_that_left(
+    seed: netns.Seed, lock: Path, backend: str, clear: bool, family: int
+) -> None:
+    node, sport = seed.node.name, next(SOURCE_PORTS)
+    pods = pods_of(seed, family)
+    lbc.apply(config(family, pods), backend, netns=node, lock_path=lock)
+    first = ask(seed, family, sport)
+    assert first in pods, first
+    assert ask(seed, family, sport) == first  # one flow, one endpoint
+
+    rest = {name: address for name, address in pods.items() if name != first}
+    result = lbc.apply(
+        config(family, rest), backend, netns=node, lock_path=lock, clear_stale_udp=clear
+    )
+    after = ask(seed, family, sport)
+    if clear:
+        (gone,) = result.cleared
+        assert gone.reply_source == (ipaddress.ip_address(pods[first]), netns.POD_PORT)
+        assert gone.source == (ipaddress.ip_address(client_address(family)), sport)
+        assert "1 stale UDP flow cleared" in result.summary()
+        assert after in rest, after
+    else:
+        assert result.cleared == ()
+        assert after == first, "the kernel no longer keeps stale UDP flows: revisit the test"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("clear", [True, False], ids=["cleared", "kept"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flow_passing_by_reaches_a_service_that_appears(
+    seed: netns.Seed, lock: Path, backend: str, clear: bool, family: int
+) -> None:
+    node, sport = seed.node.name, next(SOURCE_PORTS)
+    # No rules yet: the node forwards the datagram upstream (nobody answers) and tracks it.
+    assert ask(seed, family, sport) == "timeout"
+    pods = pods_of(seed, family)
+    result = lbc.apply(
+        config(family, pods), backend, netns=node, lock_path=lock, clear_stale_udp=clear
+    )
+    after = ask(seed, family, sport)
+    if clear:
+        (passing,) = result.cleared
+        assert passing.reply_source == (ipaddress.ip_address(VIPS[family]), PORT)
+        assert after in pods, after
+    else:
+        assert after == "timeout"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flows_of_other_addresses_are_left_alone(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    # A flow to an address no service has stays tracked: it is not lbc's.
+    node, sport = seed.node.name, next(SOURCE_PORTS)
+    stranger = "10.0.9.9"
+    out = seed.client.exec(
+        sys.executable,
+        "-c",
+        UDP_FROM,
+        stranger,
+        str(PORT),
+        netns.CLIENT_ADDRESS,
+        str(sport),
+        "0.3",
+    )
+    assert out.strip() == "timeout"
+    result = lbc.apply(config(4, pods_of(seed, 4)), backend, netns=node, lock_path=lock)
+    assert result.cleared == ()
+    tracked = seed.node.exec("conntrack", "-L", "-p", "udp", "--orig-dst", stranger, check=False)
+    assert f"sport={sport}" in tracked, tracked
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_session_clears_the_flows_of_the_services_it_changes(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    sport = next(SOURCE_PORTS)
+    pods = pods_of(seed, 4)
+    session = lbc.Session(backend, netns=seed.node.name, lock_path=lock)
+    session.apply(config(4, pods))
+    first = ask(seed, 4, sport)
+    assert first in pods, first
+    rest = {name: address for name, address in pods.items() if name != first}
+    result = session.apply(config(4, rest))
+    assert [entry.reply_source[0] for entry in result.cleared] == [
+        ipaddress.ip_address(pods[first])
+    ]
+    assert ask(seed, 4, sport) in rest
+    # Nothing changed, nothing to look at: an unchanged cluster clears nothing.
+    assert session.apply(config(4, rest)).cleared == ()
