@@ -17,6 +17,7 @@ OUTSIDER = "198.18.0.5"  # a client outside the node and outside the LB source r
 POD = "10.244.9.9"  # a pod on this node
 NODE = "192.168.49.2"  # the node itself
 LOOPBACK = "127.0.0.1"  # the node itself, on its loopback address
+NODE_LB = "198.51.100.12"  # the node itself, on a load-balancer address it holds (MetalLB)
 EXTERNAL6 = "2001:db8::5"
 POD6 = "fd00:244::9:9"
 
@@ -226,6 +227,59 @@ FLOWS: tuple[Flow, ...] = (
         NODE,
         30443,
         TWO,
+        True,
+    ),
+    Flow(
+        "LB IP from the node, whose address is in the source range",
+        "load-balancer-from-node",
+        NODE,
+        NODE_LB,
+        443,
+        TWO,
+        True,
+    ),
+    Flow(
+        "LB IP from the LB address the node holds: allowed as the range holds the node",
+        "load-balancer-from-node",
+        NODE_LB,
+        NODE_LB,
+        443,
+        TWO,
+        True,
+    ),
+    Flow(
+        "LB IP from outside a range that holds the node is dropped",
+        "load-balancer-from-node",
+        EXTERNAL,
+        NODE_LB,
+        443,
+        DROP,
+    ),
+    Flow(
+        "zone hints keep cluster traffic in the node's zone",
+        "topology-hints",
+        POD,
+        "10.0.1.189",
+        80,
+        to("10.244.1.7"),
+        False,
+    ),
+    Flow(
+        "an endpoint without hints turns the others' hints off",
+        "topology-hints",
+        POD,
+        "10.0.1.190",
+        80,
+        TWO,
+        False,
+    ),
+    Flow(
+        "node hints keep cluster traffic on the node",
+        "topology-hints",
+        EXTERNAL,
+        "10.0.1.191",
+        80,
+        to("10.244.2.3"),
         True,
     ),
     Flow("LB service's cluster IP from a pod", "load-balancer", POD, "10.0.1.181", 443, TWO, False),

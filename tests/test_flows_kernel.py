@@ -9,7 +9,8 @@ source role of the matrix:
       fd00:244::1:0/112, ...) holding every endpoint-+
       address of the golden cases, each serving its target ports
 
-The node itself is a source too (requests from inside it, bound to 192.168.49.2),
+The node itself is a source too (requests from inside it, bound to 192.168.49.2, or
+to 198.51.100.12, a load-balancer address it holds on its loopback device),
 and so is a backend (the hairpin row: from the backend's namespace, bound to its
 address). Every server answers `<its address> <the source address it saw>` over TCP,
 UDP and SCTP. This kernel tracks and translates SCTP but has no SCTP sockets, so
@@ -63,6 +64,7 @@ from tests.flows import (
     FLOWS,
     LOOPBACK,
     NODE,
+    NODE_LB,
     OUTSIDER,
     PASS,
     POD,
@@ -284,7 +286,9 @@ def flow_topology() -> Iterator[Flows]:
         pod.ip("-6", "route", "add", "default", "via", netns.gateway(POD6))
 
         clients = {EXTERNAL: outside, OUTSIDER: outside, EXTERNAL6: outside}
-        clients |= {POD: pod, POD6: pod, NODE: node, NODE6: node, LOOPBACK: node}
+        # A load-balancer address the node holds itself, as MetalLB's layer-2 mode does.
+        node.ip("addr", "add", f"{NODE_LB}/32", "dev", "lo")
+        clients |= {POD: pod, POD6: pod, NODE: node, NODE6: node, LOOPBACK: node, NODE_LB: node}
         gateways = {}
         ports = listeners()
         by_network: dict[object, list[str]] = defaultdict(list)

@@ -250,6 +250,25 @@ def test_load_balancer_source_ranges() -> None:
     assert _elements(rules, "source-ranges-v4") == ["198.51.100.10 . tcp . 443 . 203.0.113.0/24"]
 
 
+def test_source_ranges_are_merged_and_single_addresses_written_as_nft_lists_them() -> None:
+    # An interval set refuses overlapping elements, and nft lists a /32 as an address.
+    text = """
+    [[services]]
+    name = "s"
+    type = "LoadBalancer"
+    cluster_ips = ["10.0.1.190"]
+    load_balancer_ips = ["198.51.100.10"]
+    load_balancer_source_ranges = ["203.0.113.0/24", "203.0.113.128/25", "198.18.0.7/32"]
+    ports = [{ name = "https", port = 443, node_port = 30443 }]
+    endpoints = [{ ip = "10.244.1.7" }]
+    """
+    rules = sections(compiled(text).text())["rules"]
+    assert _elements(rules, "source-ranges-v4") == [
+        "198.51.100.10 . tcp . 443 . 198.18.0.7",
+        "198.51.100.10 . tcp . 443 . 203.0.113.0/24",
+    ]
+
+
 def test_masquerade_all_marks_cluster_ips_from_pods_too() -> None:
     rules = rules_of("masquerade-all")
     assert _elements(rules, "masquerade-always-v4") == ["10.0.1.186 . tcp . 80"]

@@ -241,3 +241,107 @@ endpoints = [{ ip = "10.244.1.5", node = "node-1" }, { ip = "10.244.2.5", node =
         "10.244.2.5": (False, True),
         "10.244.3.5": (False, False),
     }
+
+
+def lb_ranges(ranges: str, lb_ips: str) -> dict[int, tuple[str, ...]]:
+    """Each family's source ranges of a dual-stack LB service (node 192.168.49.2, fd00:49::2)."""
+    p = program(
+        f"""
+[[services]]
+name = "s"
+type = "LoadBalancer"
+cluster_ips = ["10.0.0.10", "fd00:10::10"]
+load_balancer_ips = {lb_ips}
+load_balancer_source_ranges = {ranges}
+ports = [{{ name = "p", port = 80, node_port = 30080 }}]
+endpoints = [{{ ip = "10.244.1.1" }}, {{ ip = "fd00:244::1" }}]
+"""
+    )
+    return {f.family: f.source_ranges for f in p.frontends if f.kind is Kind.LOAD_BALANCER}
+
+
+def test_a_source_range_holding_the_node_also_admits_the_lb_addresses() -> None:
+    # kube-proxy: a node holding an LB address reaches it from that address.
+    assert lb_ranges(
+        '["192.168.49.0/24", "fd00:49::/64"]', '["198.51.100.1", "198.51.100.2", "2001:db8::1"]'
+    ) == {
+        4: ("192.168.49.0/24", "198.51.100.1/32", "198.51.100.2/32"),
+        6: ("fd00:49::/64", "2001:db8::1/128"),
+    }
+
+
+def test_lb_addresses_are_admitted_only_in_the_family_whose_range_holds_the_node() -> None:
+    assert lb_ranges(
+        '["192.168.49.2/32", "2001:db8:9::/48"]', '["198.51.100.1", "2001:db8::1"]'
+    ) == {
+        4: ("192.168.49.2/32", "198.51.100.1/32"),
+        6: ("2001:db8:9::/48",),
+    }
+
+
+def test_lb_addresses_already_in_a_range_are_not_repeated() -> None:
+    assert lb_ranges('["192.168.0.0/16", "198.51.100.0/24"]', '["198.51.100.1"]') == {
+        4: ("192.168.0.0/16", "198.51.100.0/24")
+    }
+
+
+def hinted(endpoints: str, node_zone: str | None = "zone-a", policy: str = "") -> list[str]:
+    """The cluster IP pool's endpoints on node-1 (in `node_zone`)."""
+    zone = f'zone = "{node_zone}"\n' if node_zone else ""
+    node = NODE.replace('name = "node-1"\n', f'name = "node-1"\n{zone}')
+    p = program(svc(policy, endpoints), node)
+    return addresses(p, frontend(p, Kind.CLUSTER_IP).pool)
+
+
+def test_zone_hints_keep_cluster_traffic_in_the_node_zone() -> None:
+    eps = """
+        { ip = "10.244.1.1", for_zones = ["zone-a", "zone-c"] },
+        { ip = "10.244.1.2", for_zones = ["zone-b"] },
+        { ip = "10.244.1.3", for_zones = ["zone-a"] },
+    """
+    assert hinted(eps) == ["10.244.1.1", "10.244.1.3"]
+    # A node without a zone, or in a zone no endpoint is hinted for: hints ignored.
+    assert hinted(eps, None) == ["10.244.1.1", "10.244.1.2", "10.244.1.3"]
+    assert hinted(eps, "zone-z") == ["10.244.1.1", "10.244.1.2", "10.244.1.3"]
+
+
+def test_zone_hints_count_only_when_every_ready_endpoint_has_them() -> None:
+    eps = """
+        { ip = "10.244.1.1", for_zones = ["zone-a"] },
+        { ip = "10.244.1.2" },
+        { ip = "10.244.1.3", ready = false, serving = true, terminating = true },
+    """
+    assert hinted(eps) == ["10.244.1.1", "10.244.1.2"]
+    # Endpoints that are not ready do not count.
+    eps = """
+        { ip = "10.244.1.1", for_zones = ["zone-a"] },
+        { ip = "10.244.1.2", for_zones = ["zone-b"] },
+        { ip = "10.244.1.3", ready = false },
+    """
+    assert hinted(eps) == ["10.244.1.1"]
+
+
+def test_node_hints_come_first_and_fall_back_to_zone_hints() -> None:
+    eps = """
+        { ip = "10.244.1.1", for_nodes = ["node-1"], for_zones = ["zone-a"] },
+        { ip = "10.244.1.2", for_nodes = ["node-2"], for_zones = ["zone-a"] },
+        { ip = "10.244.1.3", for_nodes = ["node-3"], for_zones = ["zone-b"] },
+    """
+    assert hinted(eps) == ["10.244.1.1"]
+    no_node = eps.replace('"node-1"', '"node-9"')
+    assert hinted(no_node) == ["10.244.1.1", "10.244.1.2"]
+
+
+def test_hints_never_narrow_the_local_pools() -> None:
+    p = program(
+        svc(
+            'external_traffic_policy = "Local"',
+            """
+        { ip = "10.244.1.1", node = "node-1", for_zones = ["zone-b"] },
+        { ip = "10.244.1.2", node = "node-2", for_zones = ["zone-a"] },
+    """,
+        ),
+        NODE.replace('name = "node-1"\n', 'name = "node-1"\nzone = "zone-a"\n'),
+    )
+    assert addresses(p, frontend(p, Kind.NODE_PORT).pool) == ["10.244.1.1"]
+    assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.2"]

@@ -379,6 +379,7 @@ _TYPES = {
     "bool_parsing": "true or false",
     "string_type": "a string",
     "list_type": "an array",
+    "tuple_type": "an array",
     "model_type": "a table",
     "model_attributes_type": "a table",
     "dict_type": "a table",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from operator import attrgetter, itemgetter
 
 from lbc.collector import paused
-from lbc.compiler.model import Cluster, Service, ServicePort
+from lbc.compiler.model import Cluster, Endpoint, Service, ServicePort
 from lbc.errors import ConfigError, Problem, UsageError
 from lbc.ir.names import digest, hostport, service_port_name
 from lbc.ir.nodes import (
@@ -68,6 +68,7 @@ def node_info(cluster: Cluster) -> NodeInfo:
         masquerade_mark=int(node.masquerade_mark),
         masquerade_all=node.masquerade_all,
         localhost_node_ports=node.localhost_node_ports,
+        zone=node.zone,
     )
 
 
@@ -127,7 +128,7 @@ def _lower_service(
     families = sorted({ip.version for ip in svc.cluster_ips})
     # Endpoint selection depends on the service and family, not on the port:
     # done once here rather than for every port.
-    chosen = {family: _Chosen.of(svc, family, info.name) for family in families}
+    chosen = {family: _Chosen.of(svc, family, info) for family in families}
     for port in svc.ports:
         for family in families:
             _lower_port(info, svc, port, family, chosen[family], pools, frontends)
@@ -146,17 +147,23 @@ class _Chosen:
     local: list[_Pick]
 
     @staticmethod
-    def of(svc: Service, family: int, node: str) -> _Chosen:
+    def of(svc: Service, family: int, info: NodeInfo) -> _Chosen:
         """Endpoints of `family` in address order, then kube-proxy's readiness rule:
         the ready ones; when there are none, the serving terminating ones.
 
         `ready` alone decides, as in kube-proxy: an endpoint both ready and terminating
         (a Service with `publishNotReadyAddresses` reports its terminating pods so)
-        takes traffic like any ready one, and keeps its terminating flag in the IR."""
+        takes traffic like any ready one, and keeps its terminating flag in the IR.
+
+        Topology hints narrow the ready endpoints of the cluster-wide pool (never the
+        local ones, never the terminating fallback), as kube-proxy does: `_hinted`.
+        """
+        node = info.name
         kind = _IPv4 if family == 4 else _IPv6
         numbered = [(_ip_int(e), e) for e in svc.endpoints if isinstance(e.ip, kind)]
         numbered.sort(key=itemgetter(0))  # stable; addresses are unique (checked)
         ready: list[_Pick] = []
+        ready_endpoints: list[Endpoint] = []
         serving: list[_Pick] = []
         local_ready: list[_Pick] = []
         local_serving: list[_Pick] = []
@@ -164,6 +171,7 @@ class _Chosen:
             terminating = e.terminating
             if e.ready:
                 usable, usable_here = ready, local_ready
+                ready_endpoints.append(e)
             elif terminating and (e.ready if e.serving is None else e.serving):
                 usable, usable_here = serving, local_serving
             else:
@@ -175,7 +183,30 @@ class _Chosen:
             usable.append(pick)
             if local:
                 usable_here.append(pick)
+        if ready:
+            ready = _hinted(ready, ready_endpoints, node, info.zone)
         return _Chosen(everywhere=ready or serving, local=local_ready or local_serving)
+
+
+def _hinted(
+    ready: list[_Pick], endpoints: list[Endpoint], node: str, zone: str | None
+) -> list[_Pick]:
+    """The ready endpoints that topology hints leave for this node (kube-proxy's rule).
+
+    Node hints first: when every ready endpoint has some and at least one names this
+    node, only those. Otherwise zone hints: when every ready endpoint has some and at
+    least one names this node's zone, only those. Otherwise (a hint missing anywhere,
+    none for this node or zone, or a node without a zone) every ready endpoint.
+    """
+    if endpoints[0].for_nodes and all(e.for_nodes for e in endpoints):
+        kept = [p for p, e in zip(ready, endpoints, strict=True) if node in e.for_nodes]
+        if kept:
+            return kept
+    if zone is not None and endpoints[0].for_zones and all(e.for_zones for e in endpoints):
+        kept = [p for p, e in zip(ready, endpoints, strict=True) if zone in e.for_zones]
+        if kept:
+            return kept
+    return ready
 
 
 def _lower_port(
@@ -280,7 +311,7 @@ def _lower_port(
             masquerade=ext_masq,
             internal_pool=ext_internal,
         )
-    ranges = tuple(str(r) for r in svc.load_balancer_source_ranges if r.version == family)
+    ranges = _source_ranges(node, svc, family, lb_ips) if svc.load_balancer_source_ranges else ()
     for address in lb_ips:
         add(
             Kind.LOAD_BALANCER,
@@ -300,6 +331,25 @@ def _lower_port(
             masquerade=ext_masq,
             internal_pool=ext_internal,
         )
+
+
+def _source_ranges(node: NodeInfo, svc: Service, family: int, lb_ips: list[str]) -> tuple[str, ...]:
+    """Who may use the service's load-balancer addresses in `family`.
+
+    As in kube-proxy, when a range holds an address of this node the load-balancer
+    addresses themselves are allowed as sources too: a node that has an LB address
+    as a local one (MetalLB in layer-2 mode, a VIP routed to the node) reaches it
+    with that address as the source, not through the load balancer.
+    """
+    networks = [r for r in svc.load_balancer_source_ranges if r.version == family]
+    ranges = [str(r) for r in networks]
+    own = [ipaddress.ip_address(a) for a in node.addresses]
+    if any(a in r for r in networks for a in own if a.version == family):
+        host = "/32" if family == 4 else "/128"
+        ranges += [
+            a + host for a in lb_ips if not any(ipaddress.ip_address(a) in r for r in networks)
+        ]
+    return tuple(ranges)
 
 
 def _slot_setters(cls: type) -> list[Callable[[object, object], None]]:

@@ -225,6 +225,11 @@ class Node(_Strict):
         description="Also open IPv4 node ports on 127.0.0.1 (iptables only; applying sets "
         "net.ipv4.conf.all.route_localnet=1, as kube-proxy does).",
     )
+    zone: Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_VALUE)] | None = Field(
+        default=None,
+        description="The node's topology zone (its topology.kubernetes.io/zone label); "
+        "endpoints' zone hints are matched against it.",
+    )
 
 
 class ServicePort(_Strict):
@@ -261,6 +266,22 @@ class Endpoint(_Strict):
         default=None, description="Serving (defaults to `ready`); used while terminating."
     )
     terminating: bool = Field(default=False, description="The endpoint is shutting down.")
+    for_zones: tuple[
+        Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_VALUE)], ...
+    ] = Field(
+        default=(),
+        strict=False,  # a TOML array; the names inside stay strictly strings
+        description="Topology hints: the zones whose nodes should send cluster traffic "
+        "here (an EndpointSlice's hints.forZones).",
+    )
+    for_nodes: tuple[
+        Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)], ...
+    ] = Field(
+        default=(),
+        strict=False,
+        description="Topology hints: the nodes that should send cluster traffic here "
+        "(hints.forNodes, trafficDistribution PreferSameNode).",
+    )
 
     @field_validator("serving")
     @classmethod

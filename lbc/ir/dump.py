@@ -19,6 +19,8 @@ def dump(program: Program) -> str:
     ]
     if node.localhost_node_ports:
         out.append("  localhost-node-ports yes")
+    if node.zone is not None:
+        out.append(f"  zone {node.zone}")
     out += [f"  address {a}" for a in node.addresses]
     out += [f"  pod-cidr {c}" for c in node.pod_cidrs]
     out += [f"  reject-unknown-ports {a}" for a in program.reject_unknown]

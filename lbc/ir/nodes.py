@@ -123,6 +123,7 @@ class NodeInfo:
     masquerade_mark: int
     masquerade_all: bool
     localhost_node_ports: bool = False  # node ports also on 127.0.0.1
+    zone: str | None = None  # the node's topology zone, for endpoints' zone hints
 
     def pod_cidr(self, family: int) -> str | None:
         """The pod CIDR of `family` (4 or 6), if there is one."""

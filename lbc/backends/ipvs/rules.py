@@ -21,6 +21,7 @@ wrong for "drop". The rules make both verdicts explicit instead of relying on it
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 from lbc.backends.ipvs import names as n
@@ -142,7 +143,7 @@ class _Rules:
                 n.SOURCE_RANGES,
                 f"{vport} . {addr}",
                 True,
-                [f"{_key(f)} . {r}" for f in frontends for r in f.source_ranges],
+                [f"{_key(f)} . {r}" for f in frontends for r in _ranges(f.source_ranges)],
             ),
             (
                 n.NO_ENDPOINTS_REJECT,
@@ -186,6 +187,25 @@ class _Rules:
             f"{dest} @{n.NO_ENDPOINTS_REJECT}{sfx} reject",
             f"{ip} daddr @{n.VIPS}{sfx} {dest} != @{n.SERVICES}{sfx} reject",
         ]
+
+
+def _ranges(ranges: Iterable[str]) -> list[str]:
+    """Source ranges as elements of an interval set, in the form nft lists them.
+
+    An interval set refuses overlapping elements, so ranges inside others are merged
+    away; a single address (/32, /128) is written without its prefix length.
+    """
+    networks = [ipaddress.ip_network(r, strict=False) for r in ranges]
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    merged: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        *ipaddress.collapse_addresses(v4),
+        *ipaddress.collapse_addresses(v6),
+    ]
+    return [
+        str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+        for net in merged
+    ]
 
 
 def _key(f: Frontend) -> str:

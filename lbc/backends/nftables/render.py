@@ -346,7 +346,13 @@ class _Builder:
             *ipaddress.collapse_addresses(v6),
         ]
         for net in merged:
-            source = Prefix(str(net.network_address), net.prefixlen)
+            # One address is an element of its own, as nft lists it (not a /32 prefix).
+            single = net.prefixlen == net.max_prefixlen
+            source: Value | Prefix = (
+                Value(str(net.network_address))
+                if single
+                else Prefix(str(net.network_address), net.prefixlen)
+            )
             self.sets.add(
                 n.per_family(n.FIREWALL_ALLOW, f.family), Element(Concat((*frontend, source)))
             )
