@@ -338,6 +338,8 @@ def test_first_apply_builds_in_order_and_reads_back_in_sync(setup: Setup) -> Non
         "ip link add lbc-ipvs0 type dummy",
         "ip addr add 10.0.1.175/32 dev lbc-ipvs0",
         "sysctl -w net.ipv4.vs.conntrack=1",
+        "sysctl -w net.ipv4.vs.expire_nodest_conn=1",
+        "sysctl -w net.ipv4.vs.expire_quiescent_template=1",
         "nft -f FILE (replacing table inet lbc-ipvs in one transaction)",
         "ipvsadm -A -t 10.0.1.175:80 -s rr",
         "ipvsadm -a -t 10.0.1.175:80 -r 10.244.1.7:9376 -m -w 1",
@@ -417,6 +419,8 @@ def test_full_resync_rewrites_every_object_and_changes_nothing(setup: Setup) -> 
     steps = setup.steps_of(lambda: setup.apply(lbc.load(HOSTNAMES), full=True))
     assert steps == [
         "sysctl -w net.ipv4.vs.conntrack=1",
+        "sysctl -w net.ipv4.vs.expire_nodest_conn=1",
+        "sysctl -w net.ipv4.vs.expire_quiescent_template=1",
         "nft -f FILE (replacing table inet lbc-ipvs in one transaction)",
         "ipvsadm -E -t 10.0.1.175:80 -s rr",
         "ipvsadm -e -t 10.0.1.175:80 -r 10.244.1.7:9376 -m -w 1",

@@ -79,6 +79,8 @@ def test_hostnames_is_the_exact_operation_list() -> None:
         AddDestination(tcp, "10.0.1.175", 80, "10.244.2.3", 9376, 1),
         AddDestination(tcp, "10.0.1.175", 80, "10.244.3.6", 9376, 1),
         SetSysctl("net.ipv4.vs.conntrack", "1"),
+        SetSysctl("net.ipv4.vs.expire_nodest_conn", "1"),
+        SetSysctl("net.ipv4.vs.expire_quiescent_template", "1"),
     )
     assert isinstance(ops[-1], LoadRules)
     assert ops[-1].table == "lbc-ipvs"

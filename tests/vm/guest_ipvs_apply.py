@@ -3,8 +3,9 @@
 The seed demo through `lbc.apply`; re-apply writes nothing; a step failing anywhere
 leaves the namespace as it was; another tool's IPVS services survive apply, re-apply
 and delete; drift is shown and repaired; an apply killed half way is converged by the
-next; and a removed real server with an open connection drains at weight 0 until
-the connection closes (or its drain timeout passes), then goes.
+next; a removed real server with an open connection drains at weight 0 until
+the connection closes (or its drain timeout passes), then goes; and a UDP client that
+keeps its source port moves on from a removed real server.
 """
 
 from __future__ import annotations
@@ -79,7 +80,19 @@ class HoldingServer:
         self.name = name
         with netlink.network_namespace(ns):
             self.sock = socket.create_server((address, port))
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((address, port))
         threading.Thread(target=self.serve, daemon=True).start()
+        threading.Thread(target=self.answer, daemon=True).start()
+
+    def answer(self) -> None:
+        """UDP: each datagram gets `<name> <source address>` back."""
+        while True:
+            try:
+                _, peer = self.udp.recvfrom(512)
+                self.udp.sendto(f"{self.name} {peer[0]}\n".encode(), peer)
+            except OSError:
+                return
 
     def serve(self) -> None:
         while True:
@@ -100,6 +113,7 @@ class HoldingServer:
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self.udp.close()
 
 
 @dataclass
@@ -424,3 +438,64 @@ def test_a_drain_ends_at_its_timeout(seed: Seed, node: str) -> None:
         lbc.apply(rest, "ipvs", kernel=later, lock_path=seed.lock)
         assert record(node, pod) is None, "deleted although its connection is open"
         assert lbc.verify(rest, "ipvs", netns=node).in_sync
+
+
+def udp_config(*pods: str) -> lbc.Cluster:
+    """hostnames as a UDP service, 53 -> 9376, with these pods."""
+    return lbc.loads(
+        config_text(*pods).replace(
+            'ports = [{ name = "default", port = 80, target_port = 9376 }]',
+            'ports = [{ name = "dns", protocol = "UDP", port = 53, target_port = 9376 }]',
+        )
+    )
+
+
+def ask_udp(ns: str, sport: int) -> str:
+    """The pod answering a datagram from the client's port `sport` to VIP:53, or "timeout"."""
+    with netlink.network_namespace(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("192.168.49.100", sport))
+        sock.settimeout(1.0)
+        sock.sendto(b"?\n", (VIP, 53))
+        try:
+            return sock.recv(512).decode().split()[0]
+        except TimeoutError:
+            return "timeout"
+
+
+def test_a_udp_client_moves_on_from_a_removed_real_server(seed: Seed, node: str) -> None:
+    # UDP real servers have no active connections: a removed one is deleted at once.
+    # The client's IPVS connection still points at it; expire_nodest_conn (set by
+    # lbc, as by kube-proxy) ends that connection on its next datagram instead of
+    # dropping datagram after datagram for as long as the client keeps sending.
+    lbc.apply(udp_config(*PODS), "ipvs", netns=node, lock_path=seed.lock)
+    sport = 41000
+    first = ask_udp(seed.client, sport)
+    assert first in PODS.values(), first
+    assert ask_udp(seed.client, sport) == first
+    pod = next(p for p, n in PODS.items() if n == first)
+    rest = udp_config(*(p for p in PODS if p != pod))
+    lbc.apply(rest, "ipvs", netns=node, lock_path=seed.lock)
+    assert f"-r {pod}:9376" not in ipvsadm(node, "-S", "-n")
+    after = [ask_udp(seed.client, sport) for _ in range(3)]
+    assert all(name in PODS.values() and name != first for name in after), after
+
+    # Without expire_nodest_conn, the same removal cuts the client off: every datagram
+    # is dropped and refreshes the connection's timer. (Set to 0 here, and the real
+    # server deleted as apply deletes it; with 1, the kernel expires the connections
+    # of a deleted real server at once.)
+    lbc.apply(udp_config(*PODS), "ipvs", netns=node, lock_path=seed.lock)
+    with netlink.network_namespace(node):
+        Path("/proc/sys/net/ipv4/vs/expire_nodest_conn").write_text("0\n")
+    sport = 41001
+    first = ask_udp(seed.client, sport)
+    pod = next(p for p, n in PODS.items() if n == first)
+    ipvsadm(node, "-d", "-u", f"{VIP}:53", "-r", f"{pod}:9376")
+    assert [ask_udp(seed.client, sport) for _ in range(2)] == ["timeout", "timeout"]
+    # The next apply sets it again (drift), and the client's next datagram moves on.
+    rest = udp_config(*(p for p in PODS if p != pod))
+    assert not lbc.verify(rest, "ipvs", netns=node).in_sync
+    lbc.apply(rest, "ipvs", netns=node, lock_path=seed.lock)
+    assert ask_udp(seed.client, sport) not in ("timeout", first)

@@ -3,9 +3,11 @@
 `render` is pure. It lowers the IR to operations (`plan.operations`): a dummy
 interface `lbc-ipvs0`, kept down, holding every virtual address as a /32 or /128;
 one IPVS virtual service per frontend (node ports on each node address) with its
-real servers, always NAT (masquerading) and weighted; `net.ipv4.vs.conntrack=1`;
-and a table of helper rules. The artifact's "text" is the canonical form (the golden
-file, the `ipvs` section being `ipvsadm -S -n`), "json" is the operation list, and
+real servers, always NAT (masquerading) and weighted; kube-proxy's sysctls
+(`names.SYSCTLS`: `net.ipv4.vs.conntrack`, `expire_nodest_conn`,
+`expire_quiescent_template`); and a table of helper rules. The artifact's "text" is
+the canonical form (the golden file, the `ipvs` section being `ipvsadm -S -n`),
+"json" is the operation list, and
 `data` is the tuple of operations. `lbc.backends.ipvs.netlink` turns operations into
 pyroute2 requests and performs them; it is imported only by whoever applies them.
 

@@ -9,6 +9,7 @@ target network namespace; `netlink.Pyroute2Dataplane`). The objects, by state ke
     addresses lbc-ipvs0            one `10.0.1.175/32` line per virtual address
     service -t 10.0.1.175:80       its `-A` line and `-a` lines, as `ipvsadm -S -n`
     sysctl net.ipv4.vs.conntrack   `net.ipv4.vs.conntrack=1`, while lbc has services
+                                   (and so on for each of `names.SYSCTLS`)
     nft table inet lbc-ipvs, nft set vips-v4, nft chain nat-output, ...
                                    the helper table, as `nft list table` prints it
 

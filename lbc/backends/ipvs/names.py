@@ -32,10 +32,19 @@ SOURCE_RANGES = "source-ranges"  # frontend . allowed source range
 NO_ENDPOINTS_REJECT = "no-endpoints-reject"  # frontends of empty pools that reject
 NO_ENDPOINTS_DROP = "no-endpoints-drop"  # ... and that drop
 
-# Kernel parameters IPVS needs in the node's network namespace. Without
-# `conntrack`, IPVS connections bypass netfilter's NAT and the masquerade rules
-# never apply to them.
-SYSCTLS = (("net.ipv4.vs.conntrack", "1"),)
+# Kernel parameters IPVS needs in the node's network namespace, as kube-proxy sets
+# them. Without `conntrack`, IPVS connections bypass netfilter's NAT and the
+# masquerade rules never apply to them. Without `expire_nodest_conn`, a packet of a
+# connection whose real server was deleted is dropped, and each one refreshes the
+# connection's timer: a UDP client that keeps its source port (a DNS resolver) is cut
+# off for as long as it keeps sending; with it, the connection expires and the next
+# packet is scheduled afresh. `expire_quiescent_template` does the same for a
+# client-IP affinity template whose real server has weight 0 (draining).
+SYSCTLS = (
+    ("net.ipv4.vs.conntrack", "1"),
+    ("net.ipv4.vs.expire_nodest_conn", "1"),
+    ("net.ipv4.vs.expire_quiescent_template", "1"),
+)
 
 
 def family_suffix(family: int) -> str:
