@@ -71,11 +71,31 @@ class _Main(click.Group):
             result = super().invoke(ctx)
             _flush()
         except _OutputError as exc:
-            reason = exc.error.strerror or type(exc.error).__name__
-            click.echo(f"lbc: cannot write output: {reason}", err=True)
-            _discard_stdout()
-            sys.exit(1)
+            _cannot_write(exc.error)
         return result
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # `--help` and `--version` print while click parses the command line, before
+        # `invoke`: a failed write there surfaces here.
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRORS:
+                raise
+            _cannot_write(exc)
+
+
+# What a write to a full, failing or closed standard output raises (a broken pipe is
+# click's own business: it exits quietly).
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF})
+
+
+def _cannot_write(error: OSError) -> NoReturn:
+    """Say in one line that standard output cannot be written; exit 1."""
+    reason = error.strerror or type(error).__name__
+    click.echo(f"lbc: cannot write output: {reason}", err=True)
+    _discard_stdout()
+    sys.exit(1)
 
 
 def _flush() -> None:

@@ -61,8 +61,11 @@ def lbc_process(
         ("compile", str(EXAMPLE), "-b", "nftables"),
         ("compile", str(MANY), "-b", "iptables"),  # more than one buffer's worth
         ("schema",),
+        ("--help",),  # printed while the command line is parsed, before any command
+        ("--version",),
+        ("compile", "--help"),
     ],
-    ids=["check", "compile", "compile-large", "schema"],
+    ids=["check", "compile", "compile-large", "schema", "help", "version", "command-help"],
 )
 def test_a_full_disk_on_stdout_is_one_line_not_a_traceback(args: tuple[str, ...]) -> None:
     with open("/dev/full", "w") as full:
