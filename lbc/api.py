@@ -102,18 +102,21 @@ def apply(
     Only what differs is written; `full=True` rewrites everything lbc owns. `progress`
     is told each phase (lock, read, commit, verify) as it starts.
 
-    Then, as kube-proxy does after each sync, the conntrack entries of UDP flows that
-    the rules would now send elsewhere are deleted (`lbc.apply.conntrack`; not on a dry
-    run, not with a `kernel` of the caller's, not with `clear_stale_udp=False`). They
-    are in `ApplyResult.cleared`; a failure there leaves the applied rules in place
-    and is reported in `ApplyResult.warnings`.
+    Then, still under the lock and as kube-proxy does after each sync, the conntrack
+    entries of UDP flows to the program's frontends that reply from somewhere other
+    than a serving endpoint are deleted (`lbc.apply.conntrack`; not on a dry run, not
+    with a `kernel` of the caller's, not with `clear_stale_udp=False`). They are in
+    `ApplyResult.cleared`; a failure there leaves the applied rules in place and is
+    reported in `ApplyResult.warnings`.
     """
     engine = _engine(backend, netns, kernel, lock_path, lock_timeout, progress)
     program = _program(source, "apply")
-    result = engine.apply(engine.backend.compile(program), dry_run=dry_run, full=full)
-    if not clear_stale_udp or dry_run or kernel is not None:
-        return result
-    return after_apply(result, program, netns)
+
+    def clear(result: ApplyResult) -> ApplyResult:
+        return after_apply(result, program, netns, progress=progress)
+
+    after = clear if clear_stale_udp and kernel is None else None
+    return engine.apply(engine.backend.compile(program), dry_run=dry_run, full=full, after=after)
 
 
 def delete(

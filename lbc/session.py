@@ -36,8 +36,8 @@ from typing import Any
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
-from lbc.apply.conntrack import after_apply
-from lbc.apply.engine import ApplyResult, Engine
+from lbc.apply.conntrack import after_apply, udp_frontends
+from lbc.apply.engine import After, ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
 from lbc.backends.base import Backend
@@ -46,7 +46,7 @@ from lbc.collector import paused
 from lbc.compiler.lower import lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Service
 from lbc.errors import ApplyError, UsageError
-from lbc.ir.nodes import NodeInfo, Program
+from lbc.ir.nodes import NodeInfo, Program, Proto
 
 Changed = dict[str, tuple[Service, Program] | None]  # service key -> new model and program
 # A backend's per-service table: how to make one, a service's part, the desired state.
@@ -74,6 +74,7 @@ class Session:
         # Stale UDP flows of the changed services are cleared after each apply, as
         # `lbc.apply` does for the whole cluster (not with a kernel of the caller's).
         self.clear_stale_udp = clear_stale_udp and kernel is None
+        self._recheck = False  # the last clearing failed: check every service next time
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster
@@ -104,14 +105,41 @@ class Session:
             if entry is not None:
                 self.backend.check(entry[1])
         kind = self._incremental()
+        after = self._clearing(info, changed)
         if kind is not None:
-            result = self._apply_table(kind, cluster, info, changed, dry_run, full)
+            return self._apply_table(kind, cluster, info, changed, dry_run, full, after)
+        return self._apply_whole(cluster, info, changed, dry_run, full, after)
+
+    def _clearing(self, info: NodeInfo, changed: Changed) -> After | None:
+        """What clears the stale UDP flows of this apply's changes, under its lock.
+
+        The changed services' frontends as they are now, and as they were: a frontend
+        that is gone has no endpoints left, so every flow to it is stale. After a
+        failure (a warning), the next apply checks every service again.
+        """
+        if not self.clear_stale_udp or not (changed or self._recheck):
+            return None
+        programs = {key: program for key, (_, program) in self._services.items()}
+        before = [programs[key] for key in changed if key in programs]
+        gone = udp_frontends(before)
+        for key, entry in changed.items():
+            if entry is None:
+                programs.pop(key, None)
+            else:
+                programs[key] = entry[1]
+        if self._recheck:
+            program = merge(info, programs.values())
         else:
-            result = self._apply_whole(cluster, info, changed, dry_run, full)
-        programs = [entry[1] for entry in changed.values() if entry is not None]
-        if dry_run or not self.clear_stale_udp or not programs:
+            program = merge(info, [entry[1] for entry in changed.values() if entry is not None])
+        if not gone and not any(f.proto is Proto.UDP for f in program.frontends):
+            return None
+
+        def clear(result: ApplyResult) -> ApplyResult:
+            result = after_apply(result, program, self.netns, gone, self.engine.progress)
+            self._recheck = bool(result.warnings)
             return result
-        return after_apply(result, merge(info, programs), self.netns)
+
+        return clear
 
     def _incremental(self) -> _Incremental | None:
         """How this backend keeps its objects per service, if it does."""
@@ -198,6 +226,7 @@ class Session:
         changed: Changed,
         dry_run: bool,
         full: bool,
+        after: After | None,
     ) -> ApplyResult:
         from lbc.backends.nftables.incremental import ConflictError
 
@@ -218,6 +247,7 @@ class Session:
                 state_of(table),
                 dry_run=dry_run,
                 full=full,
+                after=after,
                 known=self._known(),
                 # The changes are from the table's last state, which is what the kernel
                 # holds, unless the table was only just made.
@@ -241,7 +271,13 @@ class Session:
             table.update(previous)
 
     def _apply_whole(
-        self, cluster: Cluster, info: NodeInfo, changed: Changed, dry_run: bool, full: bool
+        self,
+        cluster: Cluster,
+        info: NodeInfo,
+        changed: Changed,
+        dry_run: bool,
+        full: bool,
+        after: After | None,
     ) -> ApplyResult:
         programs = {key: program for key, (_, program) in self._services.items()}
         for key, entry in changed.items():
@@ -251,7 +287,9 @@ class Session:
                 programs[key] = entry[1]
         artifact = self.backend.compile(merge(info, programs.values()))
         desired = self.engine.kernel.desired(artifact)
-        result = self.engine.converge(desired, dry_run=dry_run, full=full, known=self._known())
+        result = self.engine.converge(
+            desired, dry_run=dry_run, full=full, known=self._known(), after=after
+        )
         if not dry_run:
             self._kept(cluster, changed)
             self._remember(result, desired.objects)

@@ -81,3 +81,49 @@ def test_a_flow_reads_as_one_line() -> None:
     ip = ipaddress.ip_address
     entry = Tracked(6, (ip("fd00::1"), 4000), (ip("fd00:10::1"), 53), (ip("fd00:244::1"), 5353))
     assert str(entry) == "udp [fd00::1]:4000 -> [fd00:10::1]:53 (replies from [fd00:244::1]:5353)"
+
+
+HINTED = """
+[node]
+name = "node-1"
+zone = "zone-a"
+addresses = ["192.168.49.2"]
+pod_cidrs = ["10.244.0.0/16"]
+
+[[services]]
+name = "dns"
+cluster_ips = ["10.0.0.10"]
+internal_traffic_policy = "{policy}"
+ports = [{{ name = "dns", protocol = "UDP", port = 53 }}]
+endpoints = [
+  {{ ip = "10.244.1.1", node = "node-1", for_zones = ["zone-a"] }},
+  {{ ip = "10.244.2.2", node = "node-2", for_zones = ["zone-b"] }},
+  {{ ip = "10.244.3.3", node = "node-2", ready = false, serving = true, terminating = true }},
+  {{ ip = "10.244.4.4", ready = false, serving = false, terminating = true }},
+]
+"""
+
+
+def test_flows_to_serving_endpoints_stay_whatever_chose_new_flows() -> None:
+    # As kube-proxy's cleanup: traffic policy, topology hints and the terminating
+    # fallback choose where new flows go, not which flows may go on.
+    for policy in ("Cluster", "Local"):
+        p = lbc.lower(lbc.loads(HINTED.format(policy=policy)))
+        flows = [
+            flow("10.0.0.10", 53, "10.244.1.1", 53),  # chosen
+            flow("10.0.0.10", 53, "10.244.2.2", 53),  # another zone; remote under Local
+            flow("10.0.0.10", 53, "10.244.3.3", 53),  # terminating, still serving
+        ]
+        assert stale(p, flows) == []
+        not_serving = [flow("10.0.0.10", 53, "10.244.4.4", 53)]
+        assert stale(p, not_serving) == not_serving
+
+
+def test_every_flow_to_a_frontend_that_is_gone_is_stale() -> None:
+    ip = ipaddress.ip_address
+    gone = [(ip("10.0.0.99"), 53), (ip("10.0.0.10"), 53)]
+    flows = [
+        flow("10.0.0.99", 53, "10.244.1.1", 5353),  # its service was removed
+        flow("10.0.0.10", 53, "10.244.1.1", 5353),  # served again: only its endpoints count
+    ]
+    assert stale(program(), flows, gone) == flows[:1]

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 import lbc
+from lbc.apply import conntrack
+from lbc.apply.conntrack import after_apply
 from tests import netns
 from tests.test_flows_kernel import CONNTRACK_ON
 
@@ -211,3 +213,58 @@ def test_a_session_clears_the_flows_of_the_services_it_changes(
     assert ask(seed, 4, sport) in rest
     # Nothing changed, nothing to look at: an unchanged cluster clears nothing.
     assert session.apply(config(4, rest)).cleared == ()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_session_clears_the_flows_of_a_service_it_removes(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    sport = next(SOURCE_PORTS)
+    pods = pods_of(seed, 4)
+    session = lbc.Session(backend, netns=seed.node.name, lock_path=lock)
+    session.apply(config(4, pods))
+    first = ask(seed, 4, sport)
+    assert first in pods, first
+    empty = config(4, pods).model_copy(update={"services": []})
+    result = session.apply(empty)
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    # No rules: the datagram is forwarded upstream untranslated, not to the pod.
+    assert ask(seed, 4, sport) == "timeout"
+
+
+def test_a_cleanup_that_fails_is_a_warning_and_the_rules_stay(seed: netns.Seed, lock: Path) -> None:
+    # The program is applied to the node; its cleanup looks in a namespace that does
+    # not exist (as if conntrack could not be read there).
+    program = lbc.lower(config(4, pods_of(seed, 4)))
+    result = lbc.apply(program, "nftables", netns=seed.node.name, lock_path=lock)
+    assert result.applied and not result.warnings
+    missing = f"{seed.node.name}-missing"
+    after = after_apply(result, program, missing)
+    (warning,) = after.warnings
+    assert warning.startswith("cannot clear stale UDP flows from the conntrack table: ")
+    assert after.cleared == () and after.applied
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("limits", [(0, 64), (0, 0)], ids=["by-port", "whole-table"])
+def test_many_frontends_are_read_by_port_or_in_one_dump_of_every_udp_flow(
+    seed: netns.Seed,
+    lock: Path,
+    family: int,
+    limits: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past FILTERED_UP_TO frontends the kernel filters by port alone, past PORTS_UP_TO
+    # ports not at all: both forced here with small limits.
+    monkeypatch.setattr(conntrack, "FILTERED_UP_TO", limits[0])
+    monkeypatch.setattr(conntrack, "PORTS_UP_TO", limits[1])
+    node, sport = seed.node.name, next(SOURCE_PORTS)
+    pods = pods_of(seed, family)
+    lbc.apply(config(family, pods), "nftables", netns=node, lock_path=lock)
+    first = ask(seed, family, sport)
+    rest = {name: address for name, address in pods.items() if name != first}
+    result = lbc.apply(config(family, rest), "nftables", netns=node, lock_path=lock)
+    assert [entry.reply_source[0] for entry in result.cleared] == [
+        ipaddress.ip_address(pods[first])
+    ]
+    assert ask(seed, family, sport) in rest

@@ -64,6 +64,7 @@ def test_ready_terminating_endpoints_count_as_ready() -> None:
         { ip = "10.244.1.1" },
         { ip = "10.244.1.2", ready = true, terminating = true },
         { ip = "10.244.1.3", ready = false, serving = true, terminating = true },
+        { ip = "10.244.1.4", ready = true, serving = false },
     """
         )
     )
@@ -71,6 +72,7 @@ def test_ready_terminating_endpoints_count_as_ready() -> None:
     assert [(b.address, b.terminating) for b in pool.backends] == [
         ("10.244.1.1", False),
         ("10.244.1.2", True),
+        ("10.244.1.4", False),  # ready though not serving (publishNotReadyAddresses)
     ]
 
 
@@ -345,3 +347,17 @@ def test_hints_never_narrow_the_local_pools() -> None:
     )
     assert addresses(p, frontend(p, Kind.NODE_PORT).pool) == ["10.244.1.1"]
     assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.2"]
+
+
+def test_hints_that_leave_only_weight_zero_endpoints_are_not_followed() -> None:
+    eps = """
+        { ip = "10.244.1.1", weight = 0, for_zones = ["zone-a"] },
+        { ip = "10.244.1.2", for_zones = ["zone-b"] },
+    """
+    assert hinted(eps) == ["10.244.1.2"]  # active backends: the weight-0 one takes none
+    eps = """
+        { ip = "10.244.1.1", weight = 0, for_nodes = ["node-1"], for_zones = ["zone-a"] },
+        { ip = "10.244.1.2", for_nodes = ["node-2"], for_zones = ["zone-a"] },
+        { ip = "10.244.1.3", for_nodes = ["node-3"], for_zones = ["zone-b"] },
+    """
+    assert hinted(eps) == ["10.244.1.2"]  # node hints give way to zone hints

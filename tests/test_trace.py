@@ -76,6 +76,15 @@ def test_explain_prints_the_path() -> None:
     assert result.output.rstrip().endswith("verdict: drop")
 
 
+def test_a_pool_says_which_endpoints_it_holds() -> None:
+    hinted = trace(program("topology-hints"), "10.244.9.9", "10.0.1.189", 80)
+    assert "(cluster-wide endpoints, narrowed by the hints for zone zone-a)" in hinted.steps[2]
+    plain = trace(program("topology-hints"), "10.244.9.9", "10.0.1.190", 80)
+    assert "(cluster-wide endpoints)" in plain.steps[2]
+    local = trace(program("external-traffic-local"), "203.0.113.5", "192.168.49.2", 30082)
+    assert "(this node's endpoints)" in local.steps[2]
+
+
 def test_explain_rejects_a_bad_destination_without_traceback() -> None:
     result = CliRunner().invoke(
         main,

@@ -66,6 +66,10 @@ class ApplyResult:
         )
 
 
+# Work that follows a commit under the same lock (clearing stale UDP flows).
+After = Callable[[ApplyResult], ApplyResult]
+
+
 @dataclass(frozen=True, slots=True)
 class Engine:
     """Runs plan/apply/verify/delete for one backend against one kernel adapter."""
@@ -104,17 +108,25 @@ class Engine:
         return self.plan(artifact)
 
     @paused
-    def apply(self, artifact: Artifact, dry_run: bool = False, full: bool = False) -> ApplyResult:
+    def apply(
+        self,
+        artifact: Artifact,
+        dry_run: bool = False,
+        full: bool = False,
+        after: After | None = None,
+    ) -> ApplyResult:
         """Make the kernel match `artifact` atomically; a no-op when already in sync.
 
         `full` rewrites every object lbc owns even when it already matches (a full
-        resync) instead of only what differs.
+        resync) instead of only what differs. `after` (not on a dry run) runs still
+        under the lock, and its result is returned.
         """
         start = time.perf_counter()
         self._step(f"waiting for the lock {self.lock_path}")
         with host_lock(self.lock_path, self.lock_timeout):
             desired = self.kernel.desired(artifact)
-            return self._remembered(desired, dry_run, start, full)
+            result = self._remembered(desired, dry_run, start, full)
+            return result if after is None or dry_run else after(result)
 
     @paused
     def delete(self, dry_run: bool = False) -> ApplyResult:
@@ -155,17 +167,20 @@ class Engine:
         full: bool = False,
         known: Known | None = None,
         changes: tuple[Change, ...] | None = None,
+        after: After | None = None,
     ) -> ApplyResult:
         """Make the kernel hold `desired`, under the lock.
 
         `known` is the caller's record of the live state at some generation; while the
         kernel is still at that generation it is used instead of a snapshot, and
         `changes` (if given) are the plan from it, so the cost follows the change.
+        `after` runs as in `apply`.
         """
         start = time.perf_counter()
         self._step(f"waiting for the lock {self.lock_path}")
         with host_lock(self.lock_path, self.lock_timeout):
-            return self._converge(desired, dry_run, start, full, known, changes)
+            result = self._converge(desired, dry_run, start, full, known, changes)
+            return result if after is None or dry_run else after(result)
 
     def _converge(
         self,

@@ -145,6 +145,8 @@ class _Chosen:
 
     everywhere: list[_Pick]
     local: list[_Pick]
+    serving: list[str]  # every ready or serving endpoint's address, before any choice
+    hints: str = ""  # the topology hints that narrowed `everywhere` ("zone zone-a")
 
     @staticmethod
     def of(svc: Service, family: int, info: NodeInfo) -> _Chosen:
@@ -167,6 +169,7 @@ class _Chosen:
         serving: list[_Pick] = []
         local_ready: list[_Pick] = []
         local_serving: list[_Pick] = []
+        idle: list[str] = []
         for number, e in numbered:
             terminating = e.terminating
             if e.ready:
@@ -175,6 +178,8 @@ class _Chosen:
             elif terminating and (e.ready if e.serving is None else e.serving):
                 usable, usable_here = serving, local_serving
             else:
+                if e.serving:  # serving, neither ready nor terminating: takes no traffic
+                    idle.append(_ntoa(number.to_bytes(4)) if family == 4 else str(e.ip))
                 continue
             address = _ntoa(number.to_bytes(4)) if family == 4 else str(e.ip)
             where = e.node
@@ -183,30 +188,35 @@ class _Chosen:
             usable.append(pick)
             if local:
                 usable_here.append(pick)
+        every = [p[0] for p in ready] + [p[0] for p in serving] + idle
+        hints = ""
         if ready:
-            ready = _hinted(ready, ready_endpoints, node, info.zone)
-        return _Chosen(everywhere=ready or serving, local=local_ready or local_serving)
+            ready, hints = _hinted(ready, ready_endpoints, node, info.zone)
+        return _Chosen(ready or serving, local_ready or local_serving, every, hints)
 
 
 def _hinted(
     ready: list[_Pick], endpoints: list[Endpoint], node: str, zone: str | None
-) -> list[_Pick]:
-    """The ready endpoints that topology hints leave for this node (kube-proxy's rule).
+) -> tuple[list[_Pick], str]:
+    """The ready endpoints that topology hints leave for this node (kube-proxy's rule),
+    and which hints they followed ("node NAME", "zone NAME" or "").
 
     Node hints first: when every ready endpoint has some and at least one names this
     node, only those. Otherwise zone hints: when every ready endpoint has some and at
     least one names this node's zone, only those. Otherwise (a hint missing anywhere,
     none for this node or zone, or a node without a zone) every ready endpoint.
+    Weights are lbc's own: a selection whose endpoints all have weight 0 would take
+    no connection at all, so it counts as no endpoint for this node or zone.
     """
     if endpoints[0].for_nodes and all(e.for_nodes for e in endpoints):
         kept = [p for p, e in zip(ready, endpoints, strict=True) if node in e.for_nodes]
-        if kept:
-            return kept
+        if any(p[1] for p in kept):
+            return kept, f"node {node}"
     if zone is not None and endpoints[0].for_zones and all(e.for_zones for e in endpoints):
         kept = [p for p, e in zip(ready, endpoints, strict=True) if zone in e.for_zones]
-        if kept:
-            return kept
-    return ready
+        if any(p[1] for p in kept):
+            return kept, f"zone {zone}"
+    return ready, ""
 
 
 def _lower_port(
@@ -245,6 +255,7 @@ def _lower_port(
         )
 
     made: dict[bool, Pool] = {}
+    serving = tuple([(a, target) for a in chosen.serving]) if proto is Proto.UDP else ()
 
     def pool(local_only: bool) -> Pool:
         """The cluster-wide or the local-only pool, created on first use."""
@@ -264,6 +275,8 @@ def _lower_port(
                 affinity_timeout=affinity,
                 when_empty=when_empty,
                 local_only=local_only,
+                serving=serving,
+                hints="" if local_only else chosen.hints,
             )
             pools.append(made[local_only])
         return made[local_only]

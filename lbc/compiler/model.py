@@ -13,9 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationInfo,
     WithJsonSchema,
-    field_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -282,19 +280,6 @@ class Endpoint(_Strict):
         description="Topology hints: the nodes that should send cluster traffic here "
         "(hints.forNodes, trafficDistribution PreferSameNode).",
     )
-
-    @field_validator("serving")
-    @classmethod
-    def _serving_if_ready(cls, serving: bool | None, info: ValidationInfo) -> bool | None:
-        # In Kubernetes a ready endpoint is a serving one (ready = serving and not
-        # terminating); `ready = true, serving = false` says two things at once.
-        # (prevalidate.py leaves such an endpoint to pydantic, so this always runs.)
-        if serving is False and info.data.get("ready") is True:
-            raise ValueError(
-                "serving = false contradicts ready = true (a ready endpoint is serving); "
-                "set ready = false, or drop serving"
-            )
-        return serving
 
 
 class Service(_Strict):

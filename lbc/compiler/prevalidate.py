@@ -61,12 +61,26 @@ class _Endpoints:
         self.zones: set[str] = set()
         self.key_sets: dict[tuple[str, ...], set[str]] = {}
 
+    def hints(self, value: object, zones: bool) -> tuple[str, ...] | None:
+        """A list of zone (or node) names as the schema's tuple, or None unless plainly
+        valid: non-empty names as `Endpoint.zone` (or `Endpoint.node`) takes them."""
+        if type(value) is not list:
+            return None
+        known, rule, longest = (self.zones, _ZONE, 63) if zones else (self.nodes, _NODE, 253)
+        for name in value:
+            if type(name) is not str or not name:
+                return None
+            if name not in known:
+                if len(name) > longest or not rule.fullmatch(name):
+                    return None
+                known.add(name)
+        return tuple(value)
+
     def build(self, raw: object) -> Endpoint | None:
         """The `Endpoint` of `raw`, or None unless it is plainly valid (strict types)."""
         if type(raw) is not dict:
             return None
         values = _DEFAULTS.copy()
-        not_serving = False
         for key, value in raw.items():
             if key == "ip":
                 if type(value) is not str:
@@ -84,9 +98,12 @@ class _Endpoints:
             elif key in _BOOLS:
                 if type(value) is not bool:
                     return None
-                not_serving = not_serving or (key == "serving" and not value)
             elif key == "weight":
                 if type(value) is not int or not 0 <= value <= 65535:
+                    return None
+            elif key == "for_zones" or key == "for_nodes":
+                value = self.hints(value, key == "for_zones")
+                if value is None:
                     return None
             elif key == "zone":
                 if type(value) is not str:
@@ -100,8 +117,6 @@ class _Endpoints:
             values[key] = value
         if values["ip"] is None:
             return None
-        if not_serving and values["ready"]:
-            return None  # a contradiction for the schema to word (`Endpoint._serving_if_ready`)
         keys = tuple(raw)
         fields_set = self.key_sets.get(keys)
         if fields_set is None:

@@ -50,8 +50,9 @@ def _frontend(f: Frontend) -> str:
 
 def _pool(pool: Pool) -> list[str]:
     affinity = "none" if pool.affinity_timeout is None else f"client-ip {pool.affinity_timeout}s"
+    hints = f" (hints for {pool.hints})" if pool.hints else ""
     head = (
-        f"  pool {pool.id} {'local' if pool.local_only else 'cluster'}: scheduler "
+        f"  pool {pool.id} {'local' if pool.local_only else 'cluster'}{hints}: scheduler "
         f"{pool.scheduler}, affinity {affinity}, when-empty {pool.when_empty}"
     )
     lines = [head]

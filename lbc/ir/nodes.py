@@ -84,6 +84,13 @@ class Pool:
     affinity_timeout: int | None
     when_empty: Empty
     local_only: bool  # the local-endpoints pool of a traffic policy "Local"
+    # UDP only: every endpoint of the service port that is ready or serving (address,
+    # target port), before traffic policy, topology hints and the terminating
+    # fallback chose `backends`. Flows to these may live on (lbc.apply.conntrack).
+    serving: tuple[tuple[str, int], ...] = ()
+    # The topology hints that narrowed a cluster-wide pool's ready endpoints ("zone
+    # zone-a", "node node-1"), or "" when none did.
+    hints: str = ""
 
     @property
     def active(self) -> tuple[Backend, ...]:

@@ -114,10 +114,13 @@ def trace(
         pool = pools[front.internal_pool]
         masquerade = origin is Origin.NODE
         steps.append(f"{origin} traffic short-circuits to the cluster-wide pool")
-    steps.append(
-        f"pool {pool.id} ({'local endpoints' if pool.local_only else 'all endpoints'}), "
-        f"masquerade {'yes' if masquerade else 'no'}"
-    )
+    if pool.local_only:
+        which = "this node's endpoints"
+    elif pool.hints:
+        which = f"cluster-wide endpoints, narrowed by the hints for {pool.hints}"
+    else:
+        which = "cluster-wide endpoints"
+    steps.append(f"pool {pool.id} ({which}), masquerade {'yes' if masquerade else 'no'}")
     active = pool.active
     if not active:
         verdict = Verdict.REJECT if pool.when_empty is Empty.REJECT else Verdict.DROP
