@@ -9,7 +9,13 @@ from pathlib import Path
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
-from lbc.apply.conntrack import after_apply
+from lbc.apply.conntrack import (
+    after_apply,
+    load_places,
+    save_places,
+    served_record,
+    udp_frontends,
+)
 from lbc.apply.engine import ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Plan
@@ -113,7 +119,15 @@ def apply(
     program = _program(source, "apply")
 
     def clear(result: ApplyResult) -> ApplyResult:
-        return after_apply(result, program, netns, progress=progress)
+        # The UDP frontends applied last time in this namespace: flows to those that
+        # are gone are stale too. A failed clearing keeps them for the next apply.
+        record = served_record(Path(lock_path), netns)
+        before = load_places(record) if record is not None else set()
+        now = udp_frontends([program])
+        result = after_apply(result, program, netns, before - now, progress=progress)
+        if record is not None:
+            save_places(record, now | before if result.warnings else now)
+        return result
 
     after = clear if clear_stale_udp and kernel is None else None
     return engine.apply(engine.backend.compile(program), dry_run=dry_run, full=full, after=after)

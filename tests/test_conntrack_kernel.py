@@ -14,6 +14,7 @@ entry for as long as it keeps sending. These tests prove on the seed topology th
 from __future__ import annotations
 
 import ipaddress
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +269,21 @@ def test_many_frontends_are_read_by_port_or_in_one_dump_of_every_udp_flow(
         ipaddress.ip_address(pods[first])
     ]
     assert ask(seed, family, sport) in rest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_one_shot_apply_clears_the_flows_of_a_service_the_last_one_served(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    # The UDP frontends each apply served are kept beside the lock file, per namespace.
+    sport = next(SOURCE_PORTS)
+    pods = pods_of(seed, 4)
+    lbc.apply(config(4, pods), backend, netns=seed.node.name, lock_path=lock)
+    (record,) = lock.parent.glob(f"{lock.name}.udp.netns-*.json")
+    assert json.loads(record.read_text()) == [[VIPS[4], PORT]]
+    assert ask(seed, 4, sport) in pods
+    empty = config(4, pods).model_copy(update={"services": []})
+    result = lbc.apply(empty, backend, netns=seed.node.name, lock_path=lock)
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert json.loads(record.read_text()) == []
+    assert ask(seed, 4, sport) == "timeout"

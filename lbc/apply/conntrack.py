@@ -17,14 +17,17 @@ opens a new one, which the rules translate afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import ipaddress
+import json
 import os
 import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lbc.errors import ApplyError
@@ -243,3 +246,48 @@ def _tracked(family: int, message: Any) -> Tracked | None:
         (ip(orig_ip.get_attr(dst)), proto.get_attr("CTA_PROTO_DST_PORT")),
         (ip(reply_ip.get_attr(src)), reply_proto.get_attr("CTA_PROTO_SRC_PORT")),
     )
+
+
+def served_record(lock_path: Path, netns: str | None) -> Path | None:
+    """Where the UDP frontends last applied in `netns` are kept: beside the lock file,
+    named by the namespace's cookie (unique for the boot; /run is emptied at boot).
+    None when the kernel has no namespace cookies."""
+    from lbc.backends.nftables.generation import GenerationReader, inside
+
+    try:
+        with inside(netns):
+            reader = GenerationReader()
+        try:
+            cookie = reader.cookie()
+        finally:
+            reader.close()
+    except OSError:
+        return None
+    if cookie is None:
+        return None
+    return lock_path.with_name(f"{lock_path.name}.udp.netns-{cookie}.json")
+
+
+def load_places(path: Path) -> set[Place]:
+    """The frontends of a record; none when there is none or it cannot be read."""
+    try:
+        doc = json.loads(path.read_text())
+        return {(ipaddress.ip_address(address), int(port)) for address, port in doc}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def save_places(path: Path, places: Iterable[Place]) -> None:
+    """Write the record atomically, readable by root only; a record that cannot be
+    written is none (the next apply then cannot tell which frontends went away)."""
+    doc = sorted([str(address), port] for address, port in places)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except OSError:
+        for stale_file in (tmp, path):
+            with contextlib.suppress(OSError):
+                stale_file.unlink(missing_ok=True)
