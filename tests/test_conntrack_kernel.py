@@ -196,16 +196,25 @@ def test_flows_of_other_addresses_are_left_alone(
     assert f"sport={sport}" in tracked, tracked
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_session_clears_the_flows_of_the_services_it_changes(
+def session_with_a_flow(
     seed: netns.Seed, lock: Path, backend: str
-) -> None:
+) -> tuple[lbc.Session, int, dict[str, str], str]:
+    """A session that applied the service, a source port, the pods, and the pod the
+    flow from that port reached."""
     sport = next(SOURCE_PORTS)
     pods = pods_of(seed, 4)
     session = lbc.Session(backend, netns=seed.node.name, lock_path=lock)
     session.apply(config(4, pods))
     first = ask(seed, 4, sport)
     assert first in pods, first
+    return session, sport, pods, first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_session_clears_the_flows_of_the_services_it_changes(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    session, sport, pods, first = session_with_a_flow(seed, lock, backend)
     rest = {name: address for name, address in pods.items() if name != first}
     result = session.apply(config(4, rest))
     assert [entry.reply_source[0] for entry in result.cleared] == [
@@ -220,12 +229,7 @@ def test_a_session_clears_the_flows_of_the_services_it_changes(
 def test_a_session_clears_the_flows_of_a_service_it_removes(
     seed: netns.Seed, lock: Path, backend: str
 ) -> None:
-    sport = next(SOURCE_PORTS)
-    pods = pods_of(seed, 4)
-    session = lbc.Session(backend, netns=seed.node.name, lock_path=lock)
-    session.apply(config(4, pods))
-    first = ask(seed, 4, sport)
-    assert first in pods, first
+    session, sport, pods, _ = session_with_a_flow(seed, lock, backend)
     empty = config(4, pods).model_copy(update={"services": []})
     result = session.apply(empty)
     assert [entry.source[1] for entry in result.cleared] == [sport]
