@@ -143,7 +143,12 @@ class _Rules:
                 n.SOURCE_RANGES,
                 f"{vport} . {addr}",
                 True,
-                [f"{_key(f)} . {r}" for f in frontends for r in _ranges(f.source_ranges)],
+                [
+                    f"{_key(f)} . {r}"
+                    for f in frontends
+                    if f.source_ranges
+                    for r in _ranges(f.source_ranges)
+                ],
             ),
             (
                 n.NO_ENDPOINTS_REJECT,
