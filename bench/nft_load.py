@@ -61,7 +61,7 @@ def program(services: int, endpoints: int) -> Program:
         name = f"bench/svc-{i:05d}:http"
         backends = tuple(
             Backend(
-                id=digest(f"{name}/tcp/{addr}:8080"),
+                key=f"{name}/tcp/{addr}:8080",
                 address=str(addr),
                 port=8080,
                 weight=1,

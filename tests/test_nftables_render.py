@@ -179,7 +179,7 @@ def program(weights: list[int], affinity: int | None = None) -> Program:
     """One cluster-IP service whose backends have `weights`, built as IR directly."""
     backends = tuple(
         Backend(
-            id=f"B{i:015d}",
+            key=f"default/w:http/tcp/10.244.{i // 250}.{i % 250 + 1}:8080",
             address=f"10.244.{i // 250}.{i % 250 + 1}",
             port=8080,
             weight=w,

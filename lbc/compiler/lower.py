@@ -234,7 +234,8 @@ def _lower_port(
     everywhere = chosen.everywhere
     scheduler = _SCHEDULERS[svc.scheduler] if svc.scheduler else Scheduler.DEFAULT
     affinity = svc.session_affinity_timeout if svc.session_affinity == "ClientIP" else None
-    # A backend's id is the digest of "spn/proto/ip:port" (brackets around IPv6).
+    # A backend's key is "spn/proto/ip:port" (brackets around IPv6); its id, the key's
+    # digest, is made when a backend prints it (`Backend.id`).
     id_prefix = f"{spn}/{proto}/"
     open_bracket, port_suffix = ("[", f"]:{target}") if family == 6 else ("", f":{target}")
 
@@ -242,7 +243,7 @@ def _lower_port(
         return tuple(
             [
                 _backend(
-                    digest(f"{id_prefix}{open_bracket}{address}{port_suffix}"),
+                    f"{id_prefix}{open_bracket}{address}{port_suffix}",
                     address,
                     target,
                     weight,
@@ -375,7 +376,7 @@ _new = object.__new__
 
 
 def _backend(
-    id: str,
+    key: str,
     address: str,
     port: int,
     weight: int,
@@ -386,8 +387,10 @@ def _backend(
     """`Backend(...)`: the same frozen instance, its slots set without the frozen
     dataclass's `object.__setattr__` per field (a backend is made per endpoint and port)."""
     b: Backend = _new(Backend)
-    set_id, set_address, set_port, set_weight, set_local, set_terminating, set_remote = _set_backend
-    set_id(b, id)
+    (set_key, set_address, set_port, set_weight, set_local, set_terminating, set_remote) = (
+        _set_backend
+    )
+    set_key(b, key)
     set_address(b, address)
     set_port(b, port)
     set_weight(b, weight)

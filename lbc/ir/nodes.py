@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from lbc.ir.names import digest
+
 
 class Proto(StrEnum):
     """Transport protocol of a frontend."""
@@ -57,9 +59,16 @@ class Scheduler(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    """One destination of a pool: a real server that answers for the service."""
+    """One destination of a pool: a real server that answers for the service.
 
-    id: str
+    `key` names it in its pool's service port: `namespace/name:port/proto/ip:port`
+    (brackets around IPv6). Its `id`, the 16 base32 characters of the key's sha256, is
+    made on request: only some backends print ids (the IR dump, iptables' endpoint
+    chains, nftables' affinity sets), and lowering 100,000 endpoints would otherwise
+    spend a third of its time on digests nobody reads.
+    """
+
+    key: str
     address: str
     port: int
     weight: int
@@ -69,6 +78,11 @@ class Backend:
     # names no node). Its own connections mostly pass its own node's NAT rules, not
     # this node's (see `Program.hairpin`).
     remote: bool = False
+
+    @property
+    def id(self) -> str:
+        """The stable name of this backend: `digest(key)`."""
+        return digest(self.key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,7 +152,7 @@ def probabilities(weights: Sequence[int]) -> list[str]:
 
 def endpoint_count(program: Program) -> int:
     """How many endpoints the program's pools use (one per active backend id)."""
-    return len({b.id for pool in program.pools for b in pool.active})
+    return len({b.key for pool in program.pools for b in pool.active})
 
 
 def is_large(program: Program) -> bool:
