@@ -94,7 +94,19 @@ def measure(
     program = lbc.lower(cluster)
     artifact = lbc.compile(program, backend)
     artifact.text()  # print once, outside the timings
-    lock = Path(tempfile.mkdtemp()) / "lock"
+    with tempfile.TemporaryDirectory(prefix="lbc-bench-") as scratch:
+        return _measure(backend, cluster, artifact, Path(scratch) / "lock", repeat, one_shot)
+
+
+def _measure(
+    backend: str,
+    cluster: Cluster,
+    artifact: lbc.Artifact,
+    lock: Path,
+    repeat: int,
+    one_shot: bool,
+) -> dict[str, float]:
+    """The figures of `measure`; the lock file (and apply's records) live beside `lock`."""
     tool, full, change, session_change = [], [], [], []
     bigger = with_one_more_endpoint(cluster)
     for _ in range(repeat):
