@@ -646,3 +646,27 @@ def test_iptables_nft_commits_are_verified_by_generation_and_remembered(
         assert lbc.verify(small, "iptables", netns=node.name).in_sync
     finally:
         node.exec("iptables", "-t", "nat", "-X", "OTHER-TOOL")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_namespace_that_does_not_exist_is_an_error_and_is_not_created(
+    seed: netns.Seed, tmp_path: Path, backend: str
+) -> None:
+    missing = f"{seed.node.name}-absent"
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(HOSTNAMES),
+            "--netns",
+            missing,
+            "-b",
+            backend,
+            "--lock-file",
+            str(tmp_path / "lock"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert missing in result.stderr, result.stderr
+    assert missing not in run_command(["ip", "netns", "list"]), "lbc created the namespace"

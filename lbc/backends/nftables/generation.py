@@ -81,20 +81,28 @@ def _generation(attributes: bytes) -> int:
 
 @contextmanager
 def inside(netns: str | None) -> Iterator[None]:
-    """Run the block in the named network namespace (sockets made there stay there)."""
+    """Run the block in the named network namespace (sockets made there stay there).
+
+    A namespace that does not exist is an `ApplyError`, never created (pyroute2's
+    `pushns` would create it).
+    """
     if netns is None:
         yield
         return
-    from pyroute2.netns import popns, pushns
+    from pyroute2.netns import setns
 
+    saved = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
-        pushns(netns)
-    except OSError as exc:
-        raise ApplyError(f"cannot enter network namespace {netns!r}: {exc}") from exc
-    try:
-        yield
+        try:
+            setns(netns, flags=0)
+        except OSError as exc:
+            raise ApplyError(f"cannot enter network namespace {netns!r}: {exc}") from exc
+        try:
+            yield
+        finally:
+            setns(saved, flags=0)
     finally:
-        popns()
+        os.close(saved)
 
 
 class Generations:
