@@ -125,9 +125,7 @@ def clear_stale(
         return []
     try:
         return _clear(served, netns)
-    except ApplyError:
-        raise
-    except Exception as exc:  # netlink, decoding: whatever pyroute2 raises
+    except Exception as exc:  # the namespace, netlink, decoding: whatever goes wrong
         code = getattr(exc, "code", None)
         reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
         raise ApplyError(
@@ -140,10 +138,10 @@ def _clear(served: dict[Place, frozenset[Place]], netns: str | None) -> list[Tra
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-    from lbc.backends.ipvs.netlink import network_namespace
+    from lbc.backends.nftables.generation import inside
 
     deleted: list[Tracked] = []
-    with network_namespace(netns):
+    with inside(netns):
         for family in sorted({address.version for address, _ in served}):
             af = socket.AF_INET if family == 4 else socket.AF_INET6
             places = [p for p in served if p[0].version == family]
@@ -255,7 +253,7 @@ def served_record(lock_path: Path, netns: str | None) -> Path | None:
             cookie = reader.cookie()
         finally:
             reader.close()
-    except OSError:
+    except (OSError, ApplyError):  # no such namespace, no netlink: no record
         return None
     if cookie is None:
         return None
