@@ -63,14 +63,18 @@ def udp_endpoints(program: Program) -> dict[Place, frozenset[Place]]:
     """Each UDP frontend (address, port) of `program`, with the places flows may go on to:
     every ready or serving endpoint of its service port (`Pool.serving`)."""
     pools = program.pool_index()
+    by_pool: dict[str, frozenset[Place]] = {}  # a pool serves several frontends
     out: dict[Place, frozenset[Place]] = {}
     for f in program.frontends:
         if f.proto is not Proto.UDP:
             continue
-        serving = pools[f.pool].serving
-        out[(ipaddress.ip_address(f.address), f.port)] = frozenset(
-            (ipaddress.ip_address(address), port) for address, port in serving
-        )
+        places = by_pool.get(f.pool)
+        if places is None:
+            serving = pools[f.pool].serving
+            places = by_pool[f.pool] = frozenset(
+                (ipaddress.ip_address(address), port) for address, port in serving
+            )
+        out[(ipaddress.ip_address(f.address), f.port)] = places
     return out
 
 
