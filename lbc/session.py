@@ -119,15 +119,15 @@ class Session:
         """
         if not self.clear_stale_udp or not (changed or self._recheck):
             return None
-        programs = {key: program for key, (_, program) in self._services.items()}
-        before = [programs[key] for key in changed if key in programs]
-        gone = udp_frontends(before)
-        for key, entry in changed.items():
-            if entry is None:
-                programs.pop(key, None)
-            else:
-                programs[key] = entry[1]
-        if self._recheck:
+        services = self._services
+        gone = udp_frontends(services[key][1] for key in changed if key in services)
+        if self._recheck:  # every service as it will be after this apply
+            programs = {key: program for key, (_, program) in services.items()}
+            for key, entry in changed.items():
+                if entry is None:
+                    programs.pop(key, None)
+                else:
+                    programs[key] = entry[1]
             program = merge(info, programs.values())
         else:
             program = merge(info, [entry[1] for entry in changed.values() if entry is not None])

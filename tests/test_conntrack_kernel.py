@@ -285,3 +285,25 @@ def test_a_one_shot_apply_clears_the_flows_of_a_service_the_last_one_served(
     assert [entry.source[1] for entry in result.cleared] == [sport]
     assert json.loads(record.read_text()) == []
     assert ask(seed, 4, sport) == "timeout"
+
+
+def test_a_session_whose_cleanup_failed_checks_every_service_on_its_next_apply(
+    seed: netns.Seed, lock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, sport, pods, first = session_with_a_flow(seed, lock, "nftables")
+    rest = {name: address for name, address in pods.items() if name != first}
+
+    def broken(*args: object) -> list[conntrack.Tracked]:
+        raise lbc.ApplyError("conntrack is unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(conntrack, "clear_stale", broken)
+        failed = session.apply(config(4, rest))
+    assert failed.applied and failed.warnings == ("conntrack is unreachable",)
+    assert ask(seed, 4, sport) == first  # the stale flow is still there
+    # Nothing changed since, yet the session looks again, at every service.
+    again = session.apply(config(4, rest))
+    assert not again.applied and not again.warnings
+    assert [entry.source[1] for entry in again.cleared] == [sport]
+    assert ask(seed, 4, sport) in rest
+    assert session.apply(config(4, rest)).cleared == ()
