@@ -36,7 +36,7 @@ from typing import Any
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
-from lbc.apply.conntrack import after_apply, udp_frontends
+from lbc.apply.conntrack import Place, after_apply, udp_frontends
 from lbc.apply.engine import After, ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
@@ -75,6 +75,7 @@ class Session:
         # `lbc.apply` does for the whole cluster (not with a kernel of the caller's).
         self.clear_stale_udp = clear_stale_udp and kernel is None
         self._recheck = False  # the last clearing failed: check every service next time
+        self._pending_gone: set[Place] = set()  # and the frontends gone before it
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster
@@ -95,32 +96,45 @@ class Session:
         if not isinstance(cluster, Cluster):
             raise UsageError(f"Session.apply() takes a Cluster, not {type(cluster).__name__}")
         info = node_info(cluster)
+        saved = None
         if info != self._node:
-            self._services = {}
-            self._order = []
-            self._table = None
-            self._node = info
-        changed = self._changed(info, cluster)
-        for entry in changed.values():
-            if entry is not None:
-                self.backend.check(entry[1])
-        kind = self._incremental()
-        after = self._clearing(info, changed)
-        if kind is not None:
-            return self._apply_table(kind, cluster, info, changed, dry_run, full, after)
-        return self._apply_whole(cluster, info, changed, dry_run, full, after)
+            # Every service is lowered again for the new node; what was applied before
+            # comes back if this apply does not happen (a dry run, a failure).
+            saved = (self._node, self._services, self._order, self._table)
+            self._node, self._services, self._order, self._table = info, {}, [], None
+        try:
+            changed = self._changed(info, cluster)
+            for entry in changed.values():
+                if entry is not None:
+                    self.backend.check(entry[1])
+            kind = self._incremental()
+            replaced = saved[1].values() if saved is not None else ()
+            after = self._clearing(info, changed, [program for _, program in replaced])
+            if kind is not None:
+                result = self._apply_table(kind, cluster, info, changed, dry_run, full, after)
+            else:
+                result = self._apply_whole(cluster, info, changed, dry_run, full, after)
+        except BaseException:
+            if saved is not None:
+                self._node, self._services, self._order, self._table = saved
+            raise
+        if dry_run and saved is not None:
+            self._node, self._services, self._order, self._table = saved
+        return result
 
-    def _clearing(self, info: NodeInfo, changed: Changed) -> After | None:
+    def _clearing(self, info: NodeInfo, changed: Changed, replaced: list[Program]) -> After | None:
         """What clears the stale UDP flows of this apply's changes, under its lock.
 
-        The changed services' frontends as they are now, and as they were: a frontend
-        that is gone has no endpoints left, so every flow to it is stale. After a
-        failure (a warning), the next apply checks every service again.
+        The changed services' frontends as they are now, and as they were (with every
+        program `replaced` by a change of node): a frontend that is gone has no
+        endpoints left, so every flow to it is stale. After a failure (a warning), the
+        next apply checks every service again, and the frontends gone until then.
         """
-        if not self.clear_stale_udp or not (changed or self._recheck):
+        if not self.clear_stale_udp or not (changed or replaced or self._recheck):
             return None
         services = self._services
         gone = udp_frontends(services[key][1] for key in changed if key in services)
+        gone |= udp_frontends(replaced) | self._pending_gone
         if self._recheck:  # every service as it will be after this apply
             programs = {key: program for key, (_, program) in services.items()}
             for key, entry in changed.items():
@@ -132,14 +146,22 @@ class Session:
         else:
             program = merge(info, [entry[1] for entry in changed.values() if entry is not None])
         if not gone and not any(f.proto is Proto.UDP for f in program.frontends):
-            return None
+            return self._checked if self._recheck else None
 
         def clear(result: ApplyResult) -> ApplyResult:
-            result = after_apply(result, program, self.netns, gone, self.engine.progress)
-            self._recheck = bool(result.warnings)
-            return result
+            cleared = after_apply(result, program, self.netns, gone, self.engine.progress)
+            if len(cleared.warnings) > len(result.warnings):
+                self._recheck, self._pending_gone = True, gone
+            else:
+                self._checked(cleared)
+            return cleared
 
         return clear
+
+    def _checked(self, result: ApplyResult) -> ApplyResult:
+        """After an apply that left no stale UDP flow behind: nothing to look at again."""
+        self._recheck, self._pending_gone = False, set()
+        return result
 
     def _incremental(self) -> _Incremental | None:
         """How this backend keeps its objects per service, if it does."""

@@ -648,25 +648,18 @@ def test_iptables_nft_commits_are_verified_by_generation_and_remembered(
         node.exec("iptables", "-t", "nat", "-X", "OTHER-TOOL")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("command", ["apply", "plan", "verify", "delete"])
+@pytest.mark.parametrize("backend", [*BACKENDS, "ipvs"])
 def test_a_namespace_that_does_not_exist_is_an_error_and_is_not_created(
-    seed: netns.Seed, tmp_path: Path, backend: str
+    seed: netns.Seed, tmp_path: Path, backend: str, command: str
 ) -> None:
+    """Never "drift" or "in sync" for a namespace that is not there, never a traceback."""
     missing = f"{seed.node.name}-absent"
-    result = CliRunner().invoke(
-        main,
-        [
-            "apply",
-            str(HOSTNAMES),
-            "--netns",
-            missing,
-            "-b",
-            backend,
-            "--lock-file",
-            str(tmp_path / "lock"),
-        ],
-    )
-    assert result.exit_code != 0
+    args = [command] if command == "delete" else [command, str(HOSTNAMES)]
+    if command in ("apply", "delete"):
+        args += ["--lock-file", str(tmp_path / "lock")]
+    result = CliRunner().invoke(main, [*args, "--netns", missing, "-b", backend])
+    assert result.exit_code == 4, result.output  # the kernel exit code, not 0 or 1 (drift)
     assert "Traceback" not in result.output
-    assert missing in result.stderr, result.stderr
+    assert "network namespace" in result.stderr and missing in result.stderr, result.stderr
     assert missing not in run_command(["ip", "netns", "list"]), "lbc created the namespace"

@@ -307,3 +307,59 @@ def test_a_session_whose_cleanup_failed_checks_every_service_on_its_next_apply(
     assert [entry.source[1] for entry in again.cleared] == [sport]
     assert ask(seed, 4, sport) in rest
     assert session.apply(config(4, rest)).cleared == ()
+
+
+def for_zone(cluster: lbc.Cluster, zone: str) -> lbc.Cluster:
+    """`cluster` on a node in another topology zone: a change of node for a session."""
+    return cluster.model_copy(update={"node": cluster.node.model_copy(update={"zone": zone})})
+
+
+def no_services(cluster: lbc.Cluster) -> lbc.Cluster:
+    return cluster.model_copy(update={"services": []})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_session_clears_the_flows_of_a_service_removed_as_the_node_changes(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    # A change of node lowers every service again; the ones gone are still looked at.
+    session, sport, pods, _ = session_with_a_flow(seed, lock, backend)
+    result = session.apply(no_services(for_zone(config(4, pods), "zone-b")))
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dry_run_for_another_node_leaves_the_session_as_it_was(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    session, sport, pods, first = session_with_a_flow(seed, lock, backend)
+    planned = session.apply(for_zone(config(4, pods), "zone-b"), dry_run=True)
+    assert planned.cleared == ()
+    assert ask(seed, 4, sport) == first
+    # The session still knows the service it applied, so removing it clears its flow.
+    result = session.apply(no_services(for_zone(config(4, pods), "zone-b")))
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"
+
+
+def test_a_session_whose_cleanup_failed_looks_again_at_the_services_it_removed(
+    seed: netns.Seed, lock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, sport, pods, first = session_with_a_flow(seed, lock, "nftables")
+
+    def broken(*args: object) -> list[conntrack.Tracked]:
+        raise lbc.ApplyError("conntrack is unreachable")
+
+    empty = no_services(config(4, pods))
+    with monkeypatch.context() as patch:
+        patch.setattr(conntrack, "clear_stale", broken)
+        failed = session.apply(empty)
+    assert failed.applied and failed.warnings == ("conntrack is unreachable",)
+    assert ask(seed, 4, sport) == first  # the flow outlives the rules
+    again = session.apply(empty)
+    assert not again.applied and not again.warnings
+    assert [entry.source[1] for entry in again.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"
+    # Looked at once it worked: nothing left to look at.
+    assert session.apply(empty).cleared == ()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lbc.apply.netns import inside
 from lbc.errors import ApplyError
 from lbc.ir import Program, Proto
 
@@ -142,8 +143,6 @@ def _clear(served: dict[Place, frozenset[Place]], netns: str | None) -> list[Tra
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-    from lbc.backends.nftables.generation import inside
-
     deleted: list[Tracked] = []
     with inside(netns):
         for family in sorted({address.version for address, _ in served}):
@@ -248,7 +247,7 @@ def served_record(lock_path: Path, netns: str | None) -> Path | None:
     """Where the UDP frontends last applied in `netns` are kept: beside the lock file,
     named by the namespace's cookie (unique for the boot; /run is emptied at boot).
     None when the kernel has no namespace cookies."""
-    from lbc.backends.nftables.generation import GenerationReader, inside
+    from lbc.backends.nftables.generation import GenerationReader
 
     try:
         with inside(netns):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lbc.apply.netns import NamespaceError, inside
 from lbc.backends.ipvs.names import LINK, SYSCTLS, TABLE, TABLE_FAMILY
 from lbc.backends.ipvs.ops import (
     PROTO_NUMBER,
@@ -143,25 +143,6 @@ def proto_of(number: int) -> Proto:
     return next(p for p, n in PROTO_NUMBER.items() if n == number)
 
 
-@contextmanager
-def network_namespace(name: str | None) -> Iterator[None]:
-    """Run the body in the named network namespace (`ip netns` name), then come back."""
-    if name is None:
-        yield
-        return
-    from pyroute2 import netns
-
-    saved = os.open("/proc/self/ns/net", os.O_RDONLY)
-    try:
-        netns.setns(name, flags=0)
-        try:
-            yield
-        finally:
-            netns.setns(saved, flags=0)
-    finally:
-        os.close(saved)
-
-
 def execute(ops: tuple[Operation, ...], netns: str | None = None) -> None:
     """Perform `ops` in order, in `netns` (default: the current namespace).
 
@@ -170,7 +151,7 @@ def execute(ops: tuple[Operation, ...], netns: str | None = None) -> None:
     """
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with network_namespace(netns), _Sockets() as sockets:
+    with inside(netns), _Sockets() as sockets:
         for op in ops:
             try:
                 if isinstance(op, SetSysctl):
@@ -421,7 +402,7 @@ class Pyroute2Dataplane:
         `nft list table inet lbc-ipvs` and `sysctl net.ipv4.vs.conntrack`."""
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with network_namespace(self.netns), _Sockets() as sockets:
+        with inside(self.netns), _Sockets() as sockets:
             try:
                 link, addresses = _read_link(sockets.get("iproute"))
             except NetlinkError as exc:
@@ -448,7 +429,7 @@ class Pyroute2Dataplane:
         """
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with network_namespace(self.netns), _Sockets() as sockets:
+        with inside(self.netns), _Sockets() as sockets:
 
             def perform(step: Step) -> None:
                 try:
@@ -532,6 +513,8 @@ def _read_services(ipvs: Any) -> tuple[tuple[AddService, tuple[Dest, ...]], ...]
 def _list_rules() -> str | None:
     try:
         return _nft(f"list table {TABLE_FAMILY} {TABLE}")
+    except NamespaceError:
+        raise
     except ApplyError as exc:
         if "No such file or directory" in str(exc):
             return None

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 
+from lbc.apply.netns import inside
 from lbc.errors import ApplyError
 
 NETLINK_NETFILTER = 12
@@ -77,32 +76,6 @@ def _generation(attributes: bytes) -> int:
             return int(value)
         offset += (size + 3) & ~3
     raise OSError("the kernel's generation reply has no NFTA_GEN_ID")
-
-
-@contextmanager
-def inside(netns: str | None) -> Iterator[None]:
-    """Run the block in the named network namespace (sockets made there stay there).
-
-    A namespace that does not exist is an `ApplyError`, never created (pyroute2's
-    `pushns` would create it).
-    """
-    if netns is None:
-        yield
-        return
-    from pyroute2.netns import setns
-
-    saved = os.open("/proc/self/ns/net", os.O_RDONLY)
-    try:
-        try:
-            setns(netns, flags=0)
-        except OSError as exc:
-            raise ApplyError(f"cannot enter network namespace {netns!r}: {exc}") from exc
-        try:
-            yield
-        finally:
-            setns(saved, flags=0)
-    finally:
-        os.close(saved)
 
 
 class Generations:

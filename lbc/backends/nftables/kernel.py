@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from lbc.apply.netns import NamespaceError, inside
 from lbc.apply.state import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.nftables import bulk
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.bulk import RulesetState
 from lbc.backends.nftables.expr import Ruleset
-from lbc.backends.nftables.generation import Generations, inside
+from lbc.backends.nftables.generation import Generations
 from lbc.backends.nftables.incremental import ELEMENT, TableState, objects
 from lbc.backends.nftables.netlink import Batch, BatchError, Unencodable, Writer, batch_for
 from lbc.errors import ApplyError
@@ -287,6 +288,8 @@ class NftablesKernel:
         """Equivalent to `nft list table inet lbc` (empty when the table does not exist)."""
         try:
             listing = self.runner(f"list table {TABLE}")
+        except NamespaceError:
+            raise
         except ApplyError as exc:
             if "No such file or directory" in str(exc):
                 return State({})

@@ -1,0 +1,41 @@
+"""Running a block of code inside a named network namespace (`ip netns` name)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lbc.errors import ApplyError
+
+
+class NamespaceError(ApplyError):
+    """The named network namespace cannot be entered (it does not exist, or no rights)."""
+
+
+@contextmanager
+def inside(netns: str | None) -> Iterator[None]:
+    """Run the block in the named network namespace (sockets made there stay there).
+
+    Only the calling thread moves, and it comes back to the namespace it was in. A
+    namespace that does not exist is a `NamespaceError`, never created (pyroute2's
+    `pushns` would create it).
+    """
+    if netns is None:
+        yield
+        return
+    from pyroute2.netns import setns
+
+    # The thread's own namespace, not the process's main thread's (/proc/self).
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        try:
+            setns(netns, flags=0)
+        except OSError as exc:
+            raise NamespaceError(f"cannot enter network namespace {netns!r}: {exc}") from exc
+        try:
+            yield
+        finally:
+            setns(saved, flags=0)
+    finally:
+        os.close(saved)
