@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import lbc
+from lbc.apply.netns import inside
 from lbc.backends.ipvs import netlink
 from lbc.backends.ipvs.kernel import IpvsKernel
 from lbc.backends.ipvs.ops import AddService
@@ -87,7 +88,7 @@ def batch(ns: str, *commands: str) -> None:
 
 def sysctl(ns: str, key: str) -> str:
     """A sysctl of namespace `ns`, read through /proc/sys."""
-    with netlink.network_namespace(ns):
+    with inside(ns):
         return Path("/proc/sys", key.replace(".", "/")).read_text().strip()
 
 
@@ -97,7 +98,7 @@ def operations(case: str) -> tuple[Any, ...]:
 
 def connect(ns: str, address: str, port: int, timeout: float = 5.0) -> str:
     """One TCP connection from namespace `ns`: the line the server sends."""
-    with netlink.network_namespace(ns):
+    with inside(ns):
         conn = socket.create_connection((address, port), timeout=timeout)
     with conn, conn.makefile() as reply:
         return reply.readline().strip()
@@ -105,7 +106,7 @@ def connect(ns: str, address: str, port: int, timeout: float = 5.0) -> str:
 
 def opens(ns: str, address: str, port: int, timeout: float = 5.0) -> None:
     """Open and close one TCP connection from namespace `ns`."""
-    with netlink.network_namespace(ns):
+    with inside(ns):
         conn = socket.create_connection((address, port), timeout=timeout)
     conn.close()
 
@@ -191,7 +192,7 @@ def probe(ns: str, proto: Proto, address: str, port: int, timeout: float = 5.0) 
         opens(ns, address, port, timeout)
         return
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with netlink.network_namespace(ns):
+    with inside(ns):
         sock = socket.socket(family, socket.SOCK_DGRAM)
     with sock:
         sock.settimeout(timeout)
@@ -207,7 +208,7 @@ def test_real_servers_are_masqueraded_not_direct_routed(netns: Namespaces) -> No
     node = netns("node")
     netlink.execute(operations("weighted"), netns=node)
     service = next(op for op in operations("weighted") if isinstance(op, AddService))
-    with netlink.network_namespace(node), IPVS() as ipvs:
+    with inside(node), IPVS() as ipvs:
         dests = ipvs.dest("dump", service=netlink.service_spec(service))
     found = sorted(
         (
@@ -227,7 +228,7 @@ def test_set_changes_and_update_deletes(netns: Namespaces) -> None:
     netlink.execute(operations("hostnames"), netns=node)
     service = next(op for op in operations("hostnames") if isinstance(op, AddService))
     changed = AddService(service.proto, service.address, service.port, "sh", 30)
-    with netlink.network_namespace(node), IPVS() as ipvs:
+    with inside(node), IPVS() as ipvs:
         request = netlink.change_request(changed)
         getattr(ipvs, request.method)(request.command, **request.kwargs)
         after_set = run("ip", "netns", "exec", node, "ipvsadm", "-S", "-n")
@@ -243,7 +244,7 @@ class HostnameServer:
 
     def __init__(self, ns: str, name: str, address: str, port: int) -> None:
         self.name = name
-        with netlink.network_namespace(ns):
+        with inside(ns):
             self.sock = socket.create_server((address, port))
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
@@ -301,7 +302,7 @@ def hostnames() -> Iterator[dict[str, str]]:
             f"route add default via 10.244.{n}.1",
         )
         servers.append(HostnameServer(names[pod], f"hostnames-{n}", pod, 9376))
-    with netlink.network_namespace(node):
+    with inside(node):
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     netlink.execute(operations("hostnames"), netns=node)
     yield names
@@ -339,7 +340,7 @@ def test_pods_keep_their_address_and_reach_themselves(hostnames: dict[str, str])
 def test_ports_no_service_uses_are_rejected_on_the_vip(hostnames: dict[str, str]) -> None:
     # Something on the node listens on every address, so without the helper rules
     # the VIP would answer for it.
-    with netlink.network_namespace(hostnames["node"]):
+    with inside(hostnames["node"]):
         listener = socket.create_server(("0.0.0.0", 8022))
     with listener:
         opens(hostnames["client"], "192.168.49.2", 8022)

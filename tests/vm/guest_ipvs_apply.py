@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 import lbc
-from lbc.backends.ipvs import netlink
+from lbc.apply.netns import inside
 from lbc.backends.ipvs.kernel import (
     DRAIN_TIMEOUT,
     DRAIN_UPPER,
@@ -78,7 +78,7 @@ class HoldingServer:
 
     def __init__(self, ns: str, name: str, address: str, port: int) -> None:
         self.name = name
-        with netlink.network_namespace(ns):
+        with inside(ns):
             self.sock = socket.create_server((address, port))
             self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.udp.bind((address, port))
@@ -152,7 +152,7 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seed]:
         batch(ns, f"addr add {pod}/24 dev eth0", "link set eth0 up")
         batch(ns, f"route add default via 10.244.{n}.1")
         servers.append(HoldingServer(ns, PODS[pod], pod, 9376))
-    with netlink.network_namespace(node):
+    with inside(node):
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     yield Seed(node, client, pods, tmp_path_factory.mktemp("lock") / "lock")
     for server in servers:
@@ -183,7 +183,7 @@ def everything(ns: str) -> tuple[str, str, str]:
 @contextmanager
 def connection(ns: str, address: str, port: int) -> Iterator[tuple[str, Callable[[str], str]]]:
     """A TCP connection held open: the backend's name, and an echo function."""
-    with netlink.network_namespace(ns):
+    with inside(ns):
         conn = socket.create_connection((address, port), timeout=5)
     with conn, conn.makefile("rwb") as stream:
 
@@ -452,7 +452,7 @@ def udp_config(*pods: str) -> lbc.Cluster:
 
 def ask_udp(ns: str, sport: int) -> str:
     """The pod answering a datagram from the client's port `sport` to VIP:53, or "timeout"."""
-    with netlink.network_namespace(ns):
+    with inside(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -487,7 +487,7 @@ def test_a_udp_client_moves_on_from_a_removed_real_server(seed: Seed, node: str)
     # server deleted as apply deletes it; with 1, the kernel expires the connections
     # of a deleted real server at once.)
     lbc.apply(udp_config(*PODS), "ipvs", netns=node, lock_path=seed.lock)
-    with netlink.network_namespace(node):
+    with inside(node):
         Path("/proc/sys/net/ipv4/vs/expire_nodest_conn").write_text("0\n")
     sport = 41001
     first = ask_udp(seed.client, sport)

@@ -38,7 +38,7 @@ import pytest
 
 import lbc
 import tests.test_flows_kernel as kernel_flows
-from lbc.backends.ipvs import netlink
+from lbc.apply.netns import inside
 from tests import netns
 from tests.flows import FLOWS, POD, POD6, Flow
 
@@ -83,7 +83,7 @@ def run_script(ns: str, script: str, argv: Sequence[str]) -> str:
     out, saved = StringIO(), sys.argv
     sys.argv = ["-c", *argv]
     try:
-        with netlink.network_namespace(ns), redirect_stdout(out):
+        with inside(ns), redirect_stdout(out):
             exec(compile(script, "<netns script>", "exec"), {"__name__": "__main__"})
     finally:
         sys.argv = saved
@@ -107,7 +107,7 @@ class InProcess(netns.Netns):
 
 def flush_conntrack(ns: str) -> None:
     """Equivalent to `conntrack -F` for IPv4 and IPv6 in namespace `ns`, without a process."""
-    with netlink.network_namespace(ns):
+    with inside(ns):
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     with sock:
         body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg: family, version, res_id
@@ -166,7 +166,7 @@ class ForkedServers:
                 os.close(read)
                 sys.stdout = os.fdopen(write, "w")
                 sys.argv = ["-c", *argv]
-                with netlink.network_namespace(ns.name):
+                with inside(ns.name):
                     exec(compile(script, "<netns server>", "exec"), {"__name__": "__main__"})
             except BaseException:
                 traceback.print_exc()
@@ -182,7 +182,7 @@ class ForkedServers:
 
 def sysctl_here(ns: netns.Netns, key: str, value: str | int) -> None:
     """`Netns.sysctl` without a process: write /proc/sys with the namespace entered."""
-    with netlink.network_namespace(ns.name):
+    with inside(ns.name):
         Path("/proc/sys", key.replace(".", "/")).write_text(f"{value}\n")
 
 
