@@ -198,15 +198,22 @@ def _write_file(output: Path, text: str) -> None:
     (two runs never share one, and a long `output` name leaves room for it), and is
     removed on any failure. A symlink is followed: its target is replaced and the link
     stays a link. The file keeps its permissions, or gets the umask's for a new one
-    (mkstemp's own are 0600).
+    (mkstemp's own are 0600). Anything but a regular file (a device such as /dev/null
+    or /dev/stdout's terminal, a FIFO) is written in place, never replaced.
     """
     target = Path(os.path.realpath(output))
     try:
-        mode = stat.S_IMODE(target.stat().st_mode)
+        st = os.stat(output)  # through links, /dev/stdout's too (its target has no name)
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        mode = stat.S_IMODE(st.st_mode)
     fd, tmp = tempfile.mkstemp(prefix=".lbc-", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

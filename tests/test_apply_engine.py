@@ -239,3 +239,14 @@ def test_a_plan_holds_every_differing_object_in_key_order() -> None:
         plain = changes(keys, live.get, desired.get)
         plan = plan_between("x", State(live), State(desired))
         assert plan.changes == plain and plan.changes
+
+
+@pytest.mark.parametrize("where", ["directory", "under-a-file"])
+def test_a_lock_file_that_cannot_be_opened_is_an_apply_error(tmp_path: Path, where: str) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("", encoding="utf-8")
+    path = tmp_path if where == "directory" else plain / "lbc.lock"
+    kernel = FakeKernel()
+    with pytest.raises(lbc.ApplyError, match=f"cannot open the lock file {path}: "):
+        apply(MANY, kernel, path)
+    assert kernel.objects == {} and kernel.commits == 0

@@ -202,3 +202,40 @@ def test_check_counts_services_in_words() -> None:
     count = len(tomli.loads(MANY.read_text(encoding="utf-8"))["services"])
     assert count > 1
     assert run("check", str(MANY))[1] == f"{MANY}: ok ({count} services)\n"
+
+
+def test_a_fifo_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "rules.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    try:
+        code, _, stderr = run("compile", str(EXAMPLE), "-o", str(fifo))
+        received, _ = reader.communicate(timeout=10)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert (code, stderr) == (0, "")
+    assert received == run("compile", str(EXAMPLE))[1]
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["rules.fifo"]
+
+
+def test_a_device_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    device = tmp_path / "null"  # a node of /dev/null's device, so no real one is at risk
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs CAP_MKNOD")
+    code, _, stderr = run("compile", str(EXAMPLE), "-o", str(device))
+    assert (code, stderr) == (0, "")
+    assert stat.S_ISCHR(device.lstat().st_mode)
+    assert os.major(device.lstat().st_rdev) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["null"]
+
+
+def test_dev_stdout_on_a_pipe_is_standard_output() -> None:
+    _, expected, _ = run("compile", str(EXAMPLE))
+    proc = lbc_process("compile", str(EXAMPLE), "-o", "/dev/stdout", stdout=subprocess.PIPE)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == expected

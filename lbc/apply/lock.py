@@ -18,8 +18,13 @@ DEFAULT_LOCK = Path("/run/lbc.lock")
 @contextmanager
 def host_lock(path: Path = DEFAULT_LOCK, timeout: float = 30.0) -> Iterator[None]:
     """Hold an exclusive `flock` on `path`, waiting at most `timeout` seconds for it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        message = f"cannot open the lock file {path}: {reason} (nothing was changed)"
+        raise ApplyError(message) from exc
     try:
         deadline = time.monotonic() + timeout
         while True:
