@@ -155,6 +155,7 @@ def diff(
     new_name: str = "new",
 ) -> str:
     """The unified diff of the rules two configs compile to (no kernel needed)."""
-    before = compile(old, backend).text().splitlines(keepends=True)
-    after = compile(new, backend).text().splitlines(keepends=True)
+    chosen = plugins.resolve(backend)
+    before = chosen.compile(_program(old, "diff")).text().splitlines(keepends=True)
+    after = chosen.compile(_program(new, "diff")).text().splitlines(keepends=True)
     return "".join(difflib.unified_diff(before, after, fromfile=old_name, tofile=new_name))

@@ -56,7 +56,7 @@ def test_errors_are_exceptions_from_lbc_errors() -> None:
 
 def test_unknown_output_format_is_an_error_not_a_keyerror() -> None:
     artifact = lbc.compile(lbc.load(EXAMPLE), backend="ir")
-    with pytest.raises(lbc.UnsupportedError, match="'yaml' is not one of"):
+    with pytest.raises(lbc.UsageError, match="format 'yaml' is not one of"):
         artifact.text("yaml")
 
 
@@ -88,8 +88,20 @@ def test_load_tells_text_from_a_path() -> None:
         (lambda: lbc.lower("cluster.toml"), "lower\\(\\) takes a Cluster, not str"),
         (lambda: lbc.validate({}), "validate\\(\\) takes a Cluster, not dict"),
         (lambda: lbc.Session(3), "a backend is a name or a Backend, not int"),
+        (lambda: lbc.diff("a", "b"), "diff\\(\\) takes a Cluster or a Program, not str"),
+        (lambda: lbc.trace(None, "", "", 1), "trace\\(\\) takes a Program or a Cluster"),
     ],
-    ids=["load", "loads", "compile", "compile-backend", "lower", "validate", "session"],
+    ids=[
+        "load",
+        "loads",
+        "compile",
+        "compile-backend",
+        "lower",
+        "validate",
+        "session",
+        "diff",
+        "trace",
+    ],
 )
 def test_an_argument_of_the_wrong_kind_is_a_usage_error(call: Any, message: str) -> None:
     with pytest.raises(lbc.UsageError, match=message) as exc:

@@ -130,9 +130,29 @@ def test_the_tracer_checks_its_arguments() -> None:
         (("1.2.3.4", "10.0.1.175", 70000, "tcp"), "port 70000 is not a port number"),
         (("1.2.3.4", "10.0.1.175", 0, "tcp"), "port 0 is not a port number"),
         (("1.2.3.4", "10.0.1.175", 80, "icmp"), "protocol 'icmp' is not one of tcp, udp, sctp"),
+        (("fd00::1", "10.0.1.175", 80, "tcp"), "are of different IP families"),
+        (("1.2.3.4", "10.0.1.175", 80, "tcp", "outside"), "origin 'outside' is not one of"),
     ]:
         with pytest.raises(lbc.UsageError, match=message):
-            trace(hostnames, *args)
+            trace(hostnames, *args)  # type: ignore[arg-type]
+    with pytest.raises(lbc.UsageError, match="takes a Program or a Cluster, not str"):
+        trace("hostnames", "10.244.9.9", "10.0.1.175", 80)  # type: ignore[arg-type]
+
+
+def test_an_origin_may_be_given_by_its_value() -> None:
+    p = program("external-traffic-local")
+    by_value = trace(p, "10.244.1.9", "192.168.49.2", 30082, origin="external")
+    by_member = trace(p, "10.244.1.9", "192.168.49.2", 30082, origin=Origin.EXTERNAL)
+    assert by_value.origin is Origin.EXTERNAL
+    assert by_value == by_member
+    assert by_value.pool is not None and by_value.pool.local_only, by_value.steps
+
+
+def test_a_cluster_is_lowered_first() -> None:
+    cluster = lbc.load(GOLDEN / "weighted" / "cluster.toml")
+    assert trace(cluster, "10.244.9.9", "10.0.1.176", 80) == trace(
+        program("weighted"), "10.244.9.9", "10.0.1.176", 80
+    )
 
 
 def test_explain_rejects_a_port_out_of_range() -> None:

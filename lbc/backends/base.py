@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lbc.collector import paused
-from lbc.errors import Unsupported, UnsupportedError
+from lbc.errors import Unsupported, UnsupportedError, UsageError
 from lbc.ir.nodes import Kind, Masquerade, Program, Proto, Scheduler
 
 if TYPE_CHECKING:
@@ -69,14 +69,14 @@ class Artifact:
     data: Any = field(default=None, compare=False)
 
     def text(self, fmt: str = "text") -> str:
-        """The artifact in format `fmt` ("text" is the canonical, reviewable form)."""
+        """The artifact in format `fmt` ("text" is the canonical, reviewable form); a
+        format this backend does not offer is a `UsageError`."""
         try:
             return self.formats[fmt]
         except KeyError:
             known = ", ".join(sorted(self.formats))
-            raise UnsupportedError(
-                self.backend,
-                [Unsupported(self.backend, "output", "format", f"{fmt!r} is not one of {known}")],
+            raise UsageError(
+                f"format {fmt!r} is not one of {known} (the formats of backend {self.backend!r})"
             ) from None
 
 

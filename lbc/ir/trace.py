@@ -9,10 +9,14 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from lbc.errors import UsageError
 from lbc.ir.names import hostport
 from lbc.ir.nodes import Empty, Frontend, Masquerade, Pool, Program, Proto
+
+if TYPE_CHECKING:
+    from lbc.compiler.model import Cluster
 
 
 class Origin(StrEnum):
@@ -72,21 +76,41 @@ def origin_of(program: Program, source: str) -> Origin:
 
 
 def trace(
-    program: Program,
+    program: Program | Cluster,
     source: str,
     destination: str,
     port: int,
     proto: Proto | str = Proto.TCP,
-    origin: Origin | None = None,
+    origin: Origin | str | None = None,
 ) -> Trace:
-    """Trace a new connection from `source` to `destination:port`.
+    """Trace a new connection from `source` to `destination:port` through `program`
+    (or a `Cluster`, lowered first).
 
-    Addresses may be written in any form `ipaddress` reads, the protocol in any case;
-    a malformed address, a port outside 1-65535 or an unknown protocol raises
-    `UsageError`.
+    Addresses may be written in any form `ipaddress` reads, the protocol in any case,
+    the origin as an `Origin` or its value ("pod", "node", "external"); a malformed
+    address, addresses of two families, a port outside 1-65535, an unknown protocol or
+    origin raises `UsageError`.
     """
+    if not isinstance(program, Program):
+        from lbc.compiler.lower import lower
+        from lbc.compiler.model import Cluster
+
+        if not isinstance(program, Cluster):
+            kind = type(program).__name__
+            raise UsageError(f"trace() takes a Program or a Cluster, not {kind}")
+        program = lower(program)
     source = _address_text(source, "source")
     destination = _address_text(destination, "destination")
+    if (":" in source) != (":" in destination):
+        raise UsageError(
+            f"source {source} and destination {destination} are of different IP families"
+        )
+    if origin is not None:
+        try:
+            origin = Origin(origin)
+        except ValueError:
+            known = ", ".join(o.value for o in Origin)
+            raise UsageError(f"origin {origin!r} is not one of {known}") from None
     if type(port) is not int or not 1 <= port <= 65535:
         raise UsageError(f"port {port!r} is not a port number (1-65535)")
     try:
