@@ -661,5 +661,12 @@ def test_a_namespace_that_does_not_exist_is_an_error_and_is_not_created(
     result = CliRunner().invoke(main, [*args, "--netns", missing, "-b", backend])
     assert result.exit_code == 4, result.output  # the kernel exit code, not 0 or 1 (drift)
     assert "Traceback" not in result.output
-    assert "network namespace" in result.stderr and missing in result.stderr, result.stderr
+    assert f"cannot enter network namespace {missing!r}" in result.stderr, result.stderr
     assert missing not in run_command(["ip", "netns", "list"]), "lbc created the namespace"
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "ipvs"])
+def test_an_empty_namespace_name_is_refused_not_taken_for_the_host(backend: str) -> None:
+    result = CliRunner().invoke(main, ["plan", str(HOSTNAMES), "--netns", "", "-b", backend])
+    assert result.exit_code == 4, result.output
+    assert "cannot enter network namespace '': not a namespace name" in result.stderr

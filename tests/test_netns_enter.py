@@ -74,3 +74,11 @@ def test_no_namespace_runs_the_block_where_the_thread_is() -> None:
     home = _current()
     with inside(None):
         assert _current() == home
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".."])
+def test_a_name_that_is_no_namespace_name_is_refused(name: str) -> None:
+    home = _current()
+    with pytest.raises(NamespaceError, match="not a namespace name"), inside(name):
+        pytest.fail("the block ran")
+    assert _current() == home

@@ -24,6 +24,8 @@ def inside(netns: str | None) -> Iterator[None]:
     if netns is None:
         yield
         return
+    if not netns or "/" in netns or netns in (".", ".."):
+        raise NamespaceError(f"cannot enter network namespace {netns!r}: not a namespace name")
     from pyroute2.netns import setns
 
     # The thread's own namespace, not the process's main thread's (/proc/self).

@@ -16,6 +16,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from lbc.apply.netns import inside
 from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
 from lbc.backends.iptables import names as n
@@ -147,13 +148,21 @@ class IptablesKernel:
     """Snapshot and commit lbc's iptables chains in the host or a named network namespace."""
 
     def __init__(self, netns: str | None = None, runner: Runner = run_command) -> None:
-        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.netns = netns
+        self.prefix = ["ip", "netns", "exec", netns] if netns is not None else []
         self.runner = runner
+        self._entered = netns is None  # the namespace was entered once (or is ours)
         self._generations = Generations(netns)
         self._nf_tables: bool | None = None  # iptables-nft (not legacy)?
         self.transactions = 0  # sent by the last commit
 
     def _run(self, argv: Sequence[str], stdin: str | None = None) -> str:
+        if not self._entered and self.runner is run_command:
+            # One error for a namespace that is not there, whichever backend: entering
+            # it raises `NamespaceError` (`ip netns exec` would only fail its command).
+            with inside(self.netns):
+                pass
+            self._entered = True
         return self.runner([*self.prefix, *argv], stdin)
 
     def _write(self, argv: Sequence[str], stdin: str | None = None) -> str:
