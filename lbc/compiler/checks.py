@@ -40,6 +40,8 @@ def check(node: Node | None, services: Indexed, partial: Sequence[Partial] = ())
         found += _across_services(sorted([*services, *named], key=lambda item: item[0]))
     else:
         found += _across_services(services)
+    if node is not None:
+        found += _node_address_ports(node, services)
     for i, svc in services:
         at: Path = ("services", i)
         found += _addresses(at, svc)
@@ -184,6 +186,36 @@ def _frontends(services: Indexed, cluster_ips: dict[IP, str]) -> Iterator[Found]
                             where,
                             f"{_hostport(ip, port.port)}/{port.protocol.lower()} is already "
                             f"used by {other}",
+                        )
+
+
+def _node_address_ports(node: Node, services: Indexed) -> Iterator[Found]:
+    """An external or LB IP that is a node address, on a port that is a node port: the
+    two frontends would claim one address, port and protocol."""
+    own = set(node.addresses)
+    outside = (ip for _, svc in services for ip in (*svc.external_ips, *svc.load_balancer_ips))
+    if not any(ip in own for ip in outside):
+        return
+    node_ports: dict[tuple[str, int], str] = {}
+    for _, svc in services:
+        if svc.type != "ClusterIP":
+            for port in svc.ports:
+                if port.node_port is not None:
+                    node_ports.setdefault(
+                        (port.protocol, port.node_port), f"{_who(svc)}:{port.name or port.port}"
+                    )
+    for i, svc in services:
+        for key in ("external_ips", "load_balancer_ips"):
+            for j, ip in enumerate(getattr(svc, key)):
+                if ip not in own:
+                    continue
+                for port in svc.ports:
+                    other = node_ports.get((port.protocol, port.port))
+                    if other is not None:
+                        yield (
+                            ("services", i, key, j),
+                            f"{_hostport(ip, port.port)}/{port.protocol.lower()}: {ip} is a "
+                            f"node address and {port.port} is the node port of {other}",
                         )
 
 
