@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(
   nftables libnftables1 iptables ipset ipvsadm conntrack iproute2
+  # `python3 -m venv` below, with Debian's own Python.
+  python3-venv
   # The IPVS suite (tests/vm): a QEMU guest booting Debian's generic kernel through
   # vng, whose initramfs needs a static busybox.
   qemu-system-x86 linux-image-amd64 busybox-static

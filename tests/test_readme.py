@@ -42,4 +42,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "./scripts/test.sh" in README
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "./scripts/test.sh" in ci
-    assert "pip install . && lbc compile examples/hostnames.toml --backend iptables" in README
+    assert (
+        "python3 -m venv .venv && .venv/bin/pip install . && "
+        ".venv/bin/lbc compile examples/hostnames.toml --backend iptables"
+    ) in README
