@@ -15,6 +15,7 @@ from lbc.backends.base import Artifact, Backend, Feature
 from lbc.compiler.load import load, loads, validate
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster
+from lbc.compiler.notes import as_problems as notes
 from lbc.errors import (
     ApplyError,
     ConfigError,
@@ -63,6 +64,7 @@ __all__ = [
     "load",
     "loads",
     "lower",
+    "notes",
     "plan",
     "trace",
     "validate",

@@ -24,6 +24,7 @@ from lbc.backends.base import Backend
 from lbc.compiler.load import load
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster, Node, quote
+from lbc.compiler.notes import as_problems as notes
 from lbc.errors import ConfigError, LbcError, PluginError, UnsupportedError
 from lbc.ir.trace import Origin, trace
 from lbc.plugins import resolve
@@ -236,6 +237,12 @@ def check_cmd(file: Path) -> None:
         _fail(exc)
     n = len(cluster.services)
     _echo(f"{file}: ok ({n} service{'' if n == 1 else 's'})")
+    found = notes(cluster, str(file))
+    if found:  # read again only for the lines of what there is to say
+        found = notes(cluster, str(file), file.read_text(encoding="utf-8-sig", errors="replace"))
+    for problem in found:
+        where = problem.file if problem.line is None else f"{problem.file}:{problem.line}"
+        _echo(f"  note: {where}: {problem.path}: {problem.message}")
 
 
 @main.command("schema")
