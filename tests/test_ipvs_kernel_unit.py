@@ -136,7 +136,9 @@ class FakeNetlink:
             elif step.action == "set":
                 _refuse(where not in dests, "(2, 'No such file or directory')")
                 old = dests[where]
-                dests[where] = dataclasses.replace(step.dest, active=old.active)
+                dests[where] = dataclasses.replace(
+                    step.dest, active=old.active, inactive=old.inactive
+                )
             else:
                 _refuse(where not in dests, "(2, 'No such file or directory')")
                 del dests[where]
@@ -155,10 +157,18 @@ class FakeNetlink:
         """The real server `address:port` of the service at VIP:80."""
         return self.services[(Proto.TCP, VIP, 80)][1][f"{address}:{port}"]
 
-    def set_active(self, address: str, port: int, active: int) -> None:
-        dests = self.services[(Proto.TCP, VIP, 80)][1]
+    def set_active(
+        self,
+        address: str,
+        port: int,
+        active: int,
+        inactive: int = 0,
+        service: tuple[Proto, str, int] = (Proto.TCP, VIP, 80),
+    ) -> None:
+        """Set a real server's connection counts (ActiveConn, InActConn)."""
+        dests = self.services[service][1]
         where = f"{address}:{port}"
-        dests[where] = dataclasses.replace(dests[where], active=active)
+        dests[where] = dataclasses.replace(dests[where], active=active, inactive=inactive)
 
 
 _COMMAND = re.compile(
@@ -760,3 +770,177 @@ def test_a_one_endpoint_change_sends_as_many_operations_at_any_size(tmp_path: Pa
         assert all(step.startswith("ipvsadm -a ") for step in sent[1:]), sent
         (script,) = [s.script for s in setup.net.performed if isinstance(s, RulesStep)][-1:]
         assert "delete table" not in script and len(script.splitlines()) <= 3, script
+
+
+# --- reviewed findings ----------------------------------------------------------------------
+UDP_SCTP = GOLDEN / "udp-sctp" / "cluster.toml"
+_NAMED = re.compile(r" \. (tcp|udp|sctp) \. ")
+_NUMBER = {"tcp": "6", "udp": "17", "sctp": "132"}
+
+
+def numeric(listing: str) -> str:
+    """A listing as nft prints it without /etc/protocols: protocol numbers, not names."""
+    return _NAMED.sub(lambda m: f" . {_NUMBER[m.group(1)]} . ", listing)
+
+
+def test_a_listing_with_protocol_numbers_reads_as_one_with_names() -> None:
+    """nft without /etc/protocols (no netbase) lists 6, 17 and 132 (as on Debian 12)."""
+    listing = "\n".join(
+        [
+            "table inet lbc-ipvs {",
+            "\tset services-v4 {",
+            "\t\ttype ipv4_addr . inet_proto . inet_service",
+            "\t\telements = { 10.0.1.187 . 6 . 53,",
+            "\t\t\t     10.0.1.187 . 17 . 53,",
+            "\t\t\t     10.0.1.187 . 132 . 17 }",
+            "\t}",
+            "\tchain c {",
+            "\t\tmeta l4proto 6 return",
+            "\t}",
+            "}",
+        ]
+    )
+    objects = k.rules_objects(listing)
+    assert objects["nft set services-v4"] == (
+        "type ipv4_addr . inet_proto . inet_service",
+        "element 10.0.1.187 . sctp . 17",  # port 17 stays a number
+        "element 10.0.1.187 . tcp . 53",
+        "element 10.0.1.187 . udp . 53",
+    )
+    assert objects["nft chain c"] == ("meta l4proto tcp return",)
+    assert k.recorded_services(objects) == {
+        ("10.0.1.187", Proto.TCP, 53),
+        ("10.0.1.187", Proto.UDP, 53),
+        ("10.0.1.187", Proto.SCTP, 17),
+    }
+
+
+@pytest.mark.parametrize("source", [UDP_SCTP, HOSTNAMES])
+def test_an_apply_reads_back_a_numeric_listing_in_sync(source: Path, setup: Setup) -> None:
+    cluster = lbc.load(source)
+    setup.apply(cluster)
+    assert setup.net.rules is not None
+    setup.net.rules = numeric(setup.net.rules)
+    assert setup.net.rules != numeric("") and " . 6 . " in setup.net.rules
+    assert setup.verify(cluster).in_sync
+    assert setup.steps_of(lambda: setup.apply(cluster)) == []
+
+
+def test_a_node_port_is_owned_through_a_numeric_listing(setup: Setup) -> None:
+    cluster = hostnames(*THREE, extra=NODE_PORT)
+    setup.apply(cluster)
+    setup.net.rules = numeric(setup.net.rules or "")
+    assert "service -t 192.168.49.2:30080" in setup.kernel().snapshot().objects
+    assert setup.verify(cluster).in_sync
+
+
+def test_a_prefix_shaped_mark_mask_reads_as_nft_lists_it() -> None:
+    """nft lists `& MASK == VALUE` as `VALUE/LEN` when MASK is leading ones (bit 31: /1)."""
+    text = "\n".join(
+        [
+            "meta mark & 0x80000000 == 0 return",
+            "meta mark & 0x80000000 != 0 return",
+            "meta mark & 0xffff0000 == 0x12340000 return",
+            "meta mark & 0xffffffff == 0x5 return",
+            "meta mark & 0x4000 == 0 return",
+            "meta mark & 0x40000000 == 0 return",
+            "meta mark set meta mark ^ 0x80000000",
+        ]
+    )
+    assert k.listed(text).splitlines() == [  # each as nft 1.0.6 lists it
+        "meta mark 0x00000000/1 return",
+        "meta mark != 0x00000000/1 return",
+        "meta mark 0x12340000/16 return",
+        "meta mark 0x00000005 return",
+        "meta mark & 0x00004000 == 0x00000000 return",
+        "meta mark & 0x40000000 == 0x00000000 return",
+        "meta mark set meta mark ^ 0x80000000",
+    ]
+
+
+def with_mark(cluster: lbc.Cluster, mark: int) -> lbc.Cluster:
+    node = cluster.node.model_copy(update={"masquerade_mark": mark})
+    return cluster.model_copy(update={"node": node})
+
+
+def test_a_bit_31_masquerade_mark_is_desired_as_nft_lists_it() -> None:
+    cluster = with_mark(hostnames(*THREE), 0x80000000)
+    state = k.desired_state(lbc.compile(cluster, "ipvs").data).objects
+    post = state["nft chain nat-postrouting"]
+    assert "meta mark 0x00000000/1 return" in post
+    assert "meta mark set meta mark ^ 0x80000000" in post
+
+
+def test_a_drain_of_an_earlier_apply_ending_during_a_commit_is_no_failure(setup: Setup) -> None:
+    setup.apply(hostnames(*THREE))
+    setup.net.set_active("10.244.3.6", 9376, 1)
+    setup.apply(TWO)  # 10.244.3.6 drains
+    assert setup.net.dest("10.244.3.6", 9376).weight == 0
+
+    def close(net: FakeNetlink, step: Step) -> None:
+        net.set_active("10.244.3.6", 9376, 0)  # its last connection closes mid-commit
+
+    setup.net.after_step = close
+    heavier = hostnames(("10.244.1.7", 1), ("10.244.2.3", 2))
+    result = setup.apply(heavier)
+    assert result.applied
+    assert setup.net.dest("10.244.2.3", 9376).weight == 2, "not rolled back"
+    setup.net.after_step = None
+    assert setup.steps_of(lambda: setup.apply(heavier)) == [
+        "ipvsadm -d -t 10.0.1.175:80 -r 10.244.3.6:9376"
+    ]
+
+
+def test_a_tcp_server_with_only_inactive_connections_drains(setup: Setup) -> None:
+    """kube-proxy waits for ActiveConn + InActConn == 0 before deleting a TCP server."""
+    setup.apply(hostnames(*THREE))
+    setup.net.set_active("10.244.3.6", 9376, 0, inactive=2)
+    steps = setup.steps_of(lambda: setup.apply(TWO))
+    assert steps[-1] == f"ipvsadm -e -t 10.0.1.175:80 -r 10.244.3.6:9376 -m -w 0 {DRAIN}"
+    assert setup.verify(TWO).in_sync, "still draining: not drift"
+    setup.net.set_active("10.244.3.6", 9376, 0, inactive=0)
+    assert setup.steps_of(lambda: setup.apply(TWO)) == [
+        "ipvsadm -d -t 10.0.1.175:80 -r 10.244.3.6:9376"
+    ]
+
+
+def test_udp_and_sctp_servers_are_deleted_at_once_with_connections(setup: Setup) -> None:
+    """kube-proxy deletes UDP and SCTP real servers without graceful termination."""
+    setup.apply(lbc.load(UDP_SCTP))
+    for proto, port in ((Proto.UDP, 53), (Proto.SCTP, 2905), (Proto.TCP, 53)):
+        target = 2905 if proto is Proto.SCTP else 5353
+        setup.net.set_active("10.244.2.3", target, 3, 1, service=(proto, "10.0.1.187", port))
+    fewer = lbc.loads(UDP_SCTP.read_text().replace(', { ip = "10.244.2.3" }', ""))
+    steps = setup.steps_of(lambda: setup.apply(fewer))
+    assert "ipvsadm -d -u 10.0.1.187:53 -r 10.244.2.3:5353" in steps
+    assert "ipvsadm -d --sctp-service 10.0.1.187:2905 -r 10.244.2.3:2905" in steps
+    assert f"ipvsadm -e -t 10.0.1.187:53 -r 10.244.2.3:5353 -m -w 0 {DRAIN}" in steps
+    assert setup.verify(fewer).in_sync
+
+
+def test_a_foreign_service_on_an_address_to_bind_is_refused_with_nothing_changed(
+    setup: Setup,
+) -> None:
+    """Bound to lbc-ipvs0, another tool's VIP:8080 would read as lbc's: a rollback (or
+    the next apply) would delete it."""
+    theirs = AddService(Proto.TCP, VIP, 8080, "wlc", None)
+    dest = Dest("10.244.9.9", 8080, 1)
+    setup.net.services[(Proto.TCP, VIP, 8080)] = (theirs, {"10.244.9.9:8080": dest})
+    before = setup.net.records()
+    with pytest.raises(ApplyError, match=rf"another tool's IPVS service\(s\) -t {VIP}:8080"):
+        setup.apply(hostnames(*THREE))
+    assert setup.net.records() == before
+    assert setup.net.performed == []
+
+
+def test_a_non_dummy_lbc_ipvs0_is_foreign_to_delete_too(setup: Setup) -> None:
+    setup.apply(hostnames(*THREE, extra=NODE_PORT))
+    setup.net.link = Link("veth", True)  # someone else's, with lbc's old addresses
+    state = setup.kernel().snapshot().objects
+    assert "addresses lbc-ipvs0" not in state, "its addresses are not lbc's"
+    assert state["link lbc-ipvs0"] == ("lbc-ipvs0 veth up",)
+    before = setup.net.records()
+    with pytest.raises(ApplyError, match="is a 'veth', not lbc's dummy interface; nothing"):
+        setup.delete()
+    assert setup.net.records() == before
+    assert setup.net.link == Link("veth", True) and setup.net.addresses

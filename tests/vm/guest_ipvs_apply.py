@@ -10,9 +10,12 @@ keeps its source port moves on from a removed real server.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import struct
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -181,10 +184,18 @@ def everything(ns: str) -> tuple[str, str, str]:
 
 
 @contextmanager
-def connection(ns: str, address: str, port: int) -> Iterator[tuple[str, Callable[[str], str]]]:
-    """A TCP connection held open: the backend's name, and an echo function."""
+def connection(
+    ns: str, address: str, port: int, reset: bool = False
+) -> Iterator[tuple[str, Callable[[str], str]]]:
+    """A TCP connection held open: the backend's name, and an echo function.
+
+    `reset`: closed with a RST, which IPVS expires in 10 s (a FIN leaves the connection
+    inactive for 2 minutes, TIME_WAIT, and a TCP real server drains until then).
+    """
     with inside(ns):
         conn = socket.create_connection((address, port), timeout=5)
+    if reset:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     with conn, conn.makefile("rwb") as stream:
 
         def echo(text: str) -> str:
@@ -379,22 +390,25 @@ def record(node: str, pod: str) -> Dest | None:
     return found[0] if found else None
 
 
-def wait_drained(adapter: IpvsKernel, pod: str, timeout: float = 30) -> None:
-    """Until the pod has no active connection (IPVS counts a closed one inactive)."""
+def wait_drained(adapter: IpvsKernel, pod: str, timeout: float = 60) -> None:
+    """Until the pod has no connection, active or inactive (a closed TCP connection
+    counts as inactive until IPVS expires it; TCP real servers drain until then)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live = adapter.dataplane.read()
-        active = [d.active for _, dests in live.services for d in dests if d.address == pod]
-        if active == [0]:
+        counts = [
+            (d.active, d.inactive) for _, dests in live.services for d in dests if d.address == pod
+        ]
+        if counts == [(0, 0)]:
             return
         time.sleep(0.2)
-    raise AssertionError(f"{pod} still has active connections")
+    raise AssertionError(f"{pod} still has connections")
 
 
 def test_a_removed_backend_drains_until_its_connection_closes(seed: Seed, node: str) -> None:
     every = config(*PODS)
     lbc.apply(every, "ipvs", netns=node, lock_path=seed.lock)
-    with connection(seed.client, VIP, 80) as (name, echo):
+    with connection(seed.client, VIP, 80, reset=True) as (name, echo):
         pod = next(p for p, n in PODS.items() if n == name)
         rest = config(*(p for p in PODS if p != pod))
         lbc.apply(rest, "ipvs", netns=node, lock_path=seed.lock)
@@ -499,3 +513,42 @@ def test_a_udp_client_moves_on_from_a_removed_real_server(seed: Seed, node: str)
     assert not lbc.verify(rest, "ipvs", netns=node).in_sync
     lbc.apply(rest, "ipvs", netns=node, lock_path=seed.lock)
     assert ask_udp(seed.client, sport) not in ("timeout", first)
+
+
+# --- reviewed findings ----------------------------------------------------------------------
+def test_a_bit_31_masquerade_mark_reads_back_in_sync(seed: Seed, node: str) -> None:
+    """nft lists `meta mark & 0x80000000 == 0` as `meta mark 0x00000000/1`."""
+    text = config_text(*PODS).replace(
+        'pod_cidrs = ["10.244.0.0/16"]\n',
+        'pod_cidrs = ["10.244.0.0/16"]\nmasquerade_mark = "0x80000000"\n',
+    )
+    cluster = lbc.loads(text)
+    assert lbc.apply(cluster, "ipvs", netns=node, lock_path=seed.lock).applied
+    rules = run("ip", "netns", "exec", node, "nft", "list", "table", "inet", "lbc-ipvs")
+    assert "meta mark 0x00000000/1 return" in rules
+    assert lbc.verify(cluster, "ipvs", netns=node).in_sync
+    assert names(seed.client, VIP, 80, 3) == {name: 1 for name in PODS.values()}
+
+
+CLONE_NEWNS = 0x00020000
+
+
+def test_the_helper_table_reads_in_sync_without_etc_protocols(seed: Seed, node: str) -> None:
+    """Without /etc/protocols (no netbase) nft lists protocols as numbers: 6, not tcp."""
+    cluster = config(*PODS, node_port=True)
+    lbc.apply(cluster, "ipvs", netns=node, lock_path=seed.lock)
+    child = os.fork()
+    if child == 0:  # a mount namespace of its own, where /etc/protocols is empty
+        status = 2
+        try:
+            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+            subprocess.run(["mount", "--bind", "/dev/null", "/etc/protocols"], check=True)
+            listing = run("ip", "netns", "exec", node, "nft", "list", "table", "inet", "lbc-ipvs")
+            assert " . 6 . " in listing, listing
+            status = 0 if lbc.verify(cluster, "ipvs", netns=node).in_sync else 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "drift (1) or no numeric listing (2)"

@@ -17,8 +17,11 @@ Ownership: an IPVS virtual service is lbc's when its address is bound to lbc-ipv
 or when lbc's helper table records it (the `services-v4`/`-v6` sets hold every
 address . protocol . port lbc serves, node ports on the node's own addresses
 included). Every other service (another tool's, fwmark services) is never read
-into the state, changed or deleted. A sysctl is shared: lbc sets it, and leaves it
-when it stops needing it.
+into the state, changed or deleted; an apply that would bind an address another
+tool's service uses is refused before any change (bound, theirs would read as lbc's).
+An `lbc-ipvs0` that is not a dummy is not lbc's: its addresses own nothing, and apply
+and delete refuse to touch it. Protocol numbers nft lists without /etc/protocols are
+read as names. A sysctl is shared: lbc sets it, and leaves it when it stops needing it.
 
 A commit is an ordered list of single writes, each with its undo, computed from the
 live kernel and the desired state (`plan_steps`), so only what differs is written:
@@ -33,14 +36,16 @@ rule above, so an apply killed half way leaves nothing that a later apply would 
 recognise as its own and converge. On any failure, the steps already done are
 undone in reverse order and `ApplyError` names the step and the kernel's answer.
 
-Graceful termination (kube-proxy's): a real server the config no longer wants is
-deleted at once when it has no active connection (ActiveConn; UDP has none).
+Graceful termination (kube-proxy's deleteRsFunc): a real server the config no longer
+wants is deleted at once when it is UDP or SCTP (the next packet of its connections is
+scheduled afresh, `expire_nodest_conn`), or TCP without connections (ActiveConn +
+InActConn: a closed connection counts until IPVS expires it, as in kube-proxy).
 Otherwise it is set to weight 0 and marked as draining, in the kernel only: weight
 0, upper connection threshold 2**31-1 (the largest the kernel takes; never reached)
 and lower threshold the CLOCK_BOOTTIME second draining began (a lower threshold only
 ends an overload the upper one started, so both are inert). `ipvsadm -S` does not
 print thresholds; lbc's lines add them as `-x UPPER -y LOWER` when set. While it has
-active connections and `drain_timeout` has not passed, the snapshot leaves it out:
+connections and `drain_timeout` has not passed, the snapshot leaves it out:
 `verify` shows no drift and `apply` has nothing to do for it. Once drained (or timed
 out) it shows up again, at weight 0, and the next apply deletes it. A draining
 server the config wants again is set back to its weight; a weight-0 server left
@@ -74,6 +79,7 @@ from lbc.backends.ipvs.netlink import (
 )
 from lbc.backends.ipvs.ops import (
     IPVSADM_PROTO,
+    PROTO_NUMBER,
     AddAddress,
     AddDestination,
     AddService,
@@ -101,7 +107,11 @@ DRAIN_TIMEOUT = 300.0  # seconds a removed real server may keep its connections
 _PROTO_BY_FLAG = {flag: proto for proto, flag in IPVSADM_PROTO.items()}
 _FWD_BY_FLAG = {flag: method for method, flag in FWD_FLAGS.items()}
 _MARK_NUMBER = re.compile(r"\b0x([0-9a-f]+)\b")
-_ZERO = re.compile(r"(== )0(\s|$)")
+_ZERO = re.compile(r"((?:==|!=) )0(\s|$)")
+_MASKED = re.compile(r"meta mark & 0x([0-9a-f]{8}) (==|!=) 0x([0-9a-f]{8})")
+# nft names a protocol through /etc/protocols; without it (no netbase) it lists numbers.
+_PROTO_NAME = {str(number): str(proto) for proto, number in PROTO_NUMBER.items()}
+_L4_NUMBER = re.compile(r"\b(meta l4proto|ip protocol|ip6 nexthdr) (\d+)\b")
 
 
 def boottime() -> float:
@@ -183,8 +193,10 @@ def listed(table: str) -> str:
     """The rendered helper table as `nft list table` prints it back.
 
     nft prints marks as 8 hex digits, compares them with 0x00000000, and names the
-    ICMP type of a `reject` after an IPv4 or IPv6 match. Every golden case is checked
-    against a real `nft list` in the IPVS VM suite.
+    ICMP type of a `reject` after an IPv4 or IPv6 match. A mask of leading ones (a
+    prefix: bit 31 alone is /1) it prints as a prefix, `meta mark 0x00000000/1`, and
+    `== ` left out. Every golden case is checked against a real `nft list` in the
+    IPVS VM suite.
     """
     out = []
     for line in table.splitlines():
@@ -192,6 +204,7 @@ def listed(table: str) -> str:
         if "meta mark" in body:
             line = _MARK_NUMBER.sub(lambda m: f"0x{int(m.group(1), 16):08x}", line)
             line = _ZERO.sub(r"\g<1>0x00000000\2", line)
+            line = _MASKED.sub(_as_prefix, line)
         if body.endswith(" reject") and body.startswith("ip6 "):
             line += " with icmpv6 port-unreachable"
         elif body.endswith(" reject") and body.startswith("ip "):
@@ -200,9 +213,46 @@ def listed(table: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _as_prefix(m: re.Match[str]) -> str:
+    """`meta mark & MASK OP VALUE` as nft lists it when MASK is a prefix (leading ones)."""
+    mask, op, value = int(m.group(1), 16), m.group(2), m.group(3)
+    length = 32 - (~mask & 0xFFFFFFFF).bit_length()
+    if mask != (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF or length == 0:
+        return m.group(0)  # not a prefix: nft keeps the `&`
+    negate = "!= " if op == "!=" else ""
+    return f"meta mark {negate}0x{value}" + (f"/{length}" if length < 32 else "")
+
+
 def rules_objects(listing: str) -> dict[str, tuple[str, ...]]:
-    """The helper table's state objects: the table itself, then its sets and chains."""
-    return {TABLE_KEY: (), **{RULES + k: v for k, v in parse(listing).items()}}
+    """The helper table's state objects: the table itself, then its sets and chains.
+
+    Protocol numbers nft lists without /etc/protocols (6, 17, 132) are read as the
+    names it lists with it (tcp, udp, sctp), so both read the same.
+    """
+    objects: dict[str, tuple[str, ...]] = {TABLE_KEY: ()}
+    for key, lines in parse(listing).items():
+        objects[RULES + key] = _named_protocols(lines)
+    return objects
+
+
+def _named_protocols(lines: tuple[str, ...]) -> tuple[str, ...]:
+    """A set's or chain's lines with protocol numbers as names (elements re-sorted)."""
+    types = next((x.removeprefix("type ").split(" . ") for x in lines if x.startswith("type ")), [])
+    at = [i for i, t in enumerate(types) if t.strip() == "inet_proto"]
+    declaration, elements = [], []
+    for line in lines:
+        if not line.startswith(ELEMENT):
+            declaration.append(_L4_NUMBER.sub(_l4_name, line))
+            continue
+        parts = line.removeprefix(ELEMENT).split(" . ")
+        if len(parts) == len(types):
+            parts = [_PROTO_NAME.get(p, p) if i in at else p for i, p in enumerate(parts)]
+        elements.append(ELEMENT + " . ".join(parts))
+    return (*declaration, *sorted(elements))
+
+
+def _l4_name(m: re.Match[str]) -> str:
+    return f"{m.group(1)} {_PROTO_NAME.get(m.group(2), m.group(2))}"
 
 
 def rules_step(objects: Mapping[str, tuple[str, ...]]) -> RulesStep:
@@ -258,9 +308,17 @@ def is_marked(dest: Dest) -> bool:
     return dest.weight == 0 and dest.upper == DRAIN_UPPER and dest.lower > 0
 
 
-def is_draining(dest: Dest, now: float, drain_timeout: float) -> bool:
-    """Marked, still with active connections, and its drain timeout not passed."""
-    return is_marked(dest) and dest.active > 0 and now < dest.lower + drain_timeout
+def connections(proto: Proto, dest: Dest) -> int:
+    """The connections a removed real server waits for, as kube-proxy's deleteRsFunc:
+    TCP's active and inactive ones (a closed connection is inactive until IPVS expires
+    it); none for UDP and SCTP, whose real servers are deleted at once (the next
+    packet of their connections is scheduled afresh: `expire_nodest_conn`)."""
+    return dest.active + dest.inactive if proto is Proto.TCP else 0
+
+
+def is_draining(proto: Proto, dest: Dest, now: float, drain_timeout: float) -> bool:
+    """Marked, still with connections (`connections`), and its drain timeout not passed."""
+    return is_marked(dest) and connections(proto, dest) > 0 and now < dest.lower + drain_timeout
 
 
 def view(
@@ -273,10 +331,11 @@ def view(
     objects: dict[str, tuple[str, ...]] = {}
     if live.link is not None:
         objects[LINK_KEY] = (live.link.line(n.LINK),)
-    if live.addresses:
-        objects[ADDRESSES_KEY] = tuple(sorted(live.addresses, key=address_key))
+    addresses = owned_addresses(live)
+    if addresses:
+        objects[ADDRESSES_KEY] = tuple(sorted(addresses, key=address_key))
     rules = rules_objects(live.rules) if live.rules is not None else {}
-    bound = {a.partition("/")[0] for a in live.addresses}
+    bound = {a.partition("/")[0] for a in addresses}
     recorded = recorded_services(rules)
     owned: dict[str, tuple[AddService, tuple[Dest, ...]]] = {}
     hidden: set[tuple[str, str, int]] = set()
@@ -289,7 +348,9 @@ def view(
         shown = []
         for d in dests:
             where = (key, d.address, d.port)
-            if is_draining(d, now, drain_timeout) or (where in settling and is_marked(d)):
+            if is_draining(service.proto, d, now, drain_timeout) or (
+                where in settling and is_marked(d)
+            ):
                 hidden.add(where)
             else:
                 shown.append(d)
@@ -299,6 +360,20 @@ def view(
             objects[SYSCTL + name] = (f"{name}={live.sysctls.get(name) or ''}",)
     objects.update(rules)
     return View(State(objects), owned, frozenset(hidden))
+
+
+def owned_addresses(live: Live) -> tuple[str, ...]:
+    """The addresses of lbc's interface: none when `lbc-ipvs0` is not a dummy (not lbc's)."""
+    return live.addresses if live.link is not None and live.link.kind == "dummy" else ()
+
+
+def foreign_link(live: Live) -> ApplyError:
+    """The refusal to change an `lbc-ipvs0` that is not lbc's dummy interface."""
+    assert live.link is not None
+    return ApplyError(
+        f"ipvs: an interface {n.LINK} exists but is a {live.link.kind!r}, not lbc's "
+        f"dummy interface; nothing was changed (remove it: `ip link del {n.LINK}`)"
+    )
 
 
 def desired_state(ops: Iterable[object]) -> State:
@@ -328,10 +403,13 @@ def desired_state(ops: Iterable[object]) -> State:
 
 @dataclass
 class Steps:
-    """A commit's steps, and the real servers it sets draining."""
+    """A commit's steps, the real servers it sets draining, and those the read-back
+    after it does not show even if their drain ended meanwhile: these and the ones the
+    view before it hid (drained by an earlier apply)."""
 
     steps: list[Undoable] = field(default_factory=list)
     drained: set[tuple[str, str, int]] = field(default_factory=set)
+    tolerated: set[tuple[str, str, int]] = field(default_factory=set)
 
     def add(self, step: Step, *undo: Step) -> None:
         self.steps.append(Undoable(step, undo))
@@ -351,19 +429,19 @@ def plan_steps(
     `full` rewrites every object lbc wants even where it matches (`apply --full`).
     """
     before, after = seen.state.objects, desired.objects
-    out = Steps()
+    out = Steps(tolerated=set(seen.hidden))
+    if live.link is not None and live.link.kind != "dummy":
+        # Not lbc's: never bound to, set or deleted; `lbc delete` refuses as `apply` does.
+        raise foreign_link(live)
     if LINK_KEY in after:
         if live.link is None:
             out.add(LinkStep("add", n.LINK), LinkStep("del", n.LINK))
-        elif live.link.kind != "dummy":
-            raise ApplyError(
-                f"ipvs: an interface {n.LINK} exists but is a {live.link.kind!r}, not lbc's "
-                f"dummy interface; nothing was changed (remove it: `ip link del {n.LINK}`)"
-            )
         elif live.link.up:
             out.add(LinkStep("down", n.LINK), LinkStep("up", n.LINK))
     want, have = after.get(ADDRESSES_KEY, ()), before.get(ADDRESSES_KEY, ())
-    for address in (a for a in want if a not in have):
+    binding = [a for a in want if a not in have]
+    _refuse_foreign_services(live, seen, {a.partition("/")[0] for a in binding})
+    for address in binding:
         out.add(AddressStep("add", n.LINK, address), AddressStep("del", n.LINK, address))
 
     for key in sorted(k for k in seen.services if k not in after):
@@ -406,6 +484,26 @@ def plan_steps(
     return out
 
 
+def _refuse_foreign_services(live: Live, seen: View, binding: set[str]) -> None:
+    """Refuse, before any change, to bind an address another tool's service uses.
+
+    A service on an address bound to lbc-ipvs0 is lbc's (see the module's ownership
+    rule): once bound, theirs would read as lbc's, and a rollback or the next apply
+    would delete it.
+    """
+    theirs = sorted(
+        service_key(service).removeprefix(SERVICE)
+        for service, _ in live.services
+        if service.address in binding and service_key(service) not in seen.services
+    )
+    if theirs:
+        raise ApplyError(
+            f"ipvs: another tool's IPVS service(s) {', '.join(theirs)} use an address lbc "
+            f"would bind to {n.LINK} (and so own); nothing was changed (remove them, or "
+            "move the service off that address)"
+        )
+
+
 def _change_service(
     out: Steps,
     seen: View,
@@ -430,11 +528,12 @@ def _change_service(
     for where in sorted(shown - wanted.keys(), key=lambda w: (*address_key(w[0]), w[1])):
         old = kernel[where]
         timed_out = is_marked(old) and now >= old.lower + drain_timeout
-        if old.active > 0 and drain_timeout > 0 and not timed_out:
+        if connections(service.proto, old) > 0 and drain_timeout > 0 and not timed_out:
             since = old.lower if is_marked(old) else max(1, int(now))
             drain = Dest(old.address, old.port, 0, old.fwd_method, DRAIN_UPPER, since)
             out.add(DestStep("set", service, drain), DestStep("set", service, old))
             out.drained.add((key, *where))
+            out.tolerated.add((key, *where))
         else:
             out.add(DestStep("del", service, old), DestStep("add", service, old))
 
@@ -486,8 +585,9 @@ class IpvsKernel:
         self.drain_timeout = drain_timeout
         self.clock = clock
         self._last: tuple[Live, View] | None = None
-        # Real servers the last commit set draining: the read-back right after it does
-        # not show them even if their last connection closed in between.
+        # Real servers the last commit set draining or found draining: the read-back
+        # right after it does not show them even if their last connection closed in
+        # between.
         self._settling: frozenset[tuple[str, str, int]] = frozenset()
 
     def snapshot(self) -> State:
@@ -522,4 +622,4 @@ class IpvsKernel:
             return
         with self.dataplane.writer() as perform:
             run(planned.steps, perform)
-        self._settling = frozenset(planned.drained)
+        self._settling = frozenset(planned.tolerated)
