@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 import lbc
+from lbc.backends.base import Feature
 from lbc.backends.ipvs import IpvsBackend, names
 from lbc.backends.ipvs.ops import (
     AddAddress,
@@ -212,7 +213,7 @@ def test_every_refusal_is_reported_at_once() -> None:
     with pytest.raises(lbc.UnsupportedError) as info:
         compiled(text)
     features = [item.feature for item in info.value.items]
-    assert features == ["random", "local-traffic-policy"]
+    assert features == ["random", "external-traffic-policy-local"]
     assert "192.168.49.2:30091" in info.value.items[1].reason
 
 
@@ -379,3 +380,11 @@ def test_the_helper_table_marks_hairpin_only_for_backends_that_can_pass_this_nod
     assert "10.244.1.5 . tcp . 8080 . 10.244.1.5" in hairpin  # this node's
     assert "10.244.3.5 . tcp . 8080 . 10.244.3.5" in hairpin  # no node given
     assert "10.244.2.5" not in hairpin  # another node's: through its own node's rules
+
+
+def test_ipvs_does_not_claim_external_traffic_policy_local() -> None:
+    backends = lbc.backends()
+    assert Feature.LOCAL_POLICY in backends["ipvs"].features  # internal traffic policy Local
+    assert Feature.EXTERNAL_LOCAL_POLICY not in backends["ipvs"].features
+    assert Feature.EXTERNAL_LOCAL_POLICY in backends["nftables"].features
+    assert Feature.EXTERNAL_LOCAL_POLICY in backends["iptables"].features

@@ -28,7 +28,10 @@ class Feature(StrEnum):
     LOAD_BALANCER = "load-balancer"
     NODE_PORT = "node-port"
     SOURCE_RANGES = "source-ranges"
-    LOCAL_POLICY = "local-traffic-policy"
+    LOCAL_POLICY = "local-traffic-policy"  # a pool of this node's endpoints only
+    # externalTrafficPolicy Local: outside traffic to this node's endpoints, while pod
+    # and node traffic to the same address and port reaches every endpoint
+    EXTERNAL_LOCAL_POLICY = "external-traffic-policy-local"
     LOCALHOST_NODE_PORT = "localhost-node-port"
 
 
@@ -143,7 +146,7 @@ def requirements(program: Program) -> Iterator[tuple[Feature | Scheduler, str, s
         if f.source_ranges:
             yield Feature.SOURCE_RANGES, who, "load_balancer_source_ranges"
         if f.internal_pool or f.masquerade is Masquerade.NEVER:
-            yield Feature.LOCAL_POLICY, who, "external traffic policy Local"
+            yield Feature.EXTERNAL_LOCAL_POLICY, who, "external traffic policy Local"
 
 
 def dumps_json(value: Any) -> str:

@@ -56,7 +56,9 @@ class IpvsBackend(Backend):
     name = "ipvs"
     extension = "txt"
     description = "kube-proxy-style IPVS: dummy interface, virtual services, nftables helpers"
-    features = frozenset(Feature) - {Feature.LOCALHOST_NODE_PORT}  # no route_localnet DNAT
+    # No route_localnet DNAT; and a virtual service is one pool for every source
+    # (`_ipvs_limits` says why external traffic policy Local cannot be expressed).
+    features = frozenset(Feature) - {Feature.LOCALHOST_NODE_PORT, Feature.EXTERNAL_LOCAL_POLICY}
     schedulers = frozenset({Scheduler.DEFAULT, *NATIVE})
 
     def check(self, program: Program) -> None:
@@ -65,7 +67,8 @@ class IpvsBackend(Backend):
         try:
             super().check(program)
         except UnsupportedError as exc:
-            items += exc.items
+            local = str(Feature.EXTERNAL_LOCAL_POLICY)
+            items += [item for item in exc.items if item.feature != local]
         items += _ipvs_limits(self.name, program)
         if items:
             raise UnsupportedError(self.name, list(dict.fromkeys(items)))
@@ -100,7 +103,7 @@ def _ipvs_limits(backend: str, program: Program) -> Iterator[Unsupported]:
             yield Unsupported(
                 backend,
                 who,
-                str(Feature.LOCAL_POLICY),
+                str(Feature.EXTERNAL_LOCAL_POLICY),
                 "external traffic policy Local: IPVS picks real servers by address and port "
                 "alone, so pod and node traffic to "
                 f"{hostport(f.address, f.port)} cannot reach the endpoints of other nodes",
