@@ -260,20 +260,44 @@ def test_affinity_is_checked_before_the_random_choice() -> None:
     parsed = parse_nft(text_of(program([1, 1], affinity=600)))
     (chain,) = [c for c in parsed.chains if c.startswith(n.SERVICE)]
     rules = parsed.chains[chain]
-    affinity = [r for r in rules if r.startswith("meta l4proto tcp ip saddr @affinity-")]
+    affinity = [r for r in rules if r.startswith("ip saddr @affinity-")]
     assert len(affinity) == 2 and rules.index(affinity[-1]) < rules.index(
-        next(r for r in rules if " numgen " in r)
+        next(r for r in rules if " numgen " in r or r.startswith("numgen "))
     )
     for rule in affinity:
-        aset, backend = rule.split()[5][1:], rule.split()[-1]
-        assert aset in parsed.sets
-        assert f"update @{aset} {{ ip saddr }} dnat ip to {backend}" in rule
-        chosen = [r for r in rules if r not in affinity and r.endswith(f"to {backend}")]
-        assert chosen and all(f"update @{aset} {{ ip saddr }}" in r for r in chosen)
+        aset, target = rule.split()[2][1:], rule.split()[-1]
+        assert aset in parsed.sets and aset.endswith("__600s")
+        assert rule == f"ip saddr @{aset} goto {aset}" and target in parsed.chains
+        chosen = [r for r in rules if r not in affinity and r.endswith(f"goto {aset}")]
+        assert len(chosen) == 1
     assert all(
         "timeout 10m" in t
         for t in re.findall(r"set affinity-[^{]+\{[^}]+\}", text_of(program([1, 1], affinity=600)))
     )
+
+
+def test_affinity_remembers_and_dnats_in_separate_rules() -> None:
+    """The kernel abandons a rule whose `update` fails (a full set), DNAT included: the
+    DNAT is a rule of its own, after the update, in the backend's affinity chain."""
+    parsed = parse_nft(text_of(program([1, 1], affinity=600)))
+    chains = {c: r for c, r in parsed.chains.items() if c.startswith(n.AFFINITY)}
+    assert len(chains) == 2
+    for name, rules in chains.items():
+        assert rules[0] == f"update @{name} {{ ip saddr }}"
+        assert len(rules) == 2 and rules[1].startswith("meta l4proto tcp dnat ip to ")
+        assert "update" not in rules[1]
+    pool = [r for c, rs in parsed.chains.items() if c.startswith(n.SERVICE) for r in rs]
+    assert not any("dnat" in r or "update" in r for r in pool)
+
+
+def test_an_affinity_timeout_is_in_the_set_names() -> None:
+    """A new timeout is new sets (and chains), not a changed declaration."""
+    before = parse_nft(text_of(program([1, 1], affinity=600)))
+    after = parse_nft(text_of(program([1, 1], affinity=1200)))
+    old = {s for s in before.sets if s.startswith(n.AFFINITY)}
+    new = {s for s in after.sets if s.startswith(n.AFFINITY)}
+    assert len(old) == len(new) == 2 and not old & new
+    assert all(s.endswith("__1200s") for s in new)
 
 
 # --- structure ------------------------------------------------------------------------

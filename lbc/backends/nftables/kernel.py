@@ -51,16 +51,51 @@ def parse(text: str) -> dict[str, tuple[str, ...]]:
         kind, name = m.groups()
         body = list(_body(lines))
         if kind == "chain":
-            objects[f"chain {name}"] = tuple(body)
+            objects[f"chain {name}"] = tuple(_L4PROTO_NUMBER.sub(_l4proto_name, b) for b in body)
             continue
         declaration = [b for b in body if not b.startswith("elements = ")]
         elements = [b for b in body if b.startswith("elements = ")]
         items: list[str] = []
         if elements and not name.startswith(n.AFFINITY):
             inner = elements[0].removeprefix("elements = {").removesuffix("}")
-            items = sorted(ELEMENT + e.strip() for e in inner.split(",") if e.strip())
+            protos = _proto_fields(declaration)
+            items = sorted(
+                ELEMENT + _proto_names(e.strip(), protos) for e in inner.split(",") if e.strip()
+            )
         objects[f"{kind} {name}"] = (*declaration, *items)
     return objects
+
+
+# Without /etc/protocols nft lists protocols by number (`meta l4proto 6`, elements
+# `10.0.1.187 . 17 . 53`); lbc writes names, so numbers become the names nft uses.
+_PROTOCOL_NAMES = {"6": "tcp", "17": "udp", "132": "sctp", "1": "icmp", "58": "ipv6-icmp"}
+_L4PROTO_NUMBER = re.compile(r"\bmeta l4proto (\d+)\b")
+
+
+def _l4proto_name(m: re.Match[str]) -> str:
+    number = m.group(1)
+    return f"meta l4proto {_PROTOCOL_NAMES.get(number, number)}"
+
+
+def _proto_fields(declaration: list[str]) -> tuple[int, ...]:
+    """The positions of `inet_proto` in a set's key (`type ipv4_addr . inet_proto ...`)."""
+    for line in declaration:
+        if line.startswith("type "):
+            key = line.removeprefix("type ").split(" : ")[0]
+            return tuple(i for i, t in enumerate(key.split(" . ")) if t.strip() == "inet_proto")
+    return ()
+
+
+def _proto_names(element: str, fields: tuple[int, ...]) -> str:
+    """`element` with the protocol numbers at `fields` of its key as names."""
+    if not fields:
+        return element
+    key, sep, value = element.partition(" : ")
+    parts = key.split(" . ")
+    for i in fields:
+        if i < len(parts):
+            parts[i] = _PROTOCOL_NAMES.get(parts[i], parts[i])
+    return " . ".join(parts) + sep + value
 
 
 def _body(lines: Iterator[str]) -> Iterator[str]:

@@ -107,9 +107,16 @@ class EndpointNames:
         self.prefix = prefix
         self.service_part = identifier(readable(service, proto))
 
-    def name(self, content_id: str, address: str, port: int) -> str:
-        """The name of the object of the backend `content_id` at `address:port`."""
+    def name(self, content_id: str, address: str, port: int, suffix: str = "") -> str:
+        """The name of the object of the backend `content_id` at `address:port`;
+        `suffix` (identifier characters) ends it however long the rest is."""
         # A dotted quad is in the identifier alphabet already.
         where = address if "." in address and ":" not in address else identifier(address)
         head = f"{self.prefix}{content_id[:HASH_LENGTH]}-{self.service_part}__{where}/{port}"
-        return head[:MAX_NAME]
+        return head[: MAX_NAME - len(suffix)] + suffix
+
+
+def timeout_suffix(seconds: int) -> str:
+    """`__600s`: an affinity set's timeout, in its name, so that a new timeout makes a
+    new set (added, the old one deleted) instead of changing a set's declaration."""
+    return f"__{seconds}s"

@@ -21,7 +21,16 @@ allows: `numgen random` scales a 32-bit random number, each fraction is within 2
 The one exception is session
 affinity, which needs a dynamic set per backend (kube-proxy's `affinity-` sets), so
 services with ClientIP affinity still cost more to load, in proportion to their
-backends.
+backends. Their pools also keep a chain per backend, named as its set: the pool's
+rules (known clients by set lookup, then the `numgen` choice) `goto` it, and it
+remembers the client (`update @set { ip saddr }`) and DNATs in two rules, as
+kube-proxy's endpoint chains do. The kernel abandons a rule whose `update` fails (a
+full set), DNAT included; in a rule of its own, a full set costs new clients only
+their stickiness, and each backend keeps its exact share. The set's name ends in
+its timeout (`__600s`), so a new timeout is a new set of that service
+(added, and the old one deleted) rather than a changed declaration, which only a
+replacement of the whole table, and of every service's remembered clients, could
+carry out.
 
 Cluster-IP traffic is marked for masquerade in `services`, before the dispatch, by one
 lookup per policy in `masquerade-always4`/`masquerade-off-cluster4` (and the `6`s) of
@@ -30,11 +39,13 @@ choice of backend alone. The kernel revalidates every rule of the table on each
 transaction that adds one (docs/kernel-notes.md), so rules that are not there cost
 nothing then.
 
-No chain per endpoint: the rule that picks a backend also DNATs to it, and hairpin
+Otherwise no chain per endpoint: the rule that picks a backend also DNATs to it, and hairpin
 traffic (a backend reaching its own service) is marked for masquerade in nat
 postrouting by one lookup of `saddr . daddr` in `hairpin-ips4`/`hairpin-ips6`, which
 hold a `backend . backend` pair per backend (after DNAT, such a packet's source and
-destination are the same backend). kube-proxy makes a chain per endpoint for the
+destination are the same backend), for DNATed packets only (`ct status dnat`): a
+backend on the node's own address would otherwise masquerade every connection of the
+node to itself. kube-proxy makes a chain per endpoint for the
 hairpin mark; at 10k services × 10 endpoints that is 100k chains more, which makes
 loading several times slower and the kernel's validation of the table — repeated on
 every transaction that adds a rule — about five times longer.
@@ -95,6 +106,7 @@ _L4PROTO = Meta("l4proto")
 _DPORT = Payload("th", "dport")
 _MARK = Meta("mark")
 _NEW = Match(Ct("state"), Value("new"), op="in")
+_DNAT = Match(Ct("status"), Value("dnat"), op="in")
 # Expressions are immutable: one instance of each serves every rule that uses it.
 _SADDR = {4: Payload("ip", "saddr"), 6: Payload("ip6", "saddr")}
 
@@ -140,8 +152,9 @@ def shares_of(weights: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 
 
 class PoolChain(NamedTuple):
-    """A pool's chain: cluster-IP masquerade marks, affinity, then the weighted choice,
-    each choice a DNAT in the same rule (no chain per endpoint)."""
+    """A pool's chain: the weighted choice, each choice a DNAT in the same rule (no
+    chain per endpoint); with affinity, known clients first and each choice a `goto`
+    to the backend's affinity chain (`affinity_rules`)."""
 
     name: str
     family: int
@@ -157,51 +170,71 @@ class PoolChain(NamedTuple):
 
     @property
     def rules(self) -> tuple[Rule, ...]:
-        """Known clients to their backend; then `numgen` chances, the last one certain."""
-        saddr = _SADDR[self.family]
+        """Known clients to their backend; then `numgen` chances, the last one certain.
+
+        With affinity, each choice is a `goto` to the backend's affinity chain
+        (`affinity_rules`), which remembers the client and DNATs in two rules.
+        """
+        affinity = self.affinity
+        if affinity is not None:
+            saddr = _SADDR[self.family]
+            rules = [
+                Rule((Match(saddr, SetRef(set_name)), Verdict("goto", affinity_chain(set_name))))
+                for set_name in affinity
+            ]
+            gotos = [Verdict("goto", affinity_chain(set_name)) for set_name in affinity]
+            for i, (k, m) in enumerate(shares_of(self.weights)):
+                rules.append(Rule((Match(Numgen(m), Value(k), op="<"), gotos[i])))
+            rules.append(Rule((gotos[-1],)))
+            return tuple(rules)
         family = ip_proto(self.family)
         l4proto = Match(_L4PROTO, Value(self.proto))
-        rules = []
-
-        def to(i: int) -> tuple[Statement, ...]:
-            """Remember the client (affinity), then DNAT to backend i."""
-            address, port = self.backends[i]
-            remember = (SetUpdate(self.affinity[i], saddr),) if self.affinity else ()
-            return (*remember, Dnat(family, address, port))
-
-        if self.affinity is not None:
-            for i, set_name in enumerate(self.affinity):
-                rules.append(Rule((l4proto, Match(saddr, SetRef(set_name)), *to(i))))
-        for i, (k, m) in enumerate(shares_of(self.weights)):
-            rules.append(Rule((l4proto, Match(Numgen(m), Value(k), op="<"), *to(i))))
-        rules.append(Rule((l4proto, *to(len(self.backends) - 1))))
-        return tuple(rules)
+        dnat = [Dnat(family, address, port) for address, port in self.backends]
+        out = [
+            Rule((l4proto, Match(Numgen(m), Value(k), op="<"), dnat[i]))
+            for i, (k, m) in enumerate(shares_of(self.weights))
+        ]
+        out.append(Rule((l4proto, dnat[-1])))
+        return tuple(out)
 
     def lines(self) -> list[str]:
         """The text of `rules`."""
-        family = ip_proto(self.family)
-        out: list[str] = []
+        if self.affinity is not None:
+            return [r.text() for r in self.rules]
         l4proto = f"meta l4proto {self.proto}"
         if self.family == 4:
             dnat = [f"dnat ip to {address}:{port}" for address, port in self.backends]
         else:
             dnat = [f"dnat ip6 to [{address}]:{port}" for address, port in self.backends]
-        affinity = self.affinity
-        if affinity is not None:
-            dnat = [
-                f"update @{set_name} {{ {family} saddr }} {to}"
-                for set_name, to in zip(affinity, dnat, strict=True)
-            ]
-            out += [
-                f"{l4proto} {family} saddr @{set_name} {to}"
-                for set_name, to in zip(affinity, dnat, strict=True)
-            ]
-        out += [
+        out = [
             f"{l4proto} numgen random mod {m} < {k} {to}"
             for to, (k, m) in zip(dnat, shares_of(self.weights), strict=False)
         ]
         out.append(f"{l4proto} {dnat[-1]}")
         return out
+
+
+def affinity_chain(set_name: str) -> str:
+    """The chain of an affinity set's backend: the set's name, in chains' own namespace."""
+    return set_name
+
+
+def affinity_rules(set_name: str, family: int, proto: str, address: str, port: int) -> Chain:
+    """A backend of a pool with affinity: remember the client, then DNAT, in two rules.
+
+    As in kube-proxy's endpoint chains: the kernel abandons a rule whose `update` fails
+    (the set is full), so the DNAT is a rule of its own and a full set costs only the
+    stickiness of new clients, never their connection. The share stays exact: the pool
+    chain's `numgen` rule chose this chain before the `update`.
+    """
+    saddr = _SADDR[family]
+    return Chain(
+        affinity_chain(set_name),
+        (
+            Rule((SetUpdate(set_name, saddr),)),
+            Rule((Match(_L4PROTO, Value(proto)), Dnat(ip_proto(family), address, port))),
+        ),
+    )
 
 
 def build(program: Program) -> Ruleset:
@@ -229,7 +262,7 @@ class _Builder:
         self.mark = Value(program.node.masquerade_mark, hex=True)
         # Statements are immutable: one instance serves every rule (fewer objects to make).
         self.set_mark = Mangle(_MARK, BinOp("|", _MARK, self.mark))
-        self.chains: dict[str, list[Rule] | PoolChain] = {}
+        self.chains: dict[str, list[Rule] | PoolChain | Chain] = {}
         self.affinity_made: set[str] = set()
         self.hairpin_made: set[tuple[str, str]] = set()
         self.open_to_other_nodes = program.open_to_other_nodes()
@@ -403,8 +436,12 @@ class _Builder:
         family = pool.family
         if timeout is not None:
             affinity = self.affinity_names(pool)
-            sets = tuple([affinity.name(b.id, b.address, b.port) for b in active])
-            for set_name in sets:
+            # The timeout is part of the set's name: a new timeout is a new set (and
+            # chain) of this service alone, never a changed declaration, which only a
+            # replacement of the whole table could carry out.
+            suffix = n.timeout_suffix(timeout)
+            sets = tuple([affinity.name(b.id, b.address, b.port, suffix) for b in active])
+            for set_name, b in zip(sets, active, strict=True):
                 if set_name not in self.affinity_made:  # a backend in a service's two pools
                     self.affinity_made.add(set_name)
                     self.affinity.append(
@@ -414,6 +451,9 @@ class _Builder:
                             flags=("dynamic", "timeout"),
                             timeout=timeout,
                         )
+                    )
+                    self.chains[affinity_chain(set_name)] = affinity_rules(
+                        set_name, family, str(pool.proto), b.address, b.port
                     )
         name = self.pool_name(pool)
         weights = tuple([b.weight for b in active])
@@ -590,6 +630,9 @@ def shared_chains(
     hairpin = [
         Rule(
             (
+                # Only DNATed traffic: a backend on the node's own address (host
+                # network) would otherwise masquerade all the node's traffic to itself.
+                _DNAT,
                 Match(
                     Concat((Payload(ip_proto(f), "saddr"), Payload(ip_proto(f), "daddr"))),
                     SetRef(n.per_family(n.HAIRPIN, f)),
