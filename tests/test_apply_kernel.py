@@ -670,3 +670,33 @@ def test_an_empty_namespace_name_is_refused_not_taken_for_the_host(backend: str)
     result = CliRunner().invoke(main, ["plan", str(HOSTNAMES), "--netns", "", "-b", backend])
     assert result.exit_code == 4, result.output
     assert "cannot enter network namespace '': not a namespace name" in result.stderr
+
+
+def test_nftables_without_cap_net_admin_says_so_in_one_line(seed: netns.Seed) -> None:
+    """libnftables would print to standard error itself and report a refused transaction."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop capabilities")
+    command = [
+        "setpriv",
+        "--bounding-set",
+        "-all",
+        sys.executable,
+        "-c",
+        "from lbc.cli import main; main()",
+        "plan",
+        str(HOSTNAMES),
+        "-b",
+        "nftables",
+        "--netns",
+        seed.node.name,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 4, done.stderr
+    assert done.stderr == (
+        "lbc: nftables: reading or changing table inet lbc needs CAP_NET_ADMIN (run lbc as "
+        "root); nothing was read or changed\n"
+    )

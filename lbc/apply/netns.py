@@ -8,6 +8,26 @@ from contextlib import contextmanager
 
 from lbc.errors import ApplyError
 
+CAP_NET_ADMIN = 12
+
+
+def require_net_admin(what: str) -> None:
+    """Raise `ApplyError` unless the calling thread holds CAP_NET_ADMIN.
+
+    libnftables without it prints "Operation not permitted (you must be root)" to the
+    process's standard error itself, then fails as if a transaction had been refused:
+    this says what is missing first, with nothing printed.
+    """
+    try:
+        with open("/proc/thread-self/status", encoding="ascii") as status:
+            line = next(x for x in status if x.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return  # cannot tell: let the kernel answer
+    if not int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
+        raise ApplyError(
+            f"{what} needs CAP_NET_ADMIN (run lbc as root); nothing was read or changed"
+        )
+
 
 class NamespaceError(ApplyError):
     """The named network namespace cannot be entered (it does not exist, or no rights)."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lbc.apply.netns import NamespaceError, inside
+from lbc.apply.netns import NamespaceError, inside, require_net_admin
 from lbc.apply.state import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.nftables import bulk
@@ -269,6 +269,7 @@ class NftablesKernel:
                 f"the nftables binding is not usable ({exc}); install Debian's libnftables1"
             ) from exc
         if self._context is None:
+            require_net_admin("nftables: reading or changing table inet lbc")
             with inside(self.netns):
                 self._context = nftables.Nftables()
         rc, out, err = self._context.cmd(script)
