@@ -104,6 +104,8 @@ class FakeNetlink:
                 self.link, self.addresses = None, []
             else:
                 self.link = Link(self.link.kind if self.link else "", step.action == "up")
+            if step.action == "down":  # keep_addr_on_down=0 (the default): IPv6 goes
+                self.addresses = [a for a in self.addresses if ":" not in a]
         elif isinstance(step, AddressStep):
             _refuse(self.link is None, "(19, 'No such device')")
             if step.action == "add":
@@ -944,3 +946,146 @@ def test_a_non_dummy_lbc_ipvs0_is_foreign_to_delete_too(setup: Setup) -> None:
         setup.delete()
     assert setup.net.records() == before
     assert setup.net.link == Link("veth", True) and setup.net.addresses
+
+
+# --- an interface found up, IPv6 addresses, service flags, shared sysctls ------------------
+DUAL = GOLDEN / "dual-stack" / "cluster.toml"
+V6 = "fd00:10::1:178/128"
+
+
+def test_an_up_interface_gets_its_ipv6_vips_bound_again_after_setting_it_down(
+    setup: Setup,
+) -> None:
+    # Setting the link down drops its IPv6 addresses (keep_addr_on_down=0); the fake
+    # does as Linux does, so the read-back would miss them and the apply roll back.
+    setup.apply(lbc.load(DUAL))
+    setup.net.link = Link("dummy", True)
+    setup.net.addresses.append("fd00:10::9/128")  # bound, not wanted
+    kernel = setup.kernel()
+    planned = kernel.steps(kernel.snapshot(), kernel.desired(artifact_of(DUAL)))
+    assert [(u.step.describe(), [s.describe() for s in u.undo]) for u in planned.steps] == [
+        (
+            "ip -6 addr del fd00:10::9/128 dev lbc-ipvs0",
+            ["ip -6 addr add fd00:10::9/128 dev lbc-ipvs0 nodad"],
+        ),
+        (f"ip -6 addr del {V6} dev lbc-ipvs0", [f"ip -6 addr add {V6} dev lbc-ipvs0 nodad"]),
+        ("ip link set lbc-ipvs0 down", ["ip link set lbc-ipvs0 up"]),
+        (f"ip -6 addr add {V6} dev lbc-ipvs0 nodad", [f"ip -6 addr del {V6} dev lbc-ipvs0"]),
+    ]
+    setup.apply(lbc.load(DUAL))
+    assert setup.verify(lbc.load(DUAL)).in_sync
+    assert setup.net.link == Link("dummy", False)
+    assert sorted(setup.net.addresses) == ["10.0.1.178/32", V6]
+
+
+def test_a_failure_after_setting_an_up_interface_down_restores_it_up_with_its_addresses(
+    tmp_path: Path,
+) -> None:
+    def up(setup: Setup) -> Setup:
+        setup.apply(lbc.load(DUAL))
+        setup.net.link = Link("dummy", True)
+        return setup
+
+    probe = up(Setup(tmp_path))
+    total = len(probe.steps_of(lambda: probe.apply(lbc.load(DUAL))))
+    assert total == 3
+    for n in range(1, total + 1):
+        setup = up(Setup(tmp_path))
+        before, done = setup.net.records(), len(setup.net.performed)
+        setup.net.fail_at = done + n
+        with pytest.raises(ApplyError, match="were undone"):
+            setup.apply(lbc.load(DUAL))
+        assert setup.net.records() == before, f"failing step {n} left changes"
+
+
+def test_service_flags_and_netmask_set_by_another_tool_are_drift_and_repaired(
+    setup: Setup,
+) -> None:
+    setup.apply(hostnames(*THREE))
+    service, dests = setup.net.services[(Proto.TCP, VIP, 80)]
+    for changed in (
+        dataclasses.replace(service, flags=0x4),  # ipvsadm -E ... -o
+        dataclasses.replace(service, persistence=30, netmask=24),  # -p 30 -M 255.255.255.0
+        dataclasses.replace(service, scheduler="sh", flags=0x8 | 0x10),  # -b sh-fallback,..
+    ):
+        setup.net.services[(Proto.TCP, VIP, 80)] = (changed, dests)
+        drift = setup.verify(hostnames(*THREE))
+        assert [c.key for c in drift.changes] == ["service -t 10.0.1.175:80"]
+        assert drift.changes[0].before[0] == changed.line()
+        assert setup.steps_of(lambda: setup.apply(hostnames(*THREE))) == [
+            "ipvsadm -E -t 10.0.1.175:80 -s rr"
+        ]
+        assert setup.net.services[(Proto.TCP, VIP, 80)][0] == service
+        assert setup.verify(hostnames(*THREE)).in_sync
+
+
+def test_service_lines_with_flags_and_netmask_round_trip() -> None:
+    for service, line in (
+        (AddService(Proto.TCP, VIP, 80, "rr", None, 0x4), f"-A -t {VIP}:80 -s rr -o"),
+        (
+            AddService(Proto.TCP, VIP, 80, "rr", 30, 0, 24),
+            f"-A -t {VIP}:80 -s rr -p 30 -M 255.255.255.0",
+        ),
+        (
+            AddService(Proto.UDP, "fd00::1", 53, "sh", 30, 0x4 | 0x8 | 0x10, 64),
+            "-A -u [fd00::1]:53 -s sh -p 30 -M 64 -o -b sh-fallback,sh-port",
+        ),
+        (AddService(Proto.TCP, VIP, 80, "mh", None, 0x10), f"-A -t {VIP}:80 -s mh -b mh-port"),
+        (AddService(Proto.TCP, VIP, 80, "wlc", None, 0x20), f"-A -t {VIP}:80 -s wlc -b flag-3"),
+    ):
+        assert service.line() == line
+        assert k.parse_service((line,))[0] == service
+    plain = AddService(Proto.TCP, VIP, 80, "rr", None)
+    assert "flags" not in plain.to_json() and "netmask" not in plain.to_json()
+
+
+def test_a_rollback_after_a_read_back_mismatch_restores_the_sysctls(setup: Setup) -> None:
+    names = ("net.ipv4.vs.expire_nodest_conn", "net.ipv4.vs.expire_quiescent_template")
+    setup.net.sysctls.update(dict.fromkeys(names, "0"))
+    before = setup.net.records()
+
+    def sabotage(net: FakeNetlink, step: Step) -> None:  # another writer, once
+        if isinstance(step, DestStep) and step.dest.address == "10.244.3.6":
+            net.after_step = None
+            del net.services[(Proto.TCP, VIP, 80)][1]["10.244.1.7:9376"]
+
+    setup.net.after_step = sabotage
+    with pytest.raises(ApplyError, match="rolled back to the previous state"):
+        setup.apply(hostnames(*THREE))
+    assert setup.net.sysctls == {CONNTRACK: "0", **dict.fromkeys(names, "0")}
+    assert setup.net.records() == before
+
+
+def test_a_rollback_restores_sysctls_that_had_drifted_before_the_commit(setup: Setup) -> None:
+    setup.apply(hostnames(*THREE))
+    setup.net.sysctls[CONNTRACK] = "0"  # drift, which the next apply repairs
+    before = setup.net.records()
+
+    def sabotage(net: FakeNetlink, step: Step) -> None:
+        if isinstance(step, DestStep):
+            net.after_step = None
+            net.sysctls["net.ipv4.vs.expire_nodest_conn"] = "0"
+
+    setup.net.after_step = sabotage
+    with pytest.raises(ApplyError, match="rolled back to the previous state"):
+        setup.apply(hostnames(*THREE[:2]))
+    assert setup.net.records() == before
+    assert setup.net.sysctls[CONNTRACK] == "0"
+
+
+def test_delete_plans_no_sysctl_change_and_verify_still_shows_sysctl_drift(
+    setup: Setup,
+) -> None:
+    setup.apply(hostnames(*THREE))
+    dry = lbc.delete("ipvs", kernel=setup.kernel(), lock_path=setup.lock, dry_run=True)
+    keys = [c.key for c in dry.plan.changes]
+    assert "service -t 10.0.1.175:80" in keys
+    assert not [key for key in keys if key.startswith("sysctl ")], keys
+    setup.net.sysctls[CONNTRACK] = "0"
+    drift = setup.verify(hostnames(*THREE))
+    assert [(c.key, c.after) for c in drift.changes] == [
+        (f"sysctl {CONNTRACK}", (f"{CONNTRACK}=1",))
+    ]
+    assert setup.steps_of(lambda: setup.apply(hostnames(*THREE))) == [f"sysctl -w {CONNTRACK}=1"]
+    assert setup.steps_of(setup.delete)[-1] == "ip link del lbc-ipvs0"
+    assert setup.net.sysctls[CONNTRACK] == "1"

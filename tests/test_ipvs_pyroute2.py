@@ -9,6 +9,7 @@ and timeout, netmask, NAT forwarding (fwd_method 0) and weight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import struct
 from typing import Any
@@ -162,3 +163,60 @@ def test_pyroute2_defaults_that_lbc_overrides() -> None:
     assert dict(IPVSDest(addr="10.244.1.7", port=9376))["fwd_method"] == 3
     assert "netmask" not in dict(IPVSService(addr="fd00::1", port=80, protocol=6))
     assert netmask_value(netlink.IPV6_NETMASK) == 128
+
+
+class _Dump:
+    """Stands in for `pyroute2.IPVS` in `_read_services`: dumps the given services."""
+
+    def __init__(self, *services: Any) -> None:
+        self.services = services
+
+    def service(self, command: str) -> tuple[Any, ...]:
+        assert command == "dump"
+        return self.services
+
+    def dest(self, command: str, service: Any) -> list[Any]:
+        return []
+
+
+def dumped(**fields: Any) -> Any:
+    """A service as the kernel's dump carries it: encoded by pyroute2, decoded again."""
+    from pyroute2 import IPVSService
+
+    service = IPVSService(protocol=6, sched_name="rr", timeout=0, **fields)
+    return wire(netlink.Request("ipvs", "service", "set", {"service": service}))
+
+
+def test_service_flags_and_netmask_are_read_back_not_discarded() -> None:
+    hashed = netlink.SVC_F_HASHED
+    one_packet = dumped(addr="10.0.1.175", port=80, flags={"flags": 0x4 | hashed, "mask": 0})
+    masked = dumped(
+        addr="10.0.1.175", port=81, flags={"flags": 0x1, "mask": 0}, netmask="255.255.255.0"
+    )
+    v6 = dumped(
+        addr="fd00::1",
+        port=80,
+        flags={"flags": 0x1 | 0x8 | hashed, "mask": 0},
+        netmask=socket.inet_ntoa(struct.pack("=I", 64)),
+    )
+    read = [s for s, _ in netlink._read_services(_Dump(one_packet, masked, v6))]
+    assert [s.line() for s in read] == [
+        "-A -t 10.0.1.175:80 -s rr -o",  # ipvsadm -E -t 10.0.1.175:80 -s rr -o
+        "-A -t 10.0.1.175:81 -s rr -p 0 -M 255.255.255.0",
+        "-A -t [fd00::1]:80 -s rr -p 0 -M 64 -b flag-1",
+    ]
+    assert (read[0].flags, read[1].netmask, read[2].netmask) == (0x4, 24, 64)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_services_lbc_creates_read_back_as_rendered(case: str) -> None:
+    """What lbc writes decodes to its own record: no flags, the address-alone netmask."""
+    services = [op for op in operations(case) if isinstance(op, AddService)]
+    messages = [wire(netlink.requests(op)[0]) for op in services]
+    read = [s for s, _ in netlink._read_services(_Dump(*messages))]
+    assert read == services
+    changed = dataclasses.replace(
+        services[0], flags=0x4, netmask=16 if services[0].family == 4 else 96
+    )
+    back = [s for s, _ in netlink._read_services(_Dump(wire(netlink.change_request(changed))))]
+    assert back == [changed], "a service's flags and netmask are written as read"

@@ -552,3 +552,42 @@ def test_the_helper_table_reads_in_sync_without_etc_protocols(seed: Seed, node: 
             os._exit(status)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "drift (1) or no numeric listing (2)"
+
+
+def test_an_up_interface_with_ipv6_vips_is_applied_in_sync(seed: Seed, node: str) -> None:
+    """Setting lbc-ipvs0 down drops its IPv6 addresses (keep_addr_on_down=0): apply
+    binds them again after it, and the read-back is in sync (no rollback)."""
+    dual = lbc.load(ROOT / "golden" / "dual-stack" / "cluster.toml")
+    v6 = "fd00:10::1:178"
+    with inside(node):
+        keep = Path("/proc/sys/net/ipv6/conf/default/keep_addr_on_down").read_text().strip()
+    assert keep == "0"
+    batch(
+        node,
+        "link add lbc-ipvs0 type dummy",
+        "link set lbc-ipvs0 up",
+        f"addr add {v6}/128 dev lbc-ipvs0 nodad",
+    )
+    result = lbc.apply(dual, "ipvs", netns=node, lock_path=seed.lock)
+    assert result.applied
+    assert lbc.verify(dual, "ipvs", netns=node).in_sync
+    shown = run("ip", "-n", node, "-d", "addr", "show", "dev", "lbc-ipvs0")
+    assert f"inet6 {v6}/128" in shown and "inet 10.0.1.178/32" in shown
+    flags = shown.splitlines()[0].partition("<")[2].partition(">")[0].split(",")
+    assert "UP" not in flags, shown
+    assert ipvsadm(node, "-L", "-n", "-t", f"[{v6}]:80")
+
+
+def test_service_flags_and_netmask_are_drift_and_repaired(seed: Seed, node: str) -> None:
+    udp = udp_config(*PODS)
+    lbc.apply(udp, "ipvs", netns=node, lock_path=seed.lock)
+    before = ipvsadm(node, "-S", "-n")
+    # One-packet scheduling (UDP only), then a persistence netmask.
+    for change in (["-o"], ["-p", "30", "-M", "255.255.255.0"]):
+        ipvsadm(node, "-E", "-u", f"{VIP}:53", "-s", "rr", *change)
+        drift = lbc.verify(udp, "ipvs", netns=node)
+        assert [c.key for c in drift.changes] == [f"service -u {VIP}:53"], change
+        fixed = lbc.apply(udp, "ipvs", netns=node, lock_path=seed.lock)
+        assert fixed.applied
+        assert lbc.verify(udp, "ipvs", netns=node).in_sync
+        assert ipvsadm(node, "-S", "-n") == before

@@ -21,11 +21,16 @@ into the state, changed or deleted; an apply that would bind an address another
 tool's service uses is refused before any change (bound, theirs would read as lbc's).
 An `lbc-ipvs0` that is not a dummy is not lbc's: its addresses own nothing, and apply
 and delete refuse to touch it. Protocol numbers nft lists without /etc/protocols are
-read as names. A sysctl is shared: lbc sets it, and leaves it when it stops needing it.
+read as names. A sysctl is shared: lbc sets it, and leaves it when it stops needing it
+(a snapshot finds sysctls by key but does not list them, `Objects`, so no plan, `lbc
+delete`'s included, removes one). A service's flags and persistence netmask are read
+back (`-o`, `-b`, `-M` in its line): another tool's one-packet scheduling shows as drift.
 
 A commit is an ordered list of single writes, each with its undo, computed from the
 live kernel and the desired state (`plan_steps`), so only what differs is written:
 1. the interface, then new addresses (a service's address is bound before it exists);
+   an interface found up is set down, which drops its IPv6 addresses (with
+   keep_addr_on_down=0, the default): they are deleted before and bound again after;
 2. services no longer wanted (the helper table still records them);
 3. sysctls, then the helper table, replaced whole in one nftables transaction;
 4. new services with their real servers; changed services: new real servers first,
@@ -34,7 +39,9 @@ live kernel and the desired state (`plan_steps`), so only what differs is writte
 At every point between two steps, every lbc service in the kernel is owned by the
 rule above, so an apply killed half way leaves nothing that a later apply would not
 recognise as its own and converge. On any failure, the steps already done are
-undone in reverse order and `ApplyError` names the step and the kernel's answer.
+undone in reverse order and `ApplyError` names the step and the kernel's answer. The
+engine's rollback after a read-back mismatch (a commit back to the state the last one
+started from) writes back the sysctls that commit changed, as the undo would.
 
 Graceful termination (kube-proxy's deleteRsFunc): a real server the config no longer
 wants is deleted at once when it is UDP or SCTP (the next packet of its connections is
@@ -57,7 +64,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -163,9 +170,12 @@ def parse_service(lines: Sequence[str]) -> tuple[AddService, dict[tuple[str, int
     """A service object's lines back into records (the inverse of `service_lines`)."""
     words = lines[0].split()
     address, port = _split_hostport(words[2])
-    options = dict(zip(words[3::2], words[4::2], strict=False))
-    persistence = int(options["-p"]) if "-p" in options else None
-    service = AddService(_PROTO_BY_FLAG[words[1]], address, port, options["-s"], persistence)
+    scheduler = words[words.index("-s") + 1]
+    persistence = int(words[words.index("-p") + 1]) if "-p" in words else None
+    flags, netmask = AddService.options(words[3:])
+    service = AddService(
+        _PROTO_BY_FLAG[words[1]], address, port, scheduler, persistence, flags, netmask
+    )
     dests: dict[tuple[str, int], Dest] = {}
     for line in lines[1:]:
         words = line.split()
@@ -355,11 +365,46 @@ def view(
             else:
                 shown.append(d)
         objects[key] = service_lines(service, shown)
+    shared: dict[str, tuple[str, ...]] = {}
     if owned:
         for name, _ in n.SYSCTLS:
-            objects[SYSCTL + name] = (f"{name}={live.sysctls.get(name) or ''}",)
+            shared[SYSCTL + name] = (f"{name}={live.sysctls.get(name) or ''}",)
     objects.update(rules)
-    return View(State(objects), owned, frozenset(hidden))
+    return View(State(Objects(objects, shared)), owned, frozenset(hidden))
+
+
+class Objects(Mapping[str, tuple[str, ...]]):
+    """A snapshot's objects: lbc's own, listed, and the shared sysctls, which are found
+    by key but not listed. A plan compares a sysctl the desired state has, so drift
+    shows and apply sets it; it never removes one (delete, or a config without
+    services, leaves them as they are: see the module docstring)."""
+
+    __slots__ = ("listed", "shared")
+
+    def __init__(
+        self, listed: Mapping[str, tuple[str, ...]], shared: Mapping[str, tuple[str, ...]]
+    ) -> None:
+        self.listed, self.shared = listed, shared
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        return self.listed[key] if key in self.listed else self.shared[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.listed)
+
+    def __len__(self) -> int:
+        return len(self.listed)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Objects):
+            return dict(self.listed) == dict(other.listed) and self.shared == other.shared
+        # A plain mapping (a desired state) holds every object: compare them all.
+        return isinstance(other, Mapping) and {**self.listed, **self.shared} == dict(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Objects({dict(self.listed)!r}, shared={dict(self.shared)!r})"
 
 
 def owned_addresses(live: Live) -> tuple[str, ...]:
@@ -423,22 +468,31 @@ def plan_steps(
     full: bool = False,
     now: float = 0.0,
     drain_timeout: float = DRAIN_TIMEOUT,
+    restore: Mapping[str, str] | None = None,
 ) -> Steps:
     """The ordered, undoable steps that turn the kernel (`live`, as `seen`) into `desired`.
 
     `full` rewrites every object lbc wants even where it matches (`apply --full`).
+    `restore`: sysctl values to write back as well (a rollback: those before the
+    commit it takes back).
     """
     before, after = seen.state.objects, desired.objects
     out = Steps(tolerated=set(seen.hidden))
     if live.link is not None and live.link.kind != "dummy":
         # Not lbc's: never bound to, set or deleted; `lbc delete` refuses as `apply` does.
         raise foreign_link(live)
+    want, have = after.get(ADDRESSES_KEY, ()), before.get(ADDRESSES_KEY, ())
     if LINK_KEY in after:
         if live.link is None:
             out.add(LinkStep("add", n.LINK), LinkStep("del", n.LINK))
         elif live.link.up:
+            # Setting it down drops its IPv6 addresses (net.ipv6.conf.*.keep_addr_on_down
+            # is 0 by default): they are deleted first, whatever that sysctl says, and
+            # those wanted are bound again below, like new ones. Undone: up, then re-added.
+            for address in (a for a in have if ":" in a):
+                out.add(AddressStep("del", n.LINK, address), AddressStep("add", n.LINK, address))
             out.add(LinkStep("down", n.LINK), LinkStep("up", n.LINK))
-    want, have = after.get(ADDRESSES_KEY, ()), before.get(ADDRESSES_KEY, ())
+            have = tuple(a for a in have if ":" not in a)
     binding = [a for a in want if a not in have]
     _refuse_foreign_services(live, seen, {a.partition("/")[0] for a in binding})
     for address in binding:
@@ -452,9 +506,19 @@ def plan_steps(
             *(DestStep("add", service, d) for d in dests),
         )
 
-    for key in sorted(k for k in after if k.startswith(SYSCTL)):
-        name, _, value = after[key][0].partition("=")
+    # Looked up, not listed: a snapshot's sysctls are found by key only (`Objects`).
+    keys = {k for k in after if k.startswith(SYSCTL)} | {SYSCTL + name for name, _ in n.SYSCTLS}
+    values = {}
+    for key in keys:
+        lines = after.get(key)
+        if lines:
+            name, _, value = lines[0].partition("=")
+            values[name] = value
+    values.update(restore or {})
+    for name, value in sorted(values.items()):
         old = live.sysctls.get(name)
+        if old is None and not value:
+            continue  # no such parameter (ip_vs not loaded), and none wanted
         if old != value or full:
             out.add(SysctlStep(name, value), *([SysctlStep(name, old)] if old is not None else []))
     rules_before = {k: v for k, v in before.items() if k.startswith(RULES)}
@@ -589,6 +653,10 @@ class IpvsKernel:
         # right after it does not show them even if their last connection closed in
         # between.
         self._settling: frozenset[tuple[str, str, int]] = frozenset()
+        # The state the last commit started from, and the sysctls it changed (their
+        # values before): a commit back to that very state (the engine's rollback after
+        # a read-back mismatch) writes them back, as the step-by-step undo does.
+        self._committed: tuple[State, dict[str, str]] | None = None
 
     def snapshot(self) -> State:
         """lbc's objects in the kernel; real servers draining gracefully left out."""
@@ -610,16 +678,31 @@ class IpvsKernel:
         else:
             raw = self.dataplane.read()
             seen = view(raw, self.clock(), self.drain_timeout)
+        restore = None
+        if self._committed is not None and desired is self._committed[0]:
+            restore = self._committed[1]
         return plan_steps(
-            raw, seen, desired, full=full, now=self.clock(), drain_timeout=self.drain_timeout
+            raw,
+            seen,
+            desired,
+            full=full,
+            now=self.clock(),
+            drain_timeout=self.drain_timeout,
+            restore=restore,
         )
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
         """Perform the steps from `live` to `desired`; on failure undo them and raise."""
         planned = self.steps(live, desired, plan.full)
-        self._last, self._settling = None, frozenset()
+        self._last, self._settling, self._committed = None, frozenset(), None
         if not planned.steps:
             return
         with self.dataplane.writer() as perform:
             run(planned.steps, perform)
         self._settling = frozenset(planned.tolerated)
+        changed = {
+            u.step.key: u.undo[0].value
+            for u in planned.steps
+            if isinstance(u.step, SysctlStep) and u.undo and isinstance(u.undo[0], SysctlStep)
+        }
+        self._committed = (live, changed)

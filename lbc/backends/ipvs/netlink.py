@@ -36,6 +36,7 @@ from lbc.apply.netns import NamespaceError, inside
 from lbc.backends.ipvs.names import LINK, SYSCTLS, TABLE, TABLE_FAMILY
 from lbc.backends.ipvs.ops import (
     PROTO_NUMBER,
+    SVC_FLAGS,
     AddAddress,
     AddDestination,
     AddService,
@@ -75,18 +76,37 @@ def service_spec(op: AddService | AddDestination) -> Any:
 
     if isinstance(op, AddDestination):
         address, port = op.service_address, op.service_port
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = {"netmask": IPV6_NETMASK} if ":" in address else {}
     else:
         address, port = op.address, op.port
-        persistent = op.persistence is not None
+        persistent = SVC_F_PERSISTENT if op.persistence is not None else 0
         fields = {
             "sched_name": op.scheduler,
-            "flags": {"flags": SVC_F_PERSISTENT if persistent else 0, "mask": 0xFFFFFFFF},
+            "flags": {"flags": persistent | op.flags, "mask": 0xFFFFFFFF},
             "timeout": op.persistence or 0,
+            "netmask": netmask_attr(op.family, op.netmask),
         }
-    if ":" in address:
-        fields["netmask"] = IPV6_NETMASK
     return IPVSService(addr=address, port=port, protocol=PROTO_NUMBER[op.proto], **fields)
+
+
+def netmask_attr(family: int, prefix: int | None) -> str:
+    """IPVS_SVC_ATTR_NETMASK as pyroute2 encodes it (an IPv4 address): a mask in network
+    order for IPv4, the prefix length as a host-order u32 for IPv6."""
+    if family == 6:
+        return IPV6_NETMASK if prefix is None else socket.inet_ntoa(struct.pack("=I", prefix))
+    bits = 32 if prefix is None else prefix
+    return str(ipaddress.IPv4Address((0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF))
+
+
+def netmask_of(family: int, attr: str | None) -> int | None:
+    """The prefix length in an IPVS_SVC_ATTR_NETMASK read back (None: the address alone)."""
+    if attr is None:
+        return None
+    if family == 6:
+        prefix = int(struct.unpack("=I", socket.inet_aton(attr))[0])
+    else:
+        prefix = ipaddress.IPv4Network(f"0.0.0.0/{attr}").prefixlen
+    return None if prefix == (128 if family == 6 else 32) else prefix
 
 
 def destination_spec(op: AddDestination) -> Any:
@@ -488,8 +508,15 @@ def _read_services(ipvs: Any) -> tuple[tuple[AddService, tuple[Dest, ...]], ...]
         port = svc.get_attr("IPVS_SVC_ATTR_PORT")
         flags = svc.get_attr("IPVS_SVC_ATTR_FLAGS")["flags"] & ~SVC_F_HASHED
         persistence = svc.get_attr("IPVS_SVC_ATTR_TIMEOUT") if flags & SVC_F_PERSISTENT else None
+        family = 6 if ":" in address else 4
         service = AddService(
-            proto_of(number), address, port, svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"), persistence
+            proto_of(number),
+            address,
+            port,
+            svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"),
+            persistence,
+            flags & SVC_FLAGS,  # one-packet and scheduler flags: drift unless lbc's (none)
+            netmask_of(family, svc.get_attr("IPVS_SVC_ATTR_NETMASK")),
         )
         key = IPVSService(addr=address, port=port, protocol=number)
         dests = []

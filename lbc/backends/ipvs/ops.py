@@ -8,7 +8,8 @@ rendering never imports pyroute2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import ipaddress
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from lbc.ir.names import hostport
@@ -18,6 +19,22 @@ from lbc.ir.nodes import Proto
 IPVSADM_PROTO = {Proto.TCP: "-t", Proto.UDP: "-u", Proto.SCTP: "--sctp-service"}
 # IP protocol numbers (IPPROTO_*), what IPVS is told and what ipvsadm sorts by.
 PROTO_NUMBER = {Proto.TCP: 6, Proto.UDP: 17, Proto.SCTP: 132}
+# Service flags besides persistence, as the kernel keeps them (IP_VS_SVC_F_*): one-packet
+# scheduling (`ipvsadm -o`) and the three scheduler flags (`ipvsadm -b`).
+SVC_F_ONEPACKET = 0x4
+SVC_F_SCHED = (0x8, 0x10, 0x20)
+SVC_FLAGS = SVC_F_ONEPACKET | sum(SVC_F_SCHED)
+# ipvsadm's names of the scheduler flags, by scheduler (others: flag-1, flag-2, flag-3).
+_SCHED_FLAG_NAMES = {
+    "sh": ("sh-fallback", "sh-port", "flag-3"),
+    "mh": ("mh-fallback", "mh-port", "flag-3"),
+}
+_SCHED_FLAG_BITS = {
+    name: bit
+    for names in (("flag-1", "flag-2", "flag-3"), *_SCHED_FLAG_NAMES.values())
+    for bit, name in zip(SVC_F_SCHED, names, strict=True)
+}
+_KERNEL_ONLY = {"kernel_only": True}  # fields lbc never renders (not in the JSON form)
 
 
 def family_of(address: str) -> int:
@@ -91,6 +108,11 @@ class AddService:
     port: int
     scheduler: str
     persistence: int | None  # seconds a client sticks to its real server, or None
+    # What only another tool sets, read back so that it shows as drift: the flags of
+    # `SVC_FLAGS` and the persistence netmask as a prefix length (None: the address
+    # alone, /32 or /128, what lbc creates).
+    flags: int = field(default=0, metadata=_KERNEL_ONLY)
+    netmask: int | None = field(default=None, metadata=_KERNEL_ONLY)
 
     @property
     def family(self) -> int:
@@ -102,9 +124,34 @@ class AddService:
         return f"{IPVSADM_PROTO[self.proto]} {hostport(self.address, self.port)}"
 
     def line(self) -> str:
-        """`-A -t 10.0.1.175:80 -s rr`, as `ipvsadm -S -n` prints it."""
-        persistent = "" if self.persistence is None else f" -p {self.persistence}"
-        return f"-A {self.virtual()} -s {self.scheduler}{persistent}"
+        """`-A -t 10.0.1.175:80 -s rr`, as `ipvsadm -S -n` prints it (a netmask other
+        than the address alone as `-M`, one-packet scheduling as `-o`, scheduler flags
+        as `-b`)."""
+        out = f"-A {self.virtual()} -s {self.scheduler}"
+        if self.persistence is not None:
+            out += f" -p {self.persistence}"
+        if self.netmask is not None:
+            out += f" -M {netmask_text(self.family, self.netmask)}"
+        if self.flags & SVC_F_ONEPACKET:
+            out += " -o"
+        names = _SCHED_FLAG_NAMES.get(self.scheduler, ("flag-1", "flag-2", "flag-3"))
+        chosen = [name for bit, name in zip(SVC_F_SCHED, names, strict=True) if self.flags & bit]
+        if chosen:
+            out += f" -b {','.join(chosen)}"
+        return out
+
+    @staticmethod
+    def options(words: list[str]) -> tuple[int, int | None]:
+        """The flags and netmask of `line()`'s words after the scheduler (its inverse)."""
+        flags, netmask = 0, None
+        for i, word in enumerate(words):
+            if word == "-o":
+                flags |= SVC_F_ONEPACKET
+            elif word == "-M":
+                netmask = netmask_prefix(words[i + 1])
+            elif word == "-b":
+                flags |= sum(_SCHED_FLAG_BITS[name] for name in words[i + 1].split(","))
+        return flags, netmask
 
     def describe(self) -> str:
         """The command-line equivalent."""
@@ -206,9 +253,23 @@ Operation = EnsureDummy | AddAddress | AddService | AddDestination | SetSysctl |
 # Field names of each operation, for `_json`: every field is a str, int, None or Proto,
 # so the dict needs no deep copy (what `dataclasses.asdict` would make).
 _FIELDS = {
-    cls: tuple(f.name for f in fields(cls))
+    cls: tuple(f.name for f in fields(cls) if not f.metadata.get("kernel_only"))
     for cls in (EnsureDummy, AddAddress, AddService, AddDestination, SetSysctl, LoadRules)
 }
+
+
+def netmask_text(family: int, prefix: int) -> str:
+    """ipvsadm's `-M`: a dotted mask for IPv4, the prefix length for IPv6."""
+    if family == 6:
+        return str(prefix)
+    return str(ipaddress.IPv4Address((0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF))
+
+
+def netmask_prefix(text: str) -> int:
+    """The prefix length of `netmask_text`'s output."""
+    if "." not in text:
+        return int(text)
+    return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen
 
 
 def _json(op: Operation) -> dict[str, Any]:
