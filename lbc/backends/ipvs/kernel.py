@@ -86,7 +86,6 @@ from lbc.backends.ipvs.netlink import (
 )
 from lbc.backends.ipvs.ops import (
     IPVSADM_PROTO,
-    PROTO_NUMBER,
     AddAddress,
     AddDestination,
     AddService,
@@ -116,9 +115,6 @@ _FWD_BY_FLAG = {flag: method for method, flag in FWD_FLAGS.items()}
 _MARK_NUMBER = re.compile(r"\b0x([0-9a-f]+)\b")
 _ZERO = re.compile(r"((?:==|!=) )0(\s|$)")
 _MASKED = re.compile(r"meta mark & 0x([0-9a-f]{8}) (==|!=) 0x([0-9a-f]{8})")
-# nft names a protocol through /etc/protocols; without it (no netbase) it lists numbers.
-_PROTO_NAME = {str(number): str(proto) for proto, number in PROTO_NUMBER.items()}
-_L4_NUMBER = re.compile(r"\b(meta l4proto|ip protocol|ip6 nexthdr) (\d+)\b")
 
 
 def boottime() -> float:
@@ -234,35 +230,9 @@ def _as_prefix(m: re.Match[str]) -> str:
 
 
 def rules_objects(listing: str) -> dict[str, tuple[str, ...]]:
-    """The helper table's state objects: the table itself, then its sets and chains.
-
-    Protocol numbers nft lists without /etc/protocols (6, 17, 132) are read as the
-    names it lists with it (tcp, udp, sctp), so both read the same.
-    """
-    objects: dict[str, tuple[str, ...]] = {TABLE_KEY: ()}
-    for key, lines in parse(listing).items():
-        objects[RULES + key] = _named_protocols(lines)
-    return objects
-
-
-def _named_protocols(lines: tuple[str, ...]) -> tuple[str, ...]:
-    """A set's or chain's lines with protocol numbers as names (elements re-sorted)."""
-    types = next((x.removeprefix("type ").split(" . ") for x in lines if x.startswith("type ")), [])
-    at = [i for i, t in enumerate(types) if t.strip() == "inet_proto"]
-    declaration, elements = [], []
-    for line in lines:
-        if not line.startswith(ELEMENT):
-            declaration.append(_L4_NUMBER.sub(_l4_name, line))
-            continue
-        parts = line.removeprefix(ELEMENT).split(" . ")
-        if len(parts) == len(types):
-            parts = [_PROTO_NAME.get(p, p) if i in at else p for i, p in enumerate(parts)]
-        elements.append(ELEMENT + " . ".join(parts))
-    return (*declaration, *sorted(elements))
-
-
-def _l4_name(m: re.Match[str]) -> str:
-    return f"{m.group(1)} {_PROTO_NAME.get(m.group(2), m.group(2))}"
+    """The helper table's state objects: the table itself, then its sets and chains
+    (protocol numbers, as nft lists them without /etc/protocols, read as names: `parse`)."""
+    return {TABLE_KEY: (), **{RULES + k: v for k, v in parse(listing).items()}}
 
 
 def rules_step(objects: Mapping[str, tuple[str, ...]]) -> RulesStep:
