@@ -21,7 +21,7 @@ from lbc import api
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Plan
 from lbc.backends.base import Backend
-from lbc.compiler.load import load
+from lbc.compiler.load import load, loads, read
 from lbc.compiler.lower import lower
 from lbc.compiler.model import Cluster, Node, quote
 from lbc.compiler.notes import as_problems as notes
@@ -232,15 +232,13 @@ def _write_file(output: Path, text: str) -> None:
 def check_cmd(file: Path) -> None:
     """Validate FILE and report every problem in it (exit 2 if there is one)."""
     try:
-        cluster = load(file)
+        text = read(file)  # kept: the notes' lines are found in it
+        cluster = loads(text, filename=str(file))
     except LbcError as exc:
         _fail(exc)
     n = len(cluster.services)
     _echo(f"{file}: ok ({n} service{'' if n == 1 else 's'})")
-    found = notes(cluster, str(file))
-    if found:  # read again only for the lines of what there is to say
-        found = notes(cluster, str(file), file.read_text(encoding="utf-8-sig", errors="replace"))
-    for problem in found:
+    for problem in notes(cluster, str(file), text.removeprefix("\ufeff")):
         where = problem.file if problem.line is None else f"{problem.file}:{problem.line}"
         _echo(f"  note: {where}: {problem.path}: {problem.message}")
 

@@ -44,14 +44,14 @@ def load(source: str | bytes | os.PathLike[str]) -> Cluster:
     file's path. Bytes are TOML text in UTF-8.
     """
     if isinstance(source, os.PathLike):
-        return loads(_read(FsPath(source)), filename=os.fspath(source))
+        return loads(read(FsPath(source)), filename=os.fspath(source))
     if isinstance(source, bytes):
         return loads(source)
     if not isinstance(source, str):
         raise UsageError(f"load() takes a path or TOML text, not {type(source).__name__}")
     if not source or "\n" in source or ("=" in source and not os.path.exists(source)):
         return loads(source)
-    return loads(_read(FsPath(source)), filename=source)
+    return loads(read(FsPath(source)), filename=source)
 
 
 @paused
@@ -116,7 +116,9 @@ def _checked(data: dict[str, Any], text: str, filename: str) -> Cluster:
     return cluster
 
 
-def _read(path: FsPath) -> str:
+def read(path: FsPath) -> str:
+    """The text of the config file at `path`; `ConfigError` naming it if it cannot be
+    read or is not UTF-8."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
