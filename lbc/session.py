@@ -51,6 +51,8 @@ from lbc.ir.nodes import NodeInfo, Program, Proto
 Changed = dict[str, tuple[Service, Program] | None]  # service key -> new model and program
 # A backend's per-service table: how to make one, a service's part, the desired state.
 _Incremental = tuple[Callable[[NodeInfo], Any], Callable[[Program], Any], Callable[[Any], State]]
+# The node, the services as applied (by key, and in order) and the incremental table.
+_Held = tuple[NodeInfo | None, dict[str, tuple[Service, Program]], list[Service], Any]
 
 
 class Session:
@@ -100,8 +102,8 @@ class Session:
         if info != self._node:
             # Every service is lowered again for the new node; what was applied before
             # comes back if this apply does not happen (a dry run, a failure).
-            saved = (self._node, self._services, self._order, self._table)
-            self._node, self._services, self._order, self._table = info, {}, [], None
+            saved = self._held()
+            self._hold((info, {}, [], None))
         try:
             changed = self._changed(info, cluster)
             for entry in changed.values():
@@ -116,11 +118,18 @@ class Session:
                 result = self._apply_whole(cluster, info, changed, dry_run, full, after)
         except BaseException:
             if saved is not None:
-                self._node, self._services, self._order, self._table = saved
+                self._hold(saved)
             raise
         if dry_run and saved is not None:
-            self._node, self._services, self._order, self._table = saved
+            self._hold(saved)
         return result
+
+    def _held(self) -> _Held:
+        """What the session knows of the last applied cluster."""
+        return self._node, self._services, self._order, self._table
+
+    def _hold(self, held: _Held) -> None:
+        self._node, self._services, self._order, self._table = held
 
     def _clearing(self, info: NodeInfo, changed: Changed, replaced: list[Program]) -> After | None:
         """What clears the stale UDP flows of this apply's changes, under its lock.
