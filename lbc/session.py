@@ -177,7 +177,7 @@ class Session:
         if self.backend.name == "nftables":
             from lbc.backends.nftables import incremental as nft
 
-            return nft.Table, nft.part_of, lambda table: nft.TableState(table.objects, table)
+            return nft.Table, nft.part_of, lambda table: nft.TableState(table.objects, table=table)
         if isinstance(self.engine.kernel, IptablesKernel):
             from lbc.backends.iptables import incremental as ipt
 

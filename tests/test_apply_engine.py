@@ -241,6 +241,20 @@ def test_a_plan_holds_every_differing_object_in_key_order() -> None:
         assert plan.changes == plain and plan.changes
 
 
+def test_a_plan_sets_shared_settings_the_desired_state_names_and_never_removes_one() -> None:
+    live = State({"b": ("1",)}, shared={"s1": ("s1=0",), "s2": ("s2=0",), "s3": ("s3=1",)})
+    desired = State({"b": ("2",)}, shared={"s1": ("s1=1",), "s3": ("s3=1",), "s4": ("s4=1",)})
+    plan = plan_between("x", live, desired)
+    assert [(c.key, c.action, c.after) for c in plan.changes] == [
+        ("b", Action.CHANGE, ("2",)),
+        ("s1", Action.CHANGE, ("s1=1",)),
+        ("s4", Action.ADD, ("s4=1",)),
+    ]
+    # Nothing desired (`lbc delete`): the objects go, the shared settings stay.
+    assert [c.key for c in plan_between("x", live, State({})).changes] == ["b"]
+    assert plan_between("x", live, State(live.objects, shared={"s3": ("s3=1",)})).in_sync
+
+
 @pytest.mark.parametrize("where", ["directory", "under-a-file"])
 def test_a_lock_file_that_cannot_be_opened_is_an_apply_error(tmp_path: Path, where: str) -> None:
     plain = tmp_path / "plain"

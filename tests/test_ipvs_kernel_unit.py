@@ -291,13 +291,15 @@ def artifact_of(source: lbc.Cluster | Path) -> lbc.Artifact:
 # --- the canonical state ------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_desired_state_is_the_golden_text(case: str) -> None:
-    state = k.desired_state(artifact_of(GOLDEN / case / "cluster.toml").data).objects
+    desired = k.desired_state(artifact_of(GOLDEN / case / "cluster.toml").data)
+    state = desired.objects
     golden = sections((GOLDEN / case / "ipvs.txt").read_text())
     ipvs = [line for key in sorted(state) if key.startswith("service ") for line in state[key]]
     assert sorted(ipvs) == sorted(golden["ipvs"].splitlines())
     assert list(state.get("addresses lbc-ipvs0", ())) == golden["addresses"].splitlines()
     assert state["link lbc-ipvs0"] == ("lbc-ipvs0 dummy down",)
-    sysctls = [state[key][0] for key in state if key.startswith("sysctl ")]
+    assert not [key for key in state if key.startswith("sysctl ")], "sysctls are shared"
+    sysctls = [lines[0] for lines in desired.shared.values()]
     assert sysctls == golden["sysctl"].splitlines()
     assert "nft table inet lbc-ipvs" in state
     for key, lines in state.items():

@@ -252,6 +252,6 @@ def test_without_large_socket_buffers_the_load_goes_through_libnftables(
 
 def test_the_state_of_a_ruleset_compares_by_its_objects() -> None:
     ruleset = build(lower(CASES[0][1]))
-    carried = bulk.RulesetState(objects(ruleset), ruleset)
-    assert carried == bulk.RulesetState(objects(ruleset), None)
-    assert carried != bulk.RulesetState({}, ruleset)
+    carried = bulk.RulesetState(objects(ruleset), ruleset=ruleset)
+    assert carried == bulk.RulesetState(objects(ruleset), ruleset=None)
+    assert carried != bulk.RulesetState({}, ruleset=ruleset)

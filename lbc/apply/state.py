@@ -11,9 +11,16 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class State:
-    """The objects lbc owns (live or desired): object key -> its canonical lines."""
+    """The objects lbc owns (live or desired): object key -> its canonical lines.
+
+    `shared` holds settings lbc writes but does not own (IPVS: its sysctls), by key as
+    objects are: a live state has their values, a desired state those lbc needs. A plan
+    sets a shared setting the desired state names where its value differs, and never
+    removes one: `lbc delete`, or a config that stops needing it, leaves it as it is.
+    """
 
     objects: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    shared: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -92,14 +99,20 @@ class Plan:
 
 
 def plan_between(backend: str, live: State, desired: State, full: bool = False) -> Plan:
-    """Every object to add, change or remove, in a stable order (by key)."""
+    """Every object to add, change or remove, and every shared setting to set, in a
+    stable order (by key)."""
     before, after = live.objects, desired.objects
     # One pass finds the keys that differ; only those are sorted and planned (a large
     # ruleset's re-apply changes a few of its 100k objects).
     get = before.get
     differing = [key for key, lines in after.items() if get(key) != lines]
     differing += [key for key in before if key not in after]
-    return Plan(backend, changes(sorted(differing), before.get, after.get), full)
+    planned = changes(sorted(differing), before.get, after.get)
+    if desired.shared:  # set where they differ; never removed
+        had, wanted = live.shared.get, desired.shared
+        setting = changes(sorted(k for k, v in wanted.items() if had(k) != v), had, wanted.get)
+        planned = tuple(sorted(planned + setting, key=lambda c: c.key))
+    return Plan(backend, planned, full)
 
 
 def changes(

@@ -21,10 +21,10 @@ into the state, changed or deleted; an apply that would bind an address another
 tool's service uses is refused before any change (bound, theirs would read as lbc's).
 An `lbc-ipvs0` that is not a dummy is not lbc's: its addresses own nothing, and apply
 and delete refuse to touch it. Protocol numbers nft lists without /etc/protocols are
-read as names. A sysctl is shared: lbc sets it, and leaves it when it stops needing it
-(a snapshot finds sysctls by key but does not list them, `Objects`, so no plan, `lbc
-delete`'s included, removes one). A service's flags and persistence netmask are read
-back (`-o`, `-b`, `-M` in its line): another tool's one-packet scheduling shows as drift.
+read as names. A sysctl is shared (`State.shared`): lbc sets it, and leaves it when
+it stops needing it (no plan, `lbc delete`'s included, removes one). A service's flags
+and persistence netmask are read back (`-o`, `-b`, `-M` in its line): another tool's
+one-packet scheduling shows as drift.
 
 A commit is an ordered list of single writes, each with its undo, computed from the
 live kernel and the desired state (`plan_steps`), so only what differs is written:
@@ -40,8 +40,9 @@ At every point between two steps, every lbc service in the kernel is owned by th
 rule above, so an apply killed half way leaves nothing that a later apply would not
 recognise as its own and converge. On any failure, the steps already done are
 undone in reverse order and `ApplyError` names the step and the kernel's answer. The
-engine's rollback after a read-back mismatch (a commit back to the state the last one
-started from) writes back the sysctls that commit changed, as the undo would.
+engine's rollback after a read-back mismatch (a commit back to the snapshot the last
+one started from) writes back the sysctls that commit changed, as the undo would: a
+snapshot holds every sysctl's value, lbc's services or not.
 
 Graceful termination (kube-proxy's deleteRsFunc): a real server the config no longer
 wants is deleted at once when it is UDP or SCTP (the next packet of its connections is
@@ -64,7 +65,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -335,46 +336,9 @@ def view(
             else:
                 shown.append(d)
         objects[key] = service_lines(service, shown)
-    shared: dict[str, tuple[str, ...]] = {}
-    if owned:
-        for name, _ in n.SYSCTLS:
-            shared[SYSCTL + name] = (f"{name}={live.sysctls.get(name) or ''}",)
+    shared = {SYSCTL + name: (f"{name}={live.sysctls.get(name) or ''}",) for name, _ in n.SYSCTLS}
     objects.update(rules)
-    return View(State(Objects(objects, shared)), owned, frozenset(hidden))
-
-
-class Objects(Mapping[str, tuple[str, ...]]):
-    """A snapshot's objects: lbc's own, listed, and the shared sysctls, which are found
-    by key but not listed. A plan compares a sysctl the desired state has, so drift
-    shows and apply sets it; it never removes one (delete, or a config without
-    services, leaves them as they are: see the module docstring)."""
-
-    __slots__ = ("listed", "shared")
-
-    def __init__(
-        self, listed: Mapping[str, tuple[str, ...]], shared: Mapping[str, tuple[str, ...]]
-    ) -> None:
-        self.listed, self.shared = listed, shared
-
-    def __getitem__(self, key: str) -> tuple[str, ...]:
-        return self.listed[key] if key in self.listed else self.shared[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.listed)
-
-    def __len__(self) -> int:
-        return len(self.listed)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Objects):
-            return dict(self.listed) == dict(other.listed) and self.shared == other.shared
-        # A plain mapping (a desired state) holds every object: compare them all.
-        return isinstance(other, Mapping) and {**self.listed, **self.shared} == dict(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"Objects({dict(self.listed)!r}, shared={dict(self.shared)!r})"
+    return View(State(objects, shared), owned, frozenset(hidden))
 
 
 def owned_addresses(live: Live) -> tuple[str, ...]:
@@ -394,6 +358,7 @@ def foreign_link(live: Live) -> ApplyError:
 def desired_state(ops: Iterable[object]) -> State:
     """The state an artifact's operations build, in the snapshot's canonical form."""
     objects: dict[str, tuple[str, ...]] = {}
+    shared: dict[str, tuple[str, ...]] = {}
     addresses: list[str] = []
     services: dict[str, tuple[AddService, list[Dest]]] = {}
     for op in ops:
@@ -406,14 +371,14 @@ def desired_state(ops: Iterable[object]) -> State:
         elif isinstance(op, AddDestination):
             services[SERVICE + op.virtual()][1].append(Dest(op.address, op.port, op.weight))
         elif isinstance(op, SetSysctl):
-            objects[SYSCTL + op.key] = (op.line(),)
+            shared[SYSCTL + op.key] = (op.line(),)
         elif isinstance(op, LoadRules):
             objects.update(rules_objects(listed(op.text)))
     if addresses:
         objects[ADDRESSES_KEY] = tuple(sorted(addresses, key=address_key))
     for key, (service, dests) in services.items():
         objects[key] = service_lines(service, dests)
-    return State(objects)
+    return State(objects, shared)
 
 
 @dataclass
@@ -438,13 +403,10 @@ def plan_steps(
     full: bool = False,
     now: float = 0.0,
     drain_timeout: float = DRAIN_TIMEOUT,
-    restore: Mapping[str, str] | None = None,
 ) -> Steps:
     """The ordered, undoable steps that turn the kernel (`live`, as `seen`) into `desired`.
 
     `full` rewrites every object lbc wants even where it matches (`apply --full`).
-    `restore`: sysctl values to write back as well (a rollback: those before the
-    commit it takes back).
     """
     before, after = seen.state.objects, desired.objects
     out = Steps(tolerated=set(seen.hidden))
@@ -476,15 +438,10 @@ def plan_steps(
             *(DestStep("add", service, d) for d in dests),
         )
 
-    # Looked up, not listed: a snapshot's sysctls are found by key only (`Objects`).
-    keys = {k for k in after if k.startswith(SYSCTL)} | {SYSCTL + name for name, _ in n.SYSCTLS}
     values = {}
-    for key in keys:
-        lines = after.get(key)
-        if lines:
-            name, _, value = lines[0].partition("=")
-            values[name] = value
-    values.update(restore or {})
+    for lines in desired.shared.values():  # the sysctls
+        name, _, value = lines[0].partition("=")
+        values[name] = value
     for name, value in sorted(values.items()):
         old = live.sysctls.get(name)
         if old is None and not value:
@@ -623,10 +580,6 @@ class IpvsKernel:
         # right after it does not show them even if their last connection closed in
         # between.
         self._settling: frozenset[tuple[str, str, int]] = frozenset()
-        # The state the last commit started from, and the sysctls it changed (their
-        # values before): a commit back to that very state (the engine's rollback after
-        # a read-back mismatch) writes them back, as the step-by-step undo does.
-        self._committed: tuple[State, dict[str, str]] | None = None
 
     def snapshot(self) -> State:
         """lbc's objects in the kernel; real servers draining gracefully left out."""
@@ -648,9 +601,6 @@ class IpvsKernel:
         else:
             raw = self.dataplane.read()
             seen = view(raw, self.clock(), self.drain_timeout)
-        restore = None
-        if self._committed is not None and desired is self._committed[0]:
-            restore = self._committed[1]
         return plan_steps(
             raw,
             seen,
@@ -658,21 +608,14 @@ class IpvsKernel:
             full=full,
             now=self.clock(),
             drain_timeout=self.drain_timeout,
-            restore=restore,
         )
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
         """Perform the steps from `live` to `desired`; on failure undo them and raise."""
         planned = self.steps(live, desired, plan.full)
-        self._last, self._settling, self._committed = None, frozenset(), None
+        self._last, self._settling = None, frozenset()
         if not planned.steps:
             return
         with self.dataplane.writer() as perform:
             run(planned.steps, perform)
         self._settling = frozenset(planned.tolerated)
-        changed = {
-            u.step.key: u.undo[0].value
-            for u in planned.steps
-            if isinstance(u.step, SysctlStep) and u.undo and isinstance(u.undo[0], SysctlStep)
-        }
-        self._committed = (live, changed)

@@ -336,7 +336,7 @@ class NftablesKernel:
         """The objects of the artifact's ruleset (the same as parsing its nft text)."""
         if isinstance(artifact.data, Ruleset):
             # The ruleset rides along, for a load from empty (`bulk`).
-            return RulesetState(objects(artifact.data), artifact.data)
+            return RulesetState(objects(artifact.data), ruleset=artifact.data)
         return State(parse(artifact.text()))
 
     def commit(self, live: State, desired: State, plan: Plan) -> None:
