@@ -22,6 +22,7 @@ from lbc.backends.iptables.render import (
     comment,
 )
 from lbc.ir import Program
+from tests.configs import worst_case_config
 from tests.golden import CASES, GOLDEN
 
 BUILTIN_CHAINS = {
@@ -143,41 +144,6 @@ def weighted_config(weights: list[int], vip: str = "10.0.1.176") -> str:
         f'ports = [{{ name = "http", port = 80, target_port = 9376 }}]\n'
         f"endpoints = [\n{endpoints},\n]\n"
     )
-
-
-def worst_case_config() -> str:
-    """Every kind of rule at once, with names and addresses as long as the schema allows."""
-    ns, name, port = "n" * 63, "s" * 63, "p" * 63
-    return f"""
-[node]
-name = "node-1"
-addresses = ["192.168.49.2", "fd00:49::2"]
-pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
-
-[[services]]
-namespace = "{ns}"
-name = "{name}"
-type = "LoadBalancer"
-cluster_ips = ["10.0.1.190", "fd00:10::1:190"]
-external_ips = ["198.51.100.30", "fd00:198:51:100::30"]
-load_balancer_ips = ["198.51.100.31", "fd00:198:51:100::31"]
-load_balancer_source_ranges = ["203.0.113.0/24", "fd00:203:0:113::/64"]
-external_traffic_policy = "Local"
-session_affinity = "ClientIP"
-ports = [{{ name = "{port}", port = 443, target_port = 65535, node_port = 30443 }}]
-endpoints = [
-  {{ ip = "10.244.1.7", node = "node-1" }},
-  {{ ip = "10.244.2.3", node = "node-2" }},
-  {{ ip = "fd00:244:ffff:ffff:ffff:ffff:ffff:ffff", node = "node-1" }},
-  {{ ip = "fd00:244::2:3", node = "node-2" }},
-]
-
-[[services]]
-namespace = "{ns}"
-name = "{"e" * 63}"
-cluster_ips = ["10.0.1.191", "fd00:10::1:191"]
-ports = [{{ name = "{port}", port = 80 }}]
-"""
 
 
 def tree_config(services: int = 400, seed: int = 20240611) -> str:

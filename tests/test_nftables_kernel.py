@@ -20,9 +20,10 @@ import pytest
 import lbc
 from lbc.backends.nftables import kernel as nft_kernel
 from tests import netns
+from tests.configs import worst_case_config
 from tests.golden import GOLDEN
 from tests.test_iptables_kernel import assert_shares
-from tests.test_nftables_render import OUTPUTS, Parsed, chosen_shares, parse_nft, worst_case_config
+from tests.test_nftables_render import OUTPUTS, Parsed, chosen_shares, parse_nft
 
 pytestmark = pytest.mark.netns
 

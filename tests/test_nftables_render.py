@@ -29,6 +29,7 @@ from lbc.ir.nodes import (
     Proto,
     Scheduler,
 )
+from tests.configs import worst_case_config
 from tests.golden import CASES, GOLDEN
 
 IDENTIFIER = re.compile(r"^[A-Za-z_.][A-Za-z0-9/_.-]*$")  # nft 1.0.6's unquoted names
@@ -117,48 +118,6 @@ def chosen_shares(parsed: Parsed, chain: str) -> dict[str, Fraction]:
             left = Fraction(0)
     assert left == 0, f"{chain} can fall through with chance {left}"
     return out
-
-
-def worst_case_config() -> str:
-    """Every kind of object at once, with names and addresses as long as the schema allows."""
-    ns, name, port = "n" * 63, "s" * 63, "p" * 63
-    return f"""
-[node]
-name = "node-1"
-addresses = ["192.168.49.2", "fd00:49::2"]
-pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
-
-[[services]]
-namespace = "{ns}"
-name = "{name}"
-type = "LoadBalancer"
-cluster_ips = ["10.0.1.190", "fd00:10::1:190"]
-external_ips = ["198.51.100.30", "fd00:198:51:100::30"]
-load_balancer_ips = ["198.51.100.31", "fd00:198:51:100::31"]
-load_balancer_source_ranges = ["203.0.113.0/24", "203.0.113.128/25", "fd00:203:0:113::/64"]
-external_traffic_policy = "Local"
-session_affinity = "ClientIP"
-ports = [
-  {{ name = "{port}", port = 443, target_port = 65535, node_port = 30443 }},
-  {{ name = "dns", protocol = "UDP", port = 53, node_port = 30053 }},
-  {{ name = "sig", protocol = "SCTP", port = 2905 }},
-]
-endpoints = [
-  {{ ip = "10.244.1.7", node = "node-1", weight = 3 }},
-  {{ ip = "10.244.2.3", node = "node-2" }},
-  {{ ip = "fd00:244:ffff:ffff:ffff:ffff:ffff:ffff", node = "node-1" }},
-  {{ ip = "fd00:244::2:3", node = "node-2" }},
-]
-
-[[services]]
-namespace = "{ns}"
-name = "{"e" * 63}"
-type = "NodePort"
-external_traffic_policy = "Local"
-cluster_ips = ["10.0.1.191", "fd00:10::1:191"]
-ports = [{{ name = "{port}", port = 80, node_port = 30080 }}]
-endpoints = [{{ ip = "10.244.2.9", node = "node-2" }}]
-"""
 
 
 def outputs() -> dict[str, str]:
