@@ -7,9 +7,11 @@ import errno
 import ipaddress
 import json
 import os
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,8 @@ from lbc.compiler.notes import as_problems as notes
 from lbc.errors import ConfigError, LbcError, PluginError, UnsupportedError
 from lbc.ir.trace import Origin, trace
 from lbc.plugins import resolve
+from lbc.session import Session
+from lbc.watch import Event, Outcome, watch
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -467,6 +471,79 @@ def apply_cmd(
     for warning in result.warnings:
         click.echo(f"lbc: warning: {warning}", err=True)
     _echo(result.summary())
+
+
+@main.command("watch")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_kernel_options
+@_lock_options
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between looks at FILE.",
+)
+@click.option(
+    "--resync",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds between re-applies of the version in force, which repair what another "
+    "writer changed (0: never).",
+)
+@click.option(
+    "--keep-udp-flows",
+    is_flag=True,
+    help="Leave conntrack entries of UDP flows to gone endpoints in place (default: delete them).",
+)
+def watch_cmd(
+    file: Path,
+    backend: str,
+    netns: str | None,
+    lock_file: Path,
+    lock_timeout: float,
+    interval: float,
+    resync: float,
+    keep_udp_flows: bool,
+) -> None:
+    """Apply FILE whenever it changes, each time only what changed (root).
+
+    A version that is invalid or cannot be applied is reported on stderr and the rules
+    of the last one applied stay in force. Runs until SIGTERM or SIGINT; the rules stay
+    in force after it stops (`lbc delete` removes them).
+    """
+    try:
+        session = Session(
+            backend,
+            netns=netns,
+            lock_path=lock_file,
+            lock_timeout=lock_timeout,
+            clear_stale_udp=not keep_udp_flows,
+        )
+    except LbcError as exc:
+        _fail(exc)
+    stop = threading.Event()
+
+    def finish(signum: int, frame: object) -> None:
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, finish)
+
+    def report(event: Event) -> None:
+        if event.outcome in (Outcome.APPLIED, Outcome.REPAIRED):
+            _echo(f"{file}: {event.message}")
+            _flush()
+            assert event.result is not None
+            for warning in event.result.warnings:
+                click.echo(f"lbc: warning: {warning}", err=True)
+        else:
+            click.echo(f"lbc: {event.message}", err=True)
+
+    click.echo(f"lbc: watching {file} ({session.backend.name}); SIGTERM or ^C stops", err=True)
+    watch(file, session, report, interval=interval, resync=resync, stop=stop)
+    click.echo("lbc: stopped; the rules applied stay in force", err=True)
 
 
 @main.command("verify")

@@ -1,0 +1,199 @@
+"""`lbc watch` (`lbc.watch.watch`): a file followed through a session, on an in-memory
+kernel with generations (nftables' objects); `test_watch_kernel.py` runs the command
+against the real kernel."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import lbc
+from lbc.apply import FakeKernel
+from lbc.backends.nftables.incremental import objects
+from lbc.backends.nftables.render import build
+from lbc.watch import Event, Outcome, watch
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTNAMES = (ROOT / "examples" / "hostnames.toml").read_text()
+ADDED = HOSTNAMES + '\n[[services.endpoints]]\nip = "10.244.4.4"\nnode = "node-4"\n'
+BROKEN = HOSTNAMES.replace("port = 80,", "port = 70000,")
+WAIT = 10.0  # seconds: generous for a loaded machine; a passing run takes milliseconds
+
+
+def whole(text: str) -> dict[str, tuple[str, ...]]:
+    """The nftables objects of `text`'s cluster: what the kernel must hold."""
+    return objects(build(lbc.lower(lbc.loads(text))))
+
+
+def changed(kernel: FakeKernel) -> str:
+    """An object that applying ADDED over HOSTNAMES writes."""
+    return next(k for k, lines in whole(ADDED).items() if kernel.objects.get(k) != lines)
+
+
+def replace(path: Path, text: str) -> None:
+    """Write `path` as tools do: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Watching:
+    """`watch` running in a thread on `path`, its events collected."""
+
+    def __init__(self, path: Path, kernel: FakeKernel, lock: Path, resync: float) -> None:
+        self.events: list[Event] = []
+        self.stop = threading.Event()
+        session = lbc.Session("nftables", kernel=kernel, lock_path=lock)
+        self.thread = threading.Thread(
+            target=watch,
+            args=(path, session, self.events.append),
+            kwargs={"interval": 0.01, "resync": resync, "stop": self.stop},
+        )
+        self.thread.start()
+
+    def until(self, outcome: Outcome, count: int = 1) -> Event:
+        """The `count`-th event of `outcome`, waited for."""
+        return until(lambda: [e for e in self.events if e.outcome is outcome][count - 1 :])[0]
+
+
+def until(found: Callable[[], list[Event] | bool]) -> list[Event]:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        result = found()
+        if result:
+            return result if isinstance(result, list) else []
+        time.sleep(0.01)
+    raise AssertionError("not within the wait")
+
+
+# Starts `watch` on a file holding `text` (None: no file) with resyncs every `resync` s.
+Start = Callable[..., tuple[Watching, FakeKernel, Path]]
+
+
+@pytest.fixture
+def watching(tmp_path: Path) -> Iterator[Start]:
+    started: list[Watching] = []
+
+    def start(
+        text: str | None = HOSTNAMES, resync: float = 0.0
+    ) -> tuple[Watching, FakeKernel, Path]:
+        path = tmp_path / "cluster.toml"
+        if text is not None:
+            replace(path, text)
+        kernel = FakeKernel(generations=True)
+        started.append(Watching(path, kernel, tmp_path / "lock", resync))
+        return started[-1], kernel, path
+
+    yield start
+    for w in started:
+        w.stop.set()
+        w.thread.join(WAIT)
+        assert not w.thread.is_alive(), "the loop did not stop when told"
+
+
+def test_each_new_version_is_applied_and_only_the_change_is_written(watching: Start) -> None:
+    w, kernel, path = watching()
+    first = w.until(Outcome.APPLIED)
+    assert kernel.objects == whole(HOSTNAMES)
+    assert first.result is not None and first.result.applied
+    replace(path, ADDED)
+    second = w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(ADDED)
+    assert second.result is not None
+    counts = second.result.plan.counts()
+    assert counts["remove"] == 0 and 0 < counts["add"] + counts["change"] <= 4, counts
+    assert second.message == second.result.summary()
+
+
+def test_a_file_touched_but_unchanged_is_not_applied_again(watching: Start) -> None:
+    w, kernel, path = watching()
+    w.until(Outcome.APPLIED)
+    commits = kernel.commits
+    replace(path, HOSTNAMES)  # a new inode and time, the same text
+    replace(path, ADDED)
+    w.until(Outcome.APPLIED, 2)
+    assert [e.outcome for e in w.events] == [Outcome.APPLIED, Outcome.APPLIED]
+    assert kernel.commits == commits + 1
+
+
+def test_an_invalid_version_is_reported_and_the_last_good_one_stays(watching: Start) -> None:
+    w, kernel, path = watching()
+    w.until(Outcome.APPLIED)
+    replace(path, BROKEN)
+    skipped = w.until(Outcome.SKIPPED)
+    line = next(n for n, x in enumerate(BROKEN.splitlines(), 1) if "70000" in x)
+    assert f"{path}:{line}: services[0].ports[0].port: port 70000 is out of range" in (
+        skipped.message
+    )
+    assert "last version applied stay in force" in skipped.message
+    assert kernel.objects == whole(HOSTNAMES)
+    replace(path, ADDED)
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(ADDED)
+
+
+def test_a_missing_file_is_reported_once_then_applied_when_it_appears(watching: Start) -> None:
+    w, kernel, path = watching(text=None)
+    skipped = w.until(Outcome.SKIPPED)
+    assert "cannot read file" in skipped.message
+    time.sleep(0.1)  # ten more looks at the missing file
+    assert len(w.events) == 1, w.events
+    assert kernel.objects == {}
+    replace(path, HOSTNAMES)
+    w.until(Outcome.APPLIED)
+    assert kernel.objects == whole(HOSTNAMES)
+
+
+def test_a_version_the_backend_cannot_express_is_skipped(watching: Start) -> None:
+    w, kernel, path = watching()
+    w.until(Outcome.APPLIED)
+    cluster = (ROOT / "golden" / "scheduler-rr" / "cluster.toml").read_text()
+    replace(path, cluster)
+    skipped = w.until(Outcome.SKIPPED)
+    assert "cannot express" in skipped.message
+    assert kernel.objects == whole(HOSTNAMES)
+
+
+def test_a_resync_repairs_what_another_writer_changed(watching: Start) -> None:
+    w, kernel, _ = watching(resync=0.05)
+    w.until(Outcome.APPLIED)
+    time.sleep(0.2)  # resyncs with nothing to repair say nothing and write nothing
+    assert [e.outcome for e in w.events] == [Outcome.APPLIED]
+    assert kernel.commits == 1
+    victim = next(k for k in kernel.objects if k.startswith("chain "))
+    kernel.write(victim, None)
+    repaired = w.until(Outcome.REPAIRED)
+    assert repaired.message.startswith("resync: nftables: applied: 1 added")
+    assert kernel.objects == whole(HOSTNAMES)
+
+
+def test_a_refused_version_is_tried_again_at_the_next_resync(watching: Start) -> None:
+    w, kernel, path = watching(resync=0.1)
+    w.until(Outcome.APPLIED)
+    kernel.fail_on = changed(kernel)
+    replace(path, ADDED)
+    failed = w.until(Outcome.FAILED)
+    assert "trying again at the next resync" in failed.message
+    assert kernel.objects == whole(HOSTNAMES)
+    kernel.fail_on = None
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(ADDED)
+
+
+def test_without_resyncs_a_refused_version_waits_for_the_next_change(watching: Start) -> None:
+    w, kernel, path = watching(resync=0)
+    w.until(Outcome.APPLIED)
+    kernel.fail_on = changed(kernel)
+    replace(path, ADDED)
+    w.until(Outcome.FAILED)
+    kernel.fail_on = None
+    time.sleep(0.1)
+    assert kernel.objects == whole(HOSTNAMES)
+    replace(path, ADDED + "\n# again\n")
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(ADDED)
