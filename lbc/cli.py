@@ -398,6 +398,13 @@ def _lock_options(fn: _F) -> _F:
     return fn
 
 
+_keep_udp_flows = click.option(
+    "--keep-udp-flows",
+    is_flag=True,
+    help="Leave conntrack entries of UDP flows to gone endpoints in place (default: delete them).",
+)
+
+
 @main.command("plan")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @_kernel_options
@@ -429,11 +436,7 @@ def plan_cmd(file: Path, backend: str, netns: str | None, fmt: str) -> None:
     default=None,
     help="Print each phase on stderr as it starts (default: when stderr is a terminal).",
 )
-@click.option(
-    "--keep-udp-flows",
-    is_flag=True,
-    help="Leave conntrack entries of UDP flows to gone endpoints in place (default: delete them).",
-)
+@_keep_udp_flows
 def apply_cmd(
     file: Path,
     backend: str,
@@ -492,11 +495,7 @@ def apply_cmd(
     help="Seconds between re-applies of the version in force, which repair what another "
     "writer changed (0: never).",
 )
-@click.option(
-    "--keep-udp-flows",
-    is_flag=True,
-    help="Leave conntrack entries of UDP flows to gone endpoints in place (default: delete them).",
-)
+@_keep_udp_flows
 def watch_cmd(
     file: Path,
     backend: str,

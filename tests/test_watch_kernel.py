@@ -101,10 +101,9 @@ def test_watch_follows_the_file_and_keeps_the_rules_when_stopped(
     path = tmp_path / "cluster.toml"
     lock = tmp_path / "lock"
     replace(path, config("hostnames-0uton"))
-    watcher = Watcher(
-        [str(path), "-b", "nftables", "--netns", seed.node.name, "--lock-file", str(lock)]
-        + ["--interval", "0.05", "--resync", "0.5"]
-    )
+    options = {"-b": "nftables", "--netns": seed.node.name, "--lock-file": str(lock)}
+    options |= {"--interval": "0.05", "--resync": "0.5"}
+    watcher = Watcher([str(path), *(word for pair in options.items() for word in pair)])
     try:
         watcher.expect("watching")
         watcher.expect("nftables: applied")
