@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,8 @@ def test_load_tells_text_from_a_path() -> None:
         (lambda: lbc.Session(3), "a backend is a name or a Backend, not int"),
         (lambda: lbc.diff("a", "b"), "diff\\(\\) takes a Cluster or a Program, not str"),
         (lambda: lbc.trace(None, "", "", 1), "trace\\(\\) takes a Program or a Cluster"),
+        (lambda: lbc.notes("cluster.toml"), "notes\\(\\) takes a Cluster, not str"),
+        (lambda: lbc.compile(lbc.load(EXAMPLE)).text(["text"]), "format \\['text'\\] is not"),
     ],
     ids=[
         "load",
@@ -101,6 +104,8 @@ def test_load_tells_text_from_a_path() -> None:
         "session",
         "diff",
         "trace",
+        "notes",
+        "artifact-format",
     ],
 )
 def test_an_argument_of_the_wrong_kind_is_a_usage_error(call: Any, message: str) -> None:
@@ -132,6 +137,38 @@ def test_validate_checks_a_cluster_changed_in_code() -> None:
     assert [str(p) for p in exc.value.problems] == [
         "<cluster>: services[0].ports[0].port: port 70000 is out of range 1-65535",
         "<cluster>: services[2].name: duplicate service default/hostnames (also services[1])",
+    ]
+
+
+def test_validate_reports_any_value_put_in_by_model_copy_silently() -> None:
+    # A value pydantic cannot write as JSON is a problem at its key, not a
+    # PydanticSerializationError; values of the wrong type raise no pydantic warnings.
+    cluster = lbc.load(EXAMPLE)
+    svc = cluster.services[0]
+    port = svc.ports[0].model_copy(update={"port": "80"})
+    odd = svc.model_copy(update={"cluster_ips": [object()], "ports": [port]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(lbc.ConfigError) as exc:
+            lbc.validate(cluster.model_copy(update={"services": [odd]}))
+    assert [str(p) for p in exc.value.problems] == [
+        "<cluster>: services[0].cluster_ips[0]: expected an IP address string, got object",
+        "<cluster>: services[0].ports[0].port: expected an integer, got the string '80'",
+    ]
+
+
+def test_validate_reports_a_key_misspelt_in_model_copy() -> None:
+    # pydantic keeps an unknown key of `model_copy(update=...)` in the model and never
+    # dumps it: the change it meant is lost, so it is an unknown key as in a file.
+    cluster = lbc.load(EXAMPLE)
+    svc = cluster.services[0]
+    endpoint = svc.endpoints[0].model_copy(update={"wieght": 0})
+    typo = svc.model_copy(update={"clusterIPs": ["10.0.0.9"], "endpoints": [endpoint]})
+    with pytest.raises(lbc.ConfigError) as exc:
+        lbc.validate(cluster.model_copy(update={"services": [typo]}))
+    assert [str(p) for p in exc.value.problems] == [
+        "<cluster>: services[0].endpoints[0].wieght: unknown key 'wieght'; did you mean 'weight'?",
+        "<cluster>: services[0].clusterIPs: unknown key 'clusterIPs'; did you mean 'cluster_ips'?",
     ]
 
 

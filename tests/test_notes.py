@@ -140,3 +140,23 @@ def test_check_of_a_file_without_notes_prints_only_ok() -> None:
     path = GOLDEN / "hostnames" / "cluster.toml"
     result = CliRunner().invoke(main, ["check", str(path)])
     assert (result.exit_code, result.stdout) == (0, f"{path}: ok (1 service)\n")
+
+
+def test_no_note_on_hints_of_a_service_without_a_cluster_wide_pool() -> None:
+    # Under internal traffic policy Local, a service without external addresses sends
+    # only to this node's endpoints: no pool follows hints, and none ignores them (as
+    # kube-proxy, which reads hints only for its cluster-wide endpoints).
+    hinted = '{ ip = "10.244.1.7", for_zones = ["zone-b"] }'
+    local = cluster(hinted).model_copy(deep=True)
+    svc = local.services[0].model_copy(update={"internal_traffic_policy": "Local"})
+    local = lbc.validate(local.model_copy(update={"services": [svc]}))
+    assert [p.local_only for p in lbc.lower(local).pools] == [True]
+    assert lbc.notes(local) == []
+    # With a node port it has one again, for external traffic, and the note is due.
+    port = svc.ports[0].model_copy(update={"node_port": 30080})
+    exposed = svc.model_copy(update={"type": "NodePort", "ports": [port]})
+    exposed_cluster = lbc.validate(local.model_copy(update={"services": [exposed]}))
+    assert [p.local_only for p in lbc.lower(exposed_cluster).pools] == [False, True]
+    assert [n.message.split(":")[0] for n in lbc.notes(exposed_cluster)] == [
+        "topology hints not followed for IPv4"
+    ]

@@ -75,6 +75,8 @@ class Artifact:
         """The artifact in format `fmt` ("text" is the canonical, reviewable form); a
         format this backend does not offer is a `UsageError`."""
         try:
+            if not isinstance(fmt, str):  # (an unhashable one fails the lookup itself)
+                raise KeyError(fmt)
             return self.formats[fmt]
         except KeyError:
             known = ", ".join(sorted(self.formats))

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import tomli
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticSerializationError
 
 from lbc.collector import paused
 from lbc.compiler import model
@@ -94,7 +95,31 @@ def validate(cluster: Cluster) -> Cluster:
     """
     if not isinstance(cluster, Cluster):
         raise UsageError(f"validate() takes a Cluster, not {type(cluster).__name__}")
-    return _checked(cluster.model_dump(mode="json", exclude_unset=True), "", "<cluster>")
+    # (no serializer warnings: values of the wrong type are what this call looks for)
+    try:
+        data = cluster.model_dump(mode="json", exclude_unset=True, warnings=False)
+    except PydanticSerializationError:
+        # A value JSON has no form for: checked as it is, so that its key is named.
+        data = cluster.model_dump(exclude_unset=True, warnings=False)
+    return _checked(_with_unknown_keys(cluster, data), "", "<cluster>")
+
+
+def _with_unknown_keys(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """`data`, the dump of `model`, with the keys that are no field of their model put
+    back: `model_copy(update=...)` keeps a misspelt key in the model, and no dump has it."""
+    fields = type(model).model_fields
+    for key, value in model.__dict__.items():
+        if key not in fields:
+            data[key] = value
+            continue
+        dumped = data.get(key)
+        if isinstance(value, BaseModel) and isinstance(dumped, dict):
+            _with_unknown_keys(value, dumped)
+        elif isinstance(value, list | tuple) and isinstance(dumped, list | tuple):
+            for item, part in zip(value, dumped, strict=False):
+                if isinstance(item, BaseModel) and isinstance(part, dict):
+                    _with_unknown_keys(item, part)
+    return data
 
 
 def _checked(data: dict[str, Any], text: str, filename: str) -> Cluster:

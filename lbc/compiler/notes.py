@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from lbc.compiler.lower import lower_service, node_info
 from lbc.compiler.model import Cluster, Endpoint, Service
-from lbc.errors import Problem
+from lbc.errors import Problem, UsageError
+from lbc.ir.nodes import NodeInfo
 
 Path = tuple[str | int, ...]
 
@@ -19,8 +21,9 @@ Path = tuple[str | int, ...]
 def notes(cluster: Cluster) -> list[tuple[Path, str]]:
     """Every note on `cluster` as `(key path, message)`, in file order."""
     out: list[tuple[Path, str]] = []
+    info = node_info(cluster)
     for i, svc in enumerate(cluster.services):
-        out += _hints(("services", i), svc, cluster.node.name, cluster.node.zone)
+        out += _hints(("services", i), svc, info)
     return out
 
 
@@ -29,42 +32,38 @@ def as_problems(cluster: Cluster, filename: str = "<cluster>", text: str = "") -
     when given) and the key path."""
     from lbc.compiler.locate import format_path, key_lines, line_of
 
+    if not isinstance(cluster, Cluster):
+        raise UsageError(f"notes() takes a Cluster, not {type(cluster).__name__}")
     found = notes(cluster)
     lines = key_lines(text) if text and found else {}
     return [Problem(filename, format_path(path), line_of(lines, path), m) for path, m in found]
 
 
-def _hints(at: Path, svc: Service, node: str, zone: str | None) -> Iterator[tuple[Path, str]]:
-    """Why the hints of each family's ready endpoints are not followed (lowering's rule:
-    node hints, then zone hints; each only when every ready endpoint has one, some name
-    this node or zone, and those have some weight)."""
-    for family in sorted({ip.version for ip in svc.cluster_ips}):
+def _hints(at: Path, svc: Service, info: NodeInfo) -> Iterator[tuple[Path, str]]:
+    """Why the hints of each family's ready endpoints are not followed, where lowering
+    makes a cluster-wide pool (the only one hints narrow: a service with internal
+    traffic policy Local and no external frontend has none) that follows no hint."""
+    if not any(e.for_nodes or e.for_zones for e in svc.endpoints):
+        return
+    followed = {p.family: p.hints for p in lower_service(info, svc).pools if not p.local_only}
+    for family in sorted(followed):
+        if followed[family]:
+            continue
         ready = [(k, e) for k, e in enumerate(svc.endpoints) if e.ip.version == family and e.ready]
-        if not any(e.for_nodes or e.for_zones for _, e in ready):
-            continue
-        if _followed(ready, "for_nodes", node) or (
-            zone is not None and _followed(ready, "for_zones", zone)
-        ):
-            continue
         reasons = [
             reason
             for reason in (
-                _why_not(ready, "for_nodes", "node", node),
-                _why_not(ready, "for_zones", "zone", zone),
+                _why_not(ready, "for_nodes", "node", info.name),
+                _why_not(ready, "for_zones", "zone", info.zone),
             )
             if reason
         ]
-        yield (
-            (*at, "endpoints"),
-            f"topology hints not followed for IPv{family}: {'; '.join(reasons)}; every ready "
-            "endpoint takes traffic",
-        )
-
-
-def _followed(ready: list[tuple[int, Endpoint]], key: str, name: str) -> bool:
-    if not all(getattr(e, key) for _, e in ready):
-        return False
-    return any(e.weight for _, e in ready if name in getattr(e, key))
+        if reasons:
+            yield (
+                (*at, "endpoints"),
+                f"topology hints not followed for IPv{family}: {'; '.join(reasons)}; every "
+                "ready endpoint takes traffic",
+            )
 
 
 def _why_not(ready: list[tuple[int, Endpoint]], key: str, kind: str, name: str | None) -> str:
