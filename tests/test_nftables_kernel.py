@@ -136,6 +136,56 @@ def test_the_kernel_lists_back_exactly_the_rendered_objects(
     assert nft_kernel.parse(listed) == nft_kernel.parse(OUTPUTS[case])
 
 
+@pytest.mark.parametrize("mark", ["0x4000", "0x40000000", "0x80000000"])
+def test_every_masquerade_mark_lists_back_as_rendered(
+    mark: str, scratch: netns.Netns, tmp_path: Path
+) -> None:
+    """nft lists `meta mark & 0x80000000 != 0` as a prefix (`meta mark != 0x00000000/1`);
+    read as rendered, the top bit's table is in sync after an apply, not drift forever."""
+    text = (GOLDEN / "affinity" / "cluster.toml").read_text()
+    cluster = lbc.loads(text.replace("[node]\n", f'[node]\nmasquerade_mark = "{mark}"\n', 1))
+    lbc.apply(cluster, "nftables", netns=scratch.name, lock_path=tmp_path / "lock")
+    assert lbc.verify(cluster, "nftables", netns=scratch.name).in_sync
+
+
+@pytest.mark.parametrize("by", ["apply", "session"])
+def test_a_dormant_table_is_drift_and_apply_wakes_it(
+    by: str, scratch: netns.Netns, tmp_path: Path
+) -> None:
+    """`flags dormant` on `inet lbc` turns every hook of it off: verify reports it, and
+    an apply (one-shot or a session's) brings the table back without the flag."""
+    cluster = lbc.load(GOLDEN / "hostnames" / "cluster.toml")
+    lock = tmp_path / "lock"
+    session = lbc.Session("nftables", netns=scratch.name, lock_path=lock)
+    session.apply(cluster)
+    scratch.exec("nft", "add", "table", *TABLE, "{ flags dormant; }")
+    assert not lbc.verify(cluster, "nftables", netns=scratch.name).in_sync
+    if by == "apply":
+        lbc.apply(cluster, "nftables", netns=scratch.name, lock_path=lock)
+    else:
+        session.apply(cluster)
+    assert "dormant" not in scratch.exec("nft", "list", "table", *TABLE)
+    assert lbc.verify(cluster, "nftables", netns=scratch.name).in_sync
+
+
+def test_a_session_follows_its_namespace_when_it_is_made_again(
+    scratch: netns.Netns, tmp_path: Path
+) -> None:
+    """`ip netns del` and `ip netns add` of the same name: the session's sockets still
+    hold the old namespace, whose generation never moves; the next apply must go to
+    the namespace the name stands for now."""
+    cluster = lbc.load(GOLDEN / "hostnames" / "cluster.toml")
+    session = lbc.Session("nftables", netns=scratch.name, lock_path=tmp_path / "lock")
+    session.apply(cluster)
+    netns.run(["ip", "netns", "del", scratch.name])
+    netns.run(["ip", "netns", "add", scratch.name])
+    (svc,) = cluster.services
+    fewer = svc.model_copy(update={"endpoints": svc.endpoints[:1]})
+    smaller = cluster.model_copy(update={"services": [fewer]})
+    assert session.apply(smaller).read
+    assert lbc.verify(smaller, "nftables", netns=scratch.name).in_sync
+
+
 def json_form(case: str) -> str:
     if case == "worst-case":
         return artifact(worst_case_config()).text("json")

@@ -10,6 +10,7 @@ table loaded whole by `nft -f`: equal bytecode is equal behaviour.
 from __future__ import annotations
 
 import random
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import lbc
+from lbc.apply.netns import inside
 from lbc.backends.nftables import netlink
 from lbc.backends.nftables.expr import (
     BinOp,
@@ -239,3 +241,66 @@ def test_a_session_repairs_elements_it_did_not_make(
     result = session.apply(cluster)
     assert result.read and [c.key for c in result.plan.changes] == ["map service-ips4"]
     assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
+
+
+def sticky_services(count: int, endpoints: int) -> Cluster:
+    """`count` ClientIP services of `endpoints` endpoints each: many small objects."""
+    services = "".join(
+        f'[[services]]\nname = "s{i}"\ncluster_ips = ["10.0.{i // 250}.{i % 250 + 1}"]\n'
+        'session_affinity = "ClientIP"\nports = [{ port = 80 }]\nendpoints = ['
+        + ", ".join(f'{{ ip = "10.{100 + i // 250}.{i % 250}.{j + 1}" }}' for j in range(endpoints))
+        + "]\n"
+        for i in range(count)
+    )
+    node = '[node]\nname = "n"\naddresses = ["192.168.49.2"]\npod_cidrs = ["10.244.0.0/16"]\n'
+    return lbc.loads(node + services)
+
+
+class StockWriter(netlink.Writer):
+    """A writer whose receive buffer is what a host with the default
+    `net.core.rmem_max` (212992) gives it: room for about 600 acknowledgements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 212992)
+
+
+@pytest.mark.netns
+def test_a_batch_of_many_messages_is_not_lost_in_its_acknowledgements(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    """A session change of over a thousand messages (removing 99 services with
+    affinity: their chains, rules and sets) goes as one netlink batch; the kernel's
+    answers to it must fit a host's default socket buffer, or a committed change
+    reads as refused."""
+    ours, _ = pair
+    cluster = sticky_services(100, 3)
+    session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
+    session.apply(cluster)
+    kernel = session.engine.kernel
+    with inside(ours.name):
+        kernel._writer = StockWriter()  # type: ignore[attr-defined]
+    smaller = cluster.model_copy(update={"services": cluster.services[:1]})
+    result = session.apply(smaller)
+    assert getattr(kernel, "netlink_commits", 0) == 1 and not result.read
+    assert lbc.verify(smaller, "nftables", netns=ours.name).in_sync
+
+
+@pytest.mark.netns
+def test_a_batch_after_a_refused_one_reads_its_own_answer(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    """The kernel answers every failing message of a refused batch; none of those
+    answers may be taken for the next batch's."""
+    ours, _ = pair
+    lbc.apply(CASES[-1][1], "nftables", netns=ours.name, lock_path=tmp_path / "lock")
+    kernel = lbc.backends()["nftables"].kernel(ours.name)
+    refused = netlink.Batch("lbc")
+    refused.add_rules("no-such-chain", [Rule((Verdict("accept"),))])
+    refused.add_rules("no-such-chain-either", [Rule((Verdict("accept"),))])
+    with pytest.raises(lbc.ApplyError, match="No such file or directory"):
+        kernel._send(refused)  # type: ignore[attr-defined]
+    accepted = netlink.Batch("lbc")
+    accepted.add_chain("zz-new")
+    kernel._send(accepted)  # type: ignore[attr-defined]
+    assert "chain zz-new" in ours.exec("nft", "list", "table", "inet", "lbc")

@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 
-from lbc.apply.netns import inside
+from lbc.apply.netns import NamespaceError, inside
 from lbc.errors import ApplyError
 
 NETLINK_NETFILTER = 12
@@ -84,12 +84,30 @@ class Generations:
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
         self._reader: GenerationReader | None = None
+        self._inode = 0  # the namespace the reader was opened in
 
     def _open(self) -> GenerationReader:
         if self._reader is None:
             with inside(self.netns):
                 self._reader = GenerationReader()
+                self._inode = os.stat("/proc/thread-self/ns/net").st_ino
         return self._reader
+
+    def replaced(self) -> bool:
+        """Whether the name now stands for another namespace than the one the reader
+        was opened in (deleted and made again), or for none; the reader is then closed.
+        The old namespace lives on while a socket holds it, so its number is not reused."""
+        if self._reader is None or self.netns is None:
+            return False
+        try:
+            with inside(self.netns):
+                same = os.stat("/proc/thread-self/ns/net").st_ino == self._inode
+        except NamespaceError:
+            same = False
+        if not same:
+            self._reader.close()
+            self._reader = None
+        return not same
 
     def read(self) -> int:
         """The generation now; `ApplyError` when it cannot be read."""

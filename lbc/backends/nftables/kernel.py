@@ -31,27 +31,36 @@ from lbc.backends.nftables.netlink import Batch, BatchError, Unencodable, Writer
 from lbc.errors import ApplyError
 
 TABLE = f"{n.FAMILY} {n.TABLE}"
+TABLE_FLAGS = "table flags"  # the live table's flags (lbc's own table has none)
 _BLOCK = re.compile(r"^\s*(chain|set|map) (\S+) \{\s*$")
 
 
-def parse(text: str) -> dict[str, tuple[str, ...]]:
+def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
     """lbc's objects in `nft list table inet lbc` output (or lbc's own nft file).
 
     Chains map to their lines (a base chain's `type ...` line first); sets and maps to
     their declaration lines followed by `element ...` lines in sorted order, as the
     kernel lists elements in an order of its own. Elements of affinity sets are
     connection state the kernel keeps, not configuration, so they are left out.
+    With `listed` (the kernel's listing), a mark mask nft lists as a prefix is read
+    as the `&` lbc writes, and the table's flags (`flags dormant`: every hook off),
+    which lbc never sets, are an object `table flags` that only a full replace removes.
     """
     objects: dict[str, tuple[str, ...]] = {}
     lines = iter(text.splitlines())
     for line in lines:
         m = _BLOCK.match(line)
         if not m:
+            if listed and line.startswith("\tflags "):
+                objects[TABLE_FLAGS] = (line.strip(),)
             continue
         kind, name = m.groups()
         body = list(_body(lines))
         if kind == "chain":
-            objects[f"chain {name}"] = tuple(_L4PROTO_NUMBER.sub(_l4proto_name, b) for b in body)
+            rules = (_L4PROTO_NUMBER.sub(_l4proto_name, b) for b in body)
+            if listed:
+                rules = (_MARK_PREFIX.sub(_mark_mask, b) for b in rules)
+            objects[f"chain {name}"] = tuple(rules)
             continue
         declaration = [b for b in body if not b.startswith("elements = ")]
         elements = [b for b in body if b.startswith("elements = ")]
@@ -75,6 +84,17 @@ _L4PROTO_NUMBER = re.compile(r"\bmeta l4proto (\d+)\b")
 def _l4proto_name(m: re.Match[str]) -> str:
     number = m.group(1)
     return f"meta l4proto {_PROTOCOL_NAMES.get(number, number)}"
+
+
+# nft lists a mark mask that is a prefix (the top bit, `masquerade_mark = 0x80000000`)
+# as one: `meta mark & 0x80000000 != 0x00000000` comes back `meta mark != 0x00000000/1`.
+_MARK_PREFIX = re.compile(r"\bmeta mark != (0x[0-9a-f]{8})/(\d+)\b")
+
+
+def _mark_mask(m: re.Match[str]) -> str:
+    length = int(m.group(2))
+    mask = ((1 << length) - 1) << (32 - length)
+    return f"meta mark & {mask:#010x} != {m.group(1)}"
 
 
 def _proto_fields(declaration: list[str]) -> tuple[int, ...]:
@@ -168,6 +188,8 @@ def incremental_script(live: State, desired: State, plan: Plan, table: str = TAB
     for change in plan.changes:
         kind, name = _name(change.key)
         old, new = before.get(change.key), after.get(change.key)
+        if kind == "table":
+            return None  # the table's own flags: only a new table has none
         if kind == "chain":
             if old is None:
                 new_chains.append(name)
@@ -259,7 +281,17 @@ class NftablesKernel:
         The kernel advances it by one for every committed transaction that changes
         anything, in any table, so an unchanged generation means an unchanged ruleset.
         """
-        return self._generations.read() if self._kernel else None
+        if not self._kernel:
+            return None
+        if self._generations.replaced():
+            # The named namespace was deleted and made again: what was opened in the old
+            # one is dropped, and no generation vouches for a state known from it.
+            self._context = None
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            return None
+        return self._generations.read()
 
     def _libnftables(self, script: str) -> str:
         try:
@@ -289,6 +321,10 @@ class NftablesKernel:
                     self._writer = Writer()
             self._writer.send(batch)
         except (OSError, BatchError) as exc:
+            # Answers to a refused batch may still wait on the socket: a new one next.
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
             raise ApplyError(f"nftables refused the transaction: {exc}") from exc
         self.netlink_commits += 1
 
@@ -330,7 +366,7 @@ class NftablesKernel:
             if "No such file or directory" in str(exc):
                 return State({})
             raise
-        return State(parse(listing))
+        return State(parse(listing, listed=True))
 
     def desired(self, artifact: Artifact) -> State:
         """The objects of the artifact's ruleset (the same as parsing its nft text)."""

@@ -19,6 +19,7 @@ compare `nft list` of the results with the canonical text.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -475,18 +476,23 @@ def frame(messages: Sequence[tuple[int, int, bytes]], first_sequence: int, ack_e
 def send(sock: socket.socket, batch: Batch, first_sequence: int) -> int:
     """Send `batch` as one transaction; raises `BatchError` with the kernel's reason.
 
+    Only the last message asks for an acknowledgement (the kernel reports a failing
+    message regardless): the kernel queues every answer on the socket before it
+    reads any, and one per message overflows a default receive buffer at a few
+    hundred messages, so a committed batch would read as refused.
     Returns the next free sequence number.
     """
-    sock.send(frame(batch.messages, first_sequence, ack_each=True))
-    expected = set(range(first_sequence + 1, first_sequence + 1 + len(batch.messages)))
-    sequence = first_sequence + len(batch.messages) + 2
+    if not batch.messages:
+        return first_sequence
+    sock.send(frame(batch.messages, first_sequence, ack_each=False))
+    last = first_sequence + len(batch.messages)
     errors = []
-    for number, error in _acks(sock, expected):
+    for number, error in _acks(sock, last):
         if error:
             errors.append(f"message {number - first_sequence}: {os.strerror(-error)}")
     if errors:
         raise BatchError("; ".join(errors))
-    return sequence
+    return last + 2
 
 
 def acknowledgements(reply: bytes) -> Iterator[tuple[int, int]]:
@@ -502,15 +508,21 @@ def acknowledgements(reply: bytes) -> Iterator[tuple[int, int]]:
         offset += (length + 3) & ~3
 
 
-def _acks(sock: socket.socket, expected: set[int]) -> Iterator[tuple[int, int]]:
-    """(sequence, error) of every acknowledgement until each message has one."""
-    pending = set(expected)
-    while pending:
-        for sequence, error in acknowledgements(sock.recv(1 << 20)):
-            pending.discard(sequence)
+def _acks(sock: socket.socket, last: int) -> Iterator[tuple[int, int]]:
+    """(sequence, error) of every acknowledgement until the first error or that of
+    the last message (the kernel goes on after a failing message, but commits
+    nothing; the caller drops a socket that may hold more answers)."""
+    while True:
+        try:
+            reply = sock.recv(1 << 20)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # errors overflowed the buffer: it failed
+                raise BatchError("the kernel refused the batch (too many errors to read)") from None
+            raise
+        for sequence, error in acknowledgements(reply):
             yield sequence, error
-            if error:
-                return  # the kernel aborts the batch at the first failure
+            if error or sequence == last:
+                return
 
 
 def _element_delta(change: Change, name: str, table: Table) -> tuple[list[str], list[str]]:
