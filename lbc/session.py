@@ -36,7 +36,14 @@ from typing import Any
 
 from lbc import plugins
 from lbc.apply.adapter import KernelAdapter
-from lbc.apply.conntrack import Place, after_apply, udp_frontends
+from lbc.apply.conntrack import (
+    Place,
+    after_apply,
+    load_places,
+    save_places,
+    served_record,
+    udp_frontends,
+)
 from lbc.apply.engine import After, ApplyResult, Engine
 from lbc.apply.lock import DEFAULT_LOCK
 from lbc.apply.state import Action, Known, State
@@ -78,6 +85,9 @@ class Session:
         self.clear_stale_udp = clear_stale_udp and kernel is None
         self._recheck = False  # the last clearing failed: check every service next time
         self._pending_gone: set[Place] = set()  # and the frontends gone before it
+        # The UDP frontends the kernel serves, as kept beside the lock file (where
+        # `lbc.apply` and earlier sessions left them); None until the first clearing.
+        self._served: set[Place] | None = None
         self._node: NodeInfo | None = None
         self._services: dict[str, tuple[Service, Program]] = {}
         self._order: list[Service] = []  # the services of the last applied cluster
@@ -139,7 +149,15 @@ class Session:
         endpoints left, so every flow to it is stale. After a failure (a warning), the
         next apply checks every service again, and the frontends gone until then.
         """
-        if not self.clear_stale_udp or not (changed or replaced or self._recheck):
+        if not self.clear_stale_udp:
+            return None
+        if self._served is None:
+            # What was served before this session (an earlier one, a one-shot apply)
+            # and is gone now has stale flows too.
+            record = served_record(self.engine.lock_path, self.netns)
+            self._served = load_places(record) if record is not None else set()
+            self._pending_gone |= self._served
+        if not (changed or replaced or self._recheck or self._pending_gone):
             return None
         services = self._services
         gone = udp_frontends(services[key][1] for key in changed if key in services)
@@ -159,10 +177,18 @@ class Session:
 
         def clear(result: ApplyResult) -> ApplyResult:
             cleared = after_apply(result, program, self.netns, gone, self.engine.progress)
+            served = self._served or set()
             if len(cleared.warnings) > len(result.warnings):
                 self._recheck, self._pending_gone = True, gone
+                now = served | udp_frontends([program])
             else:
                 self._checked(cleared)
+                now = (served - gone) | udp_frontends([program])
+            if now != served:
+                self._served = now
+                record = served_record(self.engine.lock_path, self.netns)
+                if record is not None:
+                    save_places(record, now)
             return cleared
 
         return clear

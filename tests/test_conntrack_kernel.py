@@ -363,3 +363,37 @@ def test_a_session_whose_cleanup_failed_looks_again_at_the_services_it_removed(
     assert ask(seed, 4, sport) == "timeout"
     # Looked at once it worked: nothing left to look at.
     assert session.apply(empty).cleared == ()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_session_clears_the_flows_of_a_service_the_last_session_served(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    # `lbc watch` restarted (an upgrade, a crash) after the file lost a UDP service: the
+    # new session never applied it, yet its flows are stale all the same.
+    _, sport, pods, _ = session_with_a_flow(seed, lock, backend)
+    restarted = lbc.Session(backend, netns=seed.node.name, lock_path=lock)
+    result = restarted.apply(no_services(config(4, pods)))
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sessions_and_one_shot_applies_know_what_the_other_served(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    pods = pods_of(seed, 4)
+    sport = next(SOURCE_PORTS)
+    lbc.apply(config(4, pods), backend, netns=seed.node.name, lock_path=lock)
+    assert ask(seed, 4, sport) in pods
+    session = lbc.Session(backend, netns=seed.node.name, lock_path=lock)
+    result = session.apply(no_services(config(4, pods)))
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"
+
+    sport = next(SOURCE_PORTS)
+    session.apply(config(4, pods))
+    assert ask(seed, 4, sport) in pods
+    result = lbc.apply(no_services(config(4, pods)), backend, netns=seed.node.name, lock_path=lock)
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"

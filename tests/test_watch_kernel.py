@@ -130,3 +130,28 @@ def test_watch_follows_the_file_and_keeps_the_rules_when_stopped(
     finally:
         watcher.stop()
         lbc.delete("nftables", netns=seed.node.name, lock_path=lock)
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_namespace_deleted_and_made_again_gets_the_rules_at_the_next_resync(
+    backend: str, tmp_path: Path
+) -> None:
+    netns.require("iptables", "nft")
+    path = tmp_path / "cluster.toml"
+    lock = tmp_path / "lock"
+    replace(path, config("hostnames-0uton"))
+    cluster = lbc.loads(config("hostnames-0uton"))
+    with netns.Lab() as lab:
+        node = lab.namespace("node")
+        options = {"-b": backend, "--netns": node.name, "--lock-file": str(lock)}
+        options |= {"--interval": "0.05", "--resync": "0.3"}
+        watcher = Watcher([str(path), *(word for pair in options.items() for word in pair)])
+        try:
+            watcher.expect(f"{backend}: applied")
+            netns.run(["ip", "netns", "del", node.name])
+            netns.run(["ip", "netns", "add", node.name])  # the same name, a new namespace
+            watcher.expect(f"resync: {backend}: applied")
+            assert lbc.verify(cluster, backend, netns=node.name).in_sync
+            assert watcher.stop() == 0
+        finally:
+            watcher.stop()

@@ -181,7 +181,15 @@ class IptablesKernel:
             return None
         if self._nf_tables is None:
             self._nf_tables = "nf_tables" in self._run(["iptables", "-V"])
-        return self._generations.read() if self._nf_tables else None
+        if not self._nf_tables:
+            return None
+        if self._generations.replaced():
+            # The named namespace was deleted and made again (or is gone): the reader
+            # opened in the old one would go on reading its unchanging generation, and
+            # no generation vouches for a state known from it.
+            self._entered = False
+            return None
+        return self._generations.read()
 
     def identity(self) -> str | None:
         """The network namespace's cookie, when generations apply (see `generation`)."""
