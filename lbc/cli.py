@@ -525,7 +525,9 @@ def watch_cmd(
     stop = threading.Event()
 
     def finish(signum: int, frame: object) -> None:
-        stop.set()
+        # From another thread: the handler runs in the main thread, which may be inside
+        # `stop.wait()` holding the event's (non-reentrant) lock.
+        threading.Thread(target=stop.set).start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, finish)
