@@ -9,6 +9,7 @@ drift is detected and repaired.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,29 @@ def test_iptables_rules_of_other_tools_survive_apply_reapply_and_delete(
             "iptables", "-t", "filter", "-D", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"
         )
         node.exec("ip6tables", "-t", "filter", "-D", "FORWARD", "-p", "udp", "-j", "ACCEPT")
+
+
+def test_iptables_another_tools_rule_that_is_not_utf8_is_no_traceback(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    """iptables-save prints a comment's bytes as they are: another tool's Latin-1
+    comment must not stop lbc reading its own rules (a UnicodeDecodeError traceback)."""
+    rule = ["INPUT", "-p", "tcp", "--dport", "2222", "-m", "comment"]
+    latin1 = "caf\udce9"  # the bytes b"caf\xe9" on the command line (os.fsencode)
+    node.exec("iptables", "-A", *rule, "--comment", latin1, "-j", "ACCEPT")
+    try:
+        lock = tmp_path / "lock"
+        assert lbc.apply(lbc.load(HOSTNAMES), "iptables", netns=node.name, lock_path=lock).applied
+        assert lbc.verify(lbc.load(HOSTNAMES), "iptables", netns=node.name).in_sync
+        verify = CliRunner().invoke(main, ["verify", str(HOSTNAMES), "--netns", node.name])
+        assert verify.exit_code == 0, verify.output
+        assert lbc.delete("iptables", netns=node.name, lock_path=lock).applied
+        saved = subprocess.run(
+            ["ip", "netns", "exec", node.name, "iptables-save"], capture_output=True, check=True
+        ).stdout
+        assert b'--comment "caf\xe9" -j ACCEPT' in saved, "the other tool's rule is intact"
+    finally:
+        node.exec("iptables", "-D", *rule, "--comment", latin1, "-j", "ACCEPT")
 
 
 def _failing_last(command: str) -> Callable[[Sequence[str], str | None], str]:

@@ -22,7 +22,14 @@ from tests import netns
 from tests.golden import GOLDEN
 
 # OUTPUTS: every golden iptables output, plus generated ones such as the worst case.
-from tests.test_iptables_render import OUTPUTS, RESTORE, parse_restore, sections, shares
+from tests.test_iptables_render import (
+    ANY_SOURCE_AND_DOTTED_TAILS,
+    OUTPUTS,
+    RESTORE,
+    parse_restore,
+    sections,
+    shares,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -151,6 +158,22 @@ def test_escaped_comments_reach_the_kernel_intact(scratch: netns.Netns) -> None:
     words = shlex.split(rule)
     assert words[words.index("--comment") + 1] == tricky
     assert words[-2:] == ["-j", "RETURN"]
+
+
+def test_rules_that_iptables_prints_differently_read_back_in_sync(
+    scratch: netns.Netns, tmp_path: Path
+) -> None:
+    """Every rendered rule reads back as written, so verify finds no drift and an apply
+    that reads back (`--full`, iptables-legacy, another writer) is not rolled back."""
+    cluster = lbc.loads(ANY_SOURCE_AND_DOTTED_TAILS)
+    lock = tmp_path / "lock"
+    lbc.apply(cluster, "iptables", netns=scratch.name, lock_path=lock)
+    drift = lbc.verify(cluster, "iptables", netns=scratch.name)
+    assert drift.in_sync, [line for c in drift.changes for line in c.diff()]
+    full = lbc.apply(cluster, "iptables", netns=scratch.name, lock_path=lock, full=True)
+    assert full.applied
+    again = lbc.apply(cluster, "iptables", netns=scratch.name, lock_path=tmp_path / "other")
+    assert again.plan.in_sync and not again.applied
 
 
 # --- real traffic through the node ------------------------------------------------------

@@ -532,3 +532,57 @@ def test_a_large_cluster_keeps_endpoint_chains_where_a_pool_chooses() -> None:
             "DNAT",
         ]
     assert nat.count(f":{n.SEP}") == 2 * (1 + 3 + 3)
+
+
+# Valid input that iptables-save prints differently from Python's text of it: source
+# ranges of every address (the kernel keeps no `-s` for them) and IPv6 addresses whose
+# first 96 bits are zero (glibc writes them with a dotted IPv4 tail, `::10.0.0.1`).
+ANY_SOURCE_AND_DOTTED_TAILS = """
+[node]
+name = "node-1"
+addresses = ["192.168.49.2", "fd00::2"]
+pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
+
+[[services]]
+name = "open"
+type = "LoadBalancer"
+cluster_ips = ["10.0.1.10", "fd00:96::10"]
+load_balancer_ips = ["198.51.100.10", "2001:db8::10"]
+load_balancer_source_ranges = ["0.0.0.0/0", "::/0"]
+ports = [{ port = 80, node_port = 30080 }]
+endpoints = [{ ip = "10.244.1.7" }, { ip = "fd00:244::8" }]
+
+[[services]]
+name = "closed"
+type = "LoadBalancer"
+cluster_ips = ["10.0.1.11"]
+load_balancer_ips = ["198.51.100.11"]
+load_balancer_source_ranges = ["0.0.0.0/0"]
+ports = [{ port = 80, node_port = 30081 }]
+
+[[services]]
+name = "compat"
+type = "LoadBalancer"
+cluster_ips = ["fd00:96::12"]
+external_ips = ["::c000:201"]
+load_balancer_ips = ["2001:db8::12"]
+load_balancer_source_ranges = ["::c000:200/120"]
+ports = [{ port = 80, node_port = 30082 }]
+endpoints = [{ ip = "::a00:1" }]
+"""
+
+
+def test_rules_are_written_as_iptables_save_prints_them_back() -> None:
+    """A source range of every address has no `-s` (iptables drops `-s 0.0.0.0/0`), and
+    an IPv6 address whose first 96 bits are zero has glibc's dotted tail (`::10.0.0.1`),
+    as iptables-save prints them: otherwise plan and verify never find the rules in sync."""
+    text = lbc.compile(lbc.loads(ANY_SOURCE_AND_DOTTED_TAILS), "iptables").text()
+    assert "-s 0.0.0.0/0" not in text and "-s ::/0" not in text
+    assert "::a00:1" not in text and "::c000:2" not in text
+    for rule in (
+        "-s ::10.0.0.1/128 ",
+        "--to-destination [::10.0.0.1]:80",
+        "-d ::192.0.2.1/128 -p tcp ",
+        "-s ::192.0.2.0/120 ",
+    ):
+        assert rule in text, rule

@@ -39,10 +39,20 @@ Runner = Callable[[Sequence[str], str | None], str]
 
 
 def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
-    """Run `argv` (no shell); return stdout or raise `ApplyError` with its stderr."""
+    """Run `argv` (no shell); return stdout or raise `ApplyError` with its stderr.
+
+    Output that is not UTF-8 (another tool's rule with a Latin-1 comment, which
+    iptables-save prints as it is) is read with replacement characters: lbc reads only
+    its own rules, whose text is ASCII."""
     try:
         done = subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=300
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+            timeout=300,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ApplyError(f"cannot run {shlex.join(argv)}: {exc}") from exc

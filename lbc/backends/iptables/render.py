@@ -16,11 +16,12 @@ gives the flat layout at any size (the benchmarks' kube-proxy baseline).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lbc.backends.iptables import names as n
-from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry, KeySpace, build
+from lbc.backends.iptables.dispatch import SPLIT_ABOVE, Entry, KeySpace, address_text, build
 from lbc.ir.names import digest, hostport
 from lbc.ir.nodes import Empty, Frontend, Kind, Masquerade, Pool, Program, Proto
 
@@ -125,6 +126,24 @@ def comment(text: str) -> str:
 def _escape(text: str) -> str:
     """`text` as it goes between the quotes of a comment."""
     return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def saved(text: str) -> str:
+    """An address or network (`ip/len`) as iptables-save prints it back.
+
+    Python writes an IPv6 address whose first 96 bits are zero in hex (`::a00:1`);
+    iptables-save, through glibc's inet_ntop, with a dotted IPv4 tail (`::10.0.0.1`).
+    """
+    if not text.startswith("::"):
+        return text  # every other address prints as lowering wrote it
+    address, slash, length = text.partition("/")
+    return address_text(6, int(ipaddress.IPv6Address(address))) + slash + length
+
+
+def source(cidr: str) -> str:
+    """`-s CIDR ` for a source range, nothing for one of every address (`0.0.0.0/0`,
+    `::/0`), which iptables drops from the rule: it would never read back."""
+    return "" if cidr.endswith("/0") else f"-s {saved(cidr)} "
 
 
 def probabilities(weights: Sequence[int]) -> list[str]:
@@ -240,7 +259,8 @@ class FamilyRenderer:
         self.node = program.node
         self.host = "/32" if family == 4 else "/128"
         self.reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
-        self.pod_cidr = program.node.pod_cidr(family)
+        pod_cidr = program.node.pod_cidr(family)
+        self.pod_cidr = saved(pod_cidr) if pod_cidr else pod_cidr
         self.pools = program.pool_index()
         self.filter = _Table("filter")
         self.nat = _Table("nat")
@@ -300,7 +320,7 @@ class FamilyRenderer:
         catch_all = [
             Entry(
                 self.by_address.key(address, Proto.TCP, 0),
-                f"-d {address}{self.host} {unknown} -j REJECT --reject-with {self.reject}",
+                f"-d {saved(address)}{self.host} {unknown} -j REJECT --reject-with {self.reject}",
             )
             for address in cluster_ips
             if (":" in address) == (self.family == 6)
@@ -326,7 +346,8 @@ class FamilyRenderer:
         for address in node_addresses:
             self.nat.add(
                 n.SERVICES,
-                f"-d {address}{self.host} {comment('lbc service nodeports')} -j {n.NODEPORTS}",
+                f"-d {saved(address)}{self.host} {comment('lbc service nodeports')} "
+                f"-j {n.NODEPORTS}",
             )
         self.place(self.nat, n.NODEPORTS, self.nat_nodeports, self.by_port)
         for chain in (n.POSTROUTING, n.MARK_MASQ):
@@ -367,7 +388,7 @@ class FamilyRenderer:
     # --- frontends ------------------------------------------------------------------
     def match(self, f: Frontend, note: str) -> str:
         """`-d VIP -p tcp <note> -m tcp --dport N`, in the order iptables-save prints it."""
-        return f"-d {f.address}{self.host} -p {f.proto} {note} -m {f.proto} --dport {f.port}"
+        return f"-d {saved(f.address)}{self.host} -p {f.proto} {note} -m {f.proto} --dport {f.port}"
 
     def label(self, f: Frontend) -> str:
         return f"{f.service} {_KIND_LABEL[f.kind]}"
@@ -406,8 +427,7 @@ class FamilyRenderer:
             note = comment(f"{f.service} {reason}")
             # With source ranges, only allowed sources learn that there is no endpoint.
             for cidr in f.source_ranges or ("",):
-                source = f"-s {cidr} " if cidr else ""
-                rule = f"{source}{self.match(f, note)} {verdict}"
+                rule = f"{source(cidr) if cidr else ''}{self.match(f, note)} {verdict}"
                 self.filter_services.append(Entry(by_address, rule))
         if f.source_ranges:
             note = comment(f"{f.service} traffic not accepted by {self.fw_name(f)}")
@@ -443,7 +463,7 @@ class FamilyRenderer:
         to = f"-A {name}" if large else f'-A {name} -m comment --comment "{what} -> '
         ends = []
         for b in active:
-            where = hostport(b.address, b.port)
+            where = hostport(saved(b.address), b.port)
             ends.append((b, n.SEP + b.id, where, to if large else f'{to}{where}"'))
         timeout = pool.affinity_timeout
         proto, host = pool.proto, self.host
@@ -457,7 +477,7 @@ class FamilyRenderer:
             """An endpoint's hairpin mark and DNAT as rules of `chain`, joined."""
             dnat = match if timeout is None else match.format(sep=chain)
             return (
-                f"-A {chain} -s {address}{host}{note} -j {n.MARK_MASQ}\n"
+                f"-A {chain} -s {saved(address)}{host}{note} -j {n.MARK_MASQ}\n"
                 f"-A {chain} -p {proto}{note}{dnat} -j DNAT --to-destination {where}"
             )
 
@@ -511,7 +531,7 @@ class FamilyRenderer:
             if self.nat.declare(fw):
                 for cidr in f.source_ranges:
                     self.nat.add(
-                        fw, f"-s {cidr} {comment(f'{f.service} loadbalancer IP')} -j {ext}"
+                        fw, f"{source(cidr)}{comment(f'{f.service} loadbalancer IP')} -j {ext}"
                     )
         if not self.nat.declare(ext):
             return
