@@ -19,17 +19,11 @@ import lbc
 from lbc.backends.iptables import kernel as ipt_kernel
 from lbc.backends.iptables.render import comment
 from tests import netns
-from tests.golden import GOLDEN
 
 # OUTPUTS: every golden iptables output, plus generated ones such as the worst case.
-from tests.test_iptables_render import (
-    ANY_SOURCE_AND_DOTTED_TAILS,
-    OUTPUTS,
-    RESTORE,
-    parse_restore,
-    sections,
-    shares,
-)
+from tests.configs import ANY_SOURCE_AND_DOTTED_TAILS
+from tests.golden import GOLDEN
+from tests.test_iptables_render import OUTPUTS, RESTORE, parse_restore, sections, shares
 
 pytestmark = pytest.mark.netns
 

@@ -22,7 +22,7 @@ from lbc.backends.iptables.render import (
     comment,
 )
 from lbc.ir import Program
-from tests.configs import worst_case_config
+from tests.configs import ANY_SOURCE_AND_DOTTED_TAILS, worst_case_config
 from tests.golden import CASES, GOLDEN
 
 BUILTIN_CHAINS = {
@@ -532,44 +532,6 @@ def test_a_large_cluster_keeps_endpoint_chains_where_a_pool_chooses() -> None:
             "DNAT",
         ]
     assert nat.count(f":{n.SEP}") == 2 * (1 + 3 + 3)
-
-
-# Valid input that iptables-save prints differently from Python's text of it: source
-# ranges of every address (the kernel keeps no `-s` for them) and IPv6 addresses whose
-# first 96 bits are zero (glibc writes them with a dotted IPv4 tail, `::10.0.0.1`).
-ANY_SOURCE_AND_DOTTED_TAILS = """
-[node]
-name = "node-1"
-addresses = ["192.168.49.2", "fd00::2"]
-pod_cidrs = ["10.244.0.0/16", "fd00:244::/64"]
-
-[[services]]
-name = "open"
-type = "LoadBalancer"
-cluster_ips = ["10.0.1.10", "fd00:96::10"]
-load_balancer_ips = ["198.51.100.10", "2001:db8::10"]
-load_balancer_source_ranges = ["0.0.0.0/0", "::/0"]
-ports = [{ port = 80, node_port = 30080 }]
-endpoints = [{ ip = "10.244.1.7" }, { ip = "fd00:244::8" }]
-
-[[services]]
-name = "closed"
-type = "LoadBalancer"
-cluster_ips = ["10.0.1.11"]
-load_balancer_ips = ["198.51.100.11"]
-load_balancer_source_ranges = ["0.0.0.0/0"]
-ports = [{ port = 80, node_port = 30081 }]
-
-[[services]]
-name = "compat"
-type = "LoadBalancer"
-cluster_ips = ["fd00:96::12"]
-external_ips = ["::c000:201"]
-load_balancer_ips = ["2001:db8::12"]
-load_balancer_source_ranges = ["::c000:200/120"]
-ports = [{ port = 80, node_port = 30082 }]
-endpoints = [{ ip = "::a00:1" }]
-"""
 
 
 def test_rules_are_written_as_iptables_save_prints_them_back() -> None:

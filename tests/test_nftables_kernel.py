@@ -20,7 +20,7 @@ import pytest
 import lbc
 from lbc.backends.nftables import kernel as nft_kernel
 from tests import netns
-from tests.configs import worst_case_config
+from tests.configs import ANY_SOURCE_AND_DOTTED_TAILS, worst_case_config
 from tests.golden import GOLDEN
 from tests.test_iptables_kernel import assert_shares
 from tests.test_nftables_render import OUTPUTS, Parsed, chosen_shares, parse_nft
@@ -146,6 +146,23 @@ def test_every_masquerade_mark_lists_back_as_rendered(
     cluster = lbc.loads(text.replace("[node]\n", f'[node]\nmasquerade_mark = "{mark}"\n', 1))
     lbc.apply(cluster, "nftables", netns=scratch.name, lock_path=tmp_path / "lock")
     assert lbc.verify(cluster, "nftables", netns=scratch.name).in_sync
+
+
+def test_addresses_nft_lists_in_another_form_read_back_in_sync(
+    scratch: netns.Netns, tmp_path: Path
+) -> None:
+    """IPv6 addresses whose first 96 bits are zero come back from nft with a dotted tail
+    (`::10.0.0.1` for `::a00:1`): read as written, verify finds no drift and an apply
+    that reads back (`--full`) is not rolled back."""
+    cluster = lbc.loads(ANY_SOURCE_AND_DOTTED_TAILS)
+    lock = tmp_path / "lock"
+    lbc.apply(cluster, "nftables", netns=scratch.name, lock_path=lock)
+    assert "::10.0.0.1" in scratch.exec("nft", "list", "table", *TABLE)
+    drift = lbc.verify(cluster, "nftables", netns=scratch.name)
+    assert drift.in_sync, [line for c in drift.changes for line in c.diff()]
+    assert lbc.apply(cluster, "nftables", netns=scratch.name, lock_path=lock, full=True).applied
+    again = lbc.apply(cluster, "nftables", netns=scratch.name, lock_path=tmp_path / "other")
+    assert again.plan.in_sync and not again.applied
 
 
 @pytest.mark.parametrize("by", ["apply", "session"])

@@ -13,6 +13,7 @@ is loaded as a libnftables skeleton plus netlink batches (`bulk`). Only the tabl
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +44,10 @@ def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
     kernel lists elements in an order of its own. Elements of affinity sets are
     connection state the kernel keeps, not configuration, so they are left out.
     With `listed` (the kernel's listing), a mark mask nft lists as a prefix is read
-    as the `&` lbc writes, and the table's flags (`flags dormant`: every hook off),
-    which lbc never sets, are an object `table flags` that only a full replace removes.
+    as the `&` lbc writes, IPv6 addresses nft lists with a dotted IPv4 tail as lbc
+    writes them (`::10.0.0.1` is `::a00:1`), and the table's flags (`flags dormant`:
+    every hook off), which lbc never sets, are an object `table flags` that only a
+    full replace removes.
     """
     objects: dict[str, tuple[str, ...]] = {}
     lines = iter(text.splitlines())
@@ -59,7 +62,7 @@ def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
         if kind == "chain":
             rules = (_L4PROTO_NUMBER.sub(_l4proto_name, b) for b in body)
             if listed:
-                rules = (_MARK_PREFIX.sub(_mark_mask, b) for b in rules)
+                rules = (_as_written(_MARK_PREFIX.sub(_mark_mask, b)) for b in rules)
             objects[f"chain {name}"] = tuple(rules)
             continue
         declaration = [b for b in body if not b.startswith("elements = ")]
@@ -69,7 +72,9 @@ def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
             inner = elements[0].removeprefix("elements = {").removesuffix("}")
             protos = _proto_fields(declaration)
             items = sorted(
-                ELEMENT + _proto_names(e.strip(), protos) for e in inner.split(",") if e.strip()
+                ELEMENT + _proto_names(_as_written(e.strip()) if listed else e.strip(), protos)
+                for e in inner.split(",")
+                if e.strip()
             )
         objects[f"{kind} {name}"] = (*declaration, *items)
     return objects
@@ -95,6 +100,25 @@ def _mark_mask(m: re.Match[str]) -> str:
     length = int(m.group(2))
     mask = ((1 << length) - 1) << (32 - length)
     return f"meta mark & {mask:#010x} != {m.group(1)}"
+
+
+# nft (glibc's inet_ntop) lists an IPv6 address whose first 96 bits are zero, or an
+# IPv4-mapped one, with a dotted tail; lbc writes Python's text of it.
+_DOTTED_V6 = re.compile(r"(?<![\w.:])[0-9a-f:]*::[0-9a-f:]*?\d{1,3}(?:\.\d{1,3}){3}(?![\w.])")
+
+
+def _as_written(text: str) -> str:
+    """`text` with each IPv6 address nft lists with a dotted tail as lbc writes it."""
+    if "::" not in text or "." not in text:
+        return text
+    return _DOTTED_V6.sub(_v6_text, text)
+
+
+def _v6_text(m: re.Match[str]) -> str:
+    try:
+        return str(ipaddress.IPv6Address(m.group(0)))
+    except ValueError:
+        return m.group(0)
 
 
 def _proto_fields(declaration: list[str]) -> tuple[int, ...]:
