@@ -231,9 +231,10 @@ def _as_prefix(m: re.Match[str]) -> str:
 
 
 def rules_objects(listing: str) -> dict[str, tuple[str, ...]]:
-    """The helper table's state objects: the table itself, then its sets and chains
-    (protocol numbers, as nft lists them without /etc/protocols, read as names: `parse`)."""
-    return {TABLE_KEY: (), **{RULES + k: v for k, v in parse(listing).items()}}
+    """The helper table's state objects: the table itself, then its sets and chains,
+    as `parse` reads a listing (protocol numbers as names, marks and IPv6 addresses as
+    lbc writes them, a dormant table's flags as an object)."""
+    return {TABLE_KEY: (), **{RULES + k: v for k, v in parse(listing, listed=True).items()}}
 
 
 def rules_step(objects: Mapping[str, tuple[str, ...]]) -> RulesStep:
