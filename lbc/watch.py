@@ -4,7 +4,8 @@ A loop around one `Session`, so each change costs what changed:
 
 - the file is looked at every `interval` seconds and read again when its status
   changes (a tool that replaces it by renaming a new file over it, or writes it in
-  place); a version whose text differs from the last one read is loaded and applied;
+  place) and at each resync; a version whose text differs from the last one read is
+  loaded and applied;
 - a version that cannot be read, is invalid, or that the backend cannot express is
   reported and skipped: the kernel keeps the rules of the last version applied;
 - a kernel error is reported, and the version is tried again at the next resync (or,
@@ -74,14 +75,17 @@ def watch(
     pending: Cluster | None = None  # a new version the kernel refused, to try again
     due = 0.0  # when the next resync is
     while not stop.is_set():
+        now = time.monotonic()
+        resyncing = bool(resync) and now >= due
         status = _status(path)
         fresh: Cluster | None = None
-        if status != seen:
+        # A resync reads the file too: a change its status does not show (a rewrite in
+        # place of the same size within the file system's timestamp tick) is not missed.
+        if status != seen or (resyncing and isinstance(status, tuple)):
             seen = status
             fresh, text = _load(path, text, report)
-        now = time.monotonic()
         wanted, new = fresh, True
-        if wanted is None and resync and now >= due:
+        if wanted is None and resyncing:
             wanted, new = (pending, True) if pending is not None else (in_force, False)
         if wanted is not None:
             due = now + resync

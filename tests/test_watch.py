@@ -197,3 +197,16 @@ def test_without_resyncs_a_refused_version_waits_for_the_next_change(watching: S
     replace(path, ADDED + "\n# again\n")
     w.until(Outcome.APPLIED, 2)
     assert kernel.objects == whole(ADDED)
+
+
+def test_a_change_its_status_does_not_show_is_read_at_the_next_resync(
+    watching: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite in place of the same size within one timestamp tick leaves the file's
+    status as it was: the resync reads the file anyway."""
+    monkeypatch.setattr(lbc.watch, "_status", lambda path: ("unchanging",))
+    w, kernel, path = watching(resync=0.1)
+    w.until(Outcome.APPLIED)
+    path.write_text(ADDED)
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(ADDED)
