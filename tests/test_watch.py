@@ -5,6 +5,7 @@ against the real kernel."""
 from __future__ import annotations
 
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ import lbc
 from lbc.apply import FakeKernel
 from lbc.backends.nftables.incremental import objects
 from lbc.backends.nftables.render import build
+from lbc.cli import main
 from lbc.watch import Event, Outcome, watch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,3 +212,20 @@ def test_a_change_its_status_does_not_show_is_read_at_the_next_resync(
     path.write_text(ADDED)
     w.until(Outcome.APPLIED, 2)
     assert kernel.objects == whole(ADDED)
+
+
+def test_the_example_systemd_unit_runs_a_valid_watch_command() -> None:
+    """examples/lbc-watch.service: its ExecStart is an `lbc watch` command line that
+    parses, with the options it names."""
+    unit = (ROOT / "examples" / "lbc-watch.service").read_text()
+    (line,) = [x for x in unit.splitlines() if x.startswith("ExecStart=")]
+    program, *args = shlex.split(line.removeprefix("ExecStart="))
+    assert program.endswith("/lbc") and args[0] == "watch"
+    context = main.make_context("lbc", args)
+    with context:
+        sub = main.get_command(context, args[0])
+        assert sub is not None
+        params = sub.make_context("watch", args[1:]).params
+    assert params["file"] == Path("/etc/lbc/cluster.toml")
+    assert params["backend"] in lbc.backend_names()
+    assert params["resync"] == 30.0
