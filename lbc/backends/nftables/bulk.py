@@ -32,9 +32,7 @@ batch framing are `netlink`'s, shared with a session's changes.
 
 from __future__ import annotations
 
-import errno
 import functools
-import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -52,9 +50,8 @@ from lbc.backends.nftables.netlink import (
     NLA_F_NESTED,
     NLM_F_APPEND,
     NLM_F_CREATE,
-    BatchError,
     Unencodable,
-    acknowledgements,
+    acknowledged,
     element_messages,
     frame,
     rule_expressions,
@@ -257,20 +254,4 @@ def send(messages: Sequence[Message], first_sequence: int = 1) -> None:
         sock.bind((0, 0))
         sock.sendall(payload)
         sock.settimeout(60)
-        _acknowledged(sock, first_sequence, last)
-
-
-def _acknowledged(sock: socket.socket, first: int, last: int) -> None:
-    """Read replies until the last message's acknowledgement or an error."""
-    while True:
-        try:
-            reply = sock.recv(1 << 20)
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:  # errors overflowed the buffer: it failed
-                raise BatchError("the kernel refused the batch (too many errors to read)") from None
-            raise
-        for sequence, error in acknowledgements(reply):
-            if error:
-                raise BatchError(f"message {sequence - first}: {os.strerror(-error)}")
-            if sequence == last:
-                return
+        acknowledged(sock, first_sequence, last)

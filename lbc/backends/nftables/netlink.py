@@ -486,12 +486,7 @@ def send(sock: socket.socket, batch: Batch, first_sequence: int) -> int:
         return first_sequence
     sock.send(frame(batch.messages, first_sequence, ack_each=False))
     last = first_sequence + len(batch.messages)
-    errors = []
-    for number, error in _acks(sock, last):
-        if error:
-            errors.append(f"message {number - first_sequence}: {os.strerror(-error)}")
-    if errors:
-        raise BatchError("; ".join(errors))
+    acknowledged(sock, first_sequence, last)
     return last + 2
 
 
@@ -508,10 +503,10 @@ def acknowledgements(reply: bytes) -> Iterator[tuple[int, int]]:
         offset += (length + 3) & ~3
 
 
-def _acks(sock: socket.socket, last: int) -> Iterator[tuple[int, int]]:
-    """(sequence, error) of every acknowledgement until the first error or that of
-    the last message (the kernel goes on after a failing message, but commits
-    nothing; the caller drops a socket that may hold more answers)."""
+def acknowledged(sock: socket.socket, first: int, last: int) -> None:
+    """Read replies until the acknowledgement of the last message (sequence `last`);
+    `BatchError` naming the first message the kernel refused (it then commits nothing,
+    and more answers may wait on the socket: the caller drops it)."""
     while True:
         try:
             reply = sock.recv(1 << 20)
@@ -520,8 +515,9 @@ def _acks(sock: socket.socket, last: int) -> Iterator[tuple[int, int]]:
                 raise BatchError("the kernel refused the batch (too many errors to read)") from None
             raise
         for sequence, error in acknowledgements(reply):
-            yield sequence, error
-            if error or sequence == last:
+            if error:
+                raise BatchError(f"message {sequence - first}: {os.strerror(-error)}")
+            if sequence == last:
                 return
 
 
