@@ -264,3 +264,67 @@ def test_a_lock_file_that_cannot_be_opened_is_an_apply_error(tmp_path: Path, whe
     with pytest.raises(lbc.ApplyError, match=f"cannot open the lock file {path}: "):
         apply(MANY, kernel, path)
     assert kernel.objects == {} and kernel.commits == 0
+
+
+def test_a_plan_orders_shared_settings_among_the_objects_by_key() -> None:
+    live = State({"a": ("1",), "c": ("1",)}, shared={"b": ("b=0",)})
+    desired = State({"a": ("2",), "c": ("2",)}, shared={"b": ("b=1",), "d": ("d=1",)})
+    assert [c.key for c in plan_between("x", live, desired).changes] == ["a", "b", "c", "d"]
+
+
+def test_a_dry_run_runs_no_work_after_the_commit(lock: Path) -> None:
+    """`after` clears conntrack entries: a dry run must not."""
+    ran: list[lbc.ApplyResult] = []
+
+    def after(result: lbc.ApplyResult) -> lbc.ApplyResult:
+        ran.append(result)
+        return result
+
+    engine = Engine(lbc.backends()["ir"], FakeKernel(), lock)
+    assert not engine.converge(State({"a": ("1",)}), dry_run=True, after=after).applied
+    artifact = lbc.compile(lbc.load(HOSTNAMES), "ir")
+    assert not engine.apply(artifact, dry_run=True, after=after).applied
+    assert ran == []
+    assert engine.converge(State({"a": ("1",)}), after=after).applied and len(ran) == 1
+
+
+def test_a_dry_run_leaves_no_record_that_the_next_apply_would_trust(lock: Path) -> None:
+    kernel = Remembering()
+    apply(HOSTNAMES, kernel, lock)
+    assert apply(WEIGHTED, kernel, lock, dry_run=True).plan.changes
+    result = apply(WEIGHTED, kernel, lock)
+    assert result.applied and not result.read
+    assert kernel.objects == kernel.desired(lbc.compile(lbc.load(WEIGHTED), "ir")).objects
+
+
+def test_a_failed_apply_forgets_the_record_and_the_next_one_reads_the_kernel(lock: Path) -> None:
+    kernel = Remembering()
+    apply(HOSTNAMES, kernel, lock)
+    record = lock.parent / f"{lock.name}.ir.netns-1.json"
+    assert record.exists()
+    kernel.fail_on = next(iter(kernel.objects))
+    with pytest.raises(lbc.ApplyError):
+        apply(WEIGHTED, kernel, lock)
+    assert not record.exists()
+    kernel.fail_on = None
+    assert apply(WEIGHTED, kernel, lock).read
+
+
+class TwoTables(FakeKernel):
+    """A kernel whose commit is two transactions (iptables-nft: one per restored table)."""
+
+    transactions = 2
+
+    def __init__(self) -> None:
+        super().__init__(generations=True)
+
+    def commit(self, live: State, desired: State, plan: lbc.Plan) -> None:
+        super().commit(live, desired, plan)
+        self.current += 1
+
+
+def test_a_commit_of_several_transactions_is_verified_by_as_many_generations(lock: Path) -> None:
+    kernel = TwoTables()
+    engine = Engine(lbc.backends()["ir"], kernel, lock)
+    result = engine.converge(State({"a": ("1",)}))
+    assert result.applied and kernel.snapshots == 1, "verified by generation, not read back"

@@ -397,3 +397,36 @@ def test_sessions_and_one_shot_applies_know_what_the_other_served(
     result = lbc.apply(no_services(config(4, pods)), backend, netns=seed.node.name, lock_path=lock)
     assert [entry.source[1] for entry in result.cleared] == [sport]
     assert ask(seed, 4, sport) == "timeout"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_apply_for_another_node_leaves_the_session_as_it_was(
+    seed: netns.Seed, lock: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session, sport, pods, first = session_with_a_flow(seed, lock, backend)
+
+    def refused(*args: object) -> None:
+        raise lbc.ApplyError("the kernel refused the transaction")
+
+    moved = no_services(for_zone(config(4, pods), "zone-b"))
+    with monkeypatch.context() as patch:
+        patch.setattr(session.engine.kernel, "commit", refused)
+        with pytest.raises(lbc.ApplyError, match="refused"):
+            session.apply(moved)
+    assert ask(seed, 4, sport) == first
+    # The session still knows the service it applied, so the retry clears its flow.
+    result = session.apply(moved)
+    assert [entry.source[1] for entry in result.cleared] == [sport]
+    assert ask(seed, 4, sport) == "timeout"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_session_stops_recording_the_frontends_it_no_longer_serves(
+    seed: netns.Seed, lock: Path, backend: str
+) -> None:
+    # Else a restarted session would clear the flows of an address lbc left long ago.
+    session, _, pods, _ = session_with_a_flow(seed, lock, backend)
+    (record,) = lock.parent.glob(f"{lock.name}.udp.netns-*.json")
+    assert json.loads(record.read_text()) == [[VIPS[4], PORT]]
+    session.apply(no_services(config(4, pods)))
+    assert json.loads(record.read_text()) == []

@@ -22,6 +22,7 @@ import lbc
 from bench.gen import generate
 from lbc.backends.ipvs import kernel as k
 from lbc.backends.ipvs import netlink
+from lbc.backends.ipvs.names import SYSCTLS
 from lbc.backends.ipvs.netlink import (
     AddressStep,
     Dest,
@@ -59,7 +60,8 @@ class FakeNetlink:
         self.addresses: list[str] = []
         self.services: dict[tuple[Proto, str, int], tuple[AddService, dict[str, Dest]]] = {}
         self.rules: str | None = None
-        self.sysctls: dict[str, str | None] = {CONNTRACK: "0"}
+        # ip_vs is loaded: its parameters exist, at Linux's defaults.
+        self.sysctls: dict[str, str | None] = {name: "0" for name, _ in SYSCTLS}
         self.performed: list[Step] = []
         self.fail_at: int | None = None  # the n-th step performed (1-based) fails
         self.crash_at: int | None = None  # ... or kills the process
@@ -76,7 +78,7 @@ class FakeNetlink:
             (repr(svc), sorted((repr(d), d.active) for d in dests.values()))
             for svc, dests in self.services.values()
         )
-        return (self.link, sorted(self.addresses), services, self.rules, self.sysctls)
+        return (self.link, sorted(self.addresses), services, self.rules, dict(self.sysctls))
 
     # -- writing ------------------------------------------------------------------------
     @contextmanager
@@ -145,6 +147,7 @@ class FakeNetlink:
                 _refuse(where not in dests, "(2, 'No such file or directory')")
                 del dests[where]
         elif isinstance(step, SysctlStep):
+            _refuse(step.key not in self.sysctls, "(2, 'No such file or directory')")
             self.sysctls[step.key] = step.value
         elif isinstance(step, RulesStep) and step.verb == "changing":
             self.rules = changed_rules(self.rules or "", step.script)
@@ -1058,6 +1061,28 @@ def test_a_rollback_after_a_read_back_mismatch_restores_the_sysctls(setup: Setup
     assert setup.net.records() == before
 
 
+def test_a_rollback_leaves_a_parameter_that_did_not_exist_before_the_commit(
+    setup: Setup,
+) -> None:
+    """ip_vs loaded during the commit (its parameters appear after the snapshot): the
+    rollback has no value to put back for them, and writes none (an empty write would
+    fail the rollback); the services are rolled back all the same."""
+    name = "net.ipv4.vs.expire_quiescent_template"
+    del setup.net.sysctls[name]
+
+    def load_then_sabotage(net: FakeNetlink, step: Step) -> None:
+        net.sysctls.setdefault(name, "0")  # the module, loaded by the first write
+        if isinstance(step, DestStep) and step.dest.address == "10.244.3.6":
+            net.after_step = None
+            del net.services[(Proto.TCP, VIP, 80)][1]["10.244.1.7:9376"]
+
+    setup.net.after_step = load_then_sabotage
+    with pytest.raises(ApplyError, match="rolled back to the previous state"):
+        setup.apply(hostnames(*THREE))
+    assert setup.net.sysctls[name] == "1"  # as the commit set it: it had no value before
+    assert not setup.net.services
+
+
 def test_a_rollback_restores_sysctls_that_had_drifted_before_the_commit(setup: Setup) -> None:
     setup.apply(hostnames(*THREE))
     setup.net.sysctls[CONNTRACK] = "0"  # drift, which the next apply repairs
@@ -1091,3 +1116,46 @@ def test_delete_plans_no_sysctl_change_and_verify_still_shows_sysctl_drift(
     assert setup.steps_of(lambda: setup.apply(hostnames(*THREE))) == [f"sysctl -w {CONNTRACK}=1"]
     assert setup.steps_of(setup.delete)[-1] == "ip link del lbc-ipvs0"
     assert setup.net.sysctls[CONNTRACK] == "1"
+
+
+def test_no_parameter_is_written_where_the_kernel_has_none_and_none_is_wanted(
+    setup: Setup,
+) -> None:
+    """A state read before ip_vs was loaded names its parameters empty: planning back to
+    it (a rollback) writes none of them."""
+    setup.net.sysctls.clear()
+    kernel = setup.kernel()
+    state = kernel.snapshot()
+    assert state.shared and not kernel.steps(state, state).steps
+
+
+def test_a_change_to_a_service_leaves_its_draining_server_alone(setup: Setup) -> None:
+    setup.apply(hostnames(*THREE))
+    setup.net.set_active("10.244.3.6", 9376, 2)
+    setup.apply(TWO)
+    draining = setup.net.dest("10.244.3.6", 9376)
+    setup.clock.now += 10
+    steps = setup.steps_of(lambda: setup.apply(hostnames(("10.244.1.7", 2), ("10.244.2.3", 1))))
+    assert steps and not [s for s in steps if "10.244.3.6" in s], steps
+    assert setup.net.dest("10.244.3.6", 9376) == draining
+
+
+def test_a_failure_after_a_drain_gives_the_server_its_weight_back(tmp_path: Path) -> None:
+    def started() -> Setup:
+        setup = Setup(tmp_path)
+        setup.apply(hostnames(*THREE, extra=NODE_PORT))
+        setup.net.set_active("10.244.3.6", 9376, 2)
+        return setup
+
+    probe = started()
+    steps = probe.steps_of(lambda: probe.apply(TWO))
+    drain = next(i for i, s in enumerate(steps) if "10.244.3.6" in s and "-w 0" in s)
+    assert drain < len(steps) - 1, steps
+    for n in range(drain + 2, len(steps) + 1):
+        setup = started()
+        before, done = setup.net.records(), len(setup.net.performed)
+        setup.net.fail_at = done + n
+        with pytest.raises(ApplyError, match="injected failure"):
+            setup.apply(TWO)
+        assert setup.net.records() == before
+        assert setup.net.dest("10.244.3.6", 9376).weight == 1

@@ -16,14 +16,22 @@ import pytest
 import lbc
 from bench.gen import generate
 from lbc.apply import Action, Engine, FakeKernel, State
-from lbc.apply.state import Known
-from lbc.backends.nftables.incremental import Table, objects, part_of
+from lbc.apply.state import Known, plan_between
+from lbc.backends.nftables.incremental import (
+    ELEMENT,
+    ConflictError,
+    Part,
+    Table,
+    objects,
+    part_of,
+)
 from lbc.backends.nftables.kernel import parse
 from lbc.backends.nftables.render import build
 from lbc.backends.nftables.text import to_text
 from lbc.compiler.lower import lower, lower_service, merge, node_info
 from lbc.compiler.model import Cluster, Endpoint, Service
 from lbc.errors import UnsupportedError
+from lbc.ir.nodes import NodeInfo, Program
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = sorted((ROOT / "golden").glob("*/cluster.toml"))
@@ -333,3 +341,142 @@ def test_session_sees_a_service_swapped_for_another_in_the_same_place(
     assert kernel.objects == whole(swapped)
     s.apply(cluster)
     assert kernel.objects == whole(cluster)
+
+
+def test_table_refuses_an_object_two_services_make() -> None:
+    """In one update, or one service in an update and another already in the table."""
+    cluster = lbc.load(ROOT / "golden" / "hostnames" / "cluster.toml")
+    info = node_info(cluster)
+    part = part_of(lower_service(info, cluster.services[0]))
+    table = Table(info)
+    with pytest.raises(ConflictError, match="b/two makes"):
+        table.update({"a/one": part, "b/two": part})
+    assert table.objects == {} and table.parts == {}
+    table.update({"a/one": part})
+    before = dict(table.objects)
+    with pytest.raises(ConflictError, match="b/two makes"):
+        table.update({"b/two": part})
+    assert table.objects == before and set(table.parts) == {"a/one"}
+
+
+def element_lines(objects: dict[str, tuple[str, ...]]) -> dict[str, set[str]]:
+    """Shared set name -> its element lines."""
+    return {
+        k.split()[1]: {line for line in lines if line.startswith("element ")}
+        for k, lines in objects.items()
+        if k.startswith(("set ", "map "))
+    }
+
+
+@pytest.mark.parametrize(("name", "cluster"), CASES, ids=IDS)
+def test_table_tells_netlink_writers_each_element_and_object_it_changed(
+    name: str, cluster: Cluster
+) -> None:
+    """`last_delta` holds the element lines each update took out and put in, `element`
+    gives the element of each (those taken out too), and `sources` the chain or set
+    of each service object the table holds, and of no other."""
+    rng = random.Random(name)
+    table = table_of(cluster)
+    spare: list[Service] = []
+    current = cluster
+    for _ in range(25):
+        before = element_lines(table.objects)
+        new = change(rng, current, spare)
+        info = node_info(new)
+        old_keys = {key(s): s for s in current.services}
+        new_keys = {key(s): s for s in new.services}
+        updates: dict[str, Part | None] = {
+            k: part_of(lower_service(info, s))
+            for k, s in new_keys.items()
+            if old_keys.get(k) is not s
+        }
+        updates.update({k: None for k in old_keys.keys() - new_keys.keys()})
+        table.update(updates)
+        after = element_lines(table.objects)
+        for set_name in before.keys() | after.keys():
+            went = sorted(before.get(set_name, set()) - after.get(set_name, set()))
+            came = sorted(after.get(set_name, set()) - before.get(set_name, set()))
+            if went or came:
+                assert table.last_delta[set_name] == (went, came)
+            for line in went + came:
+                assert ELEMENT + table.element(set_name, line).text() == line
+        for set_name, (went, came) in table.last_delta.items():
+            assert (went, came) == (
+                sorted(before.get(set_name, set()) - after.get(set_name, set())),
+                sorted(after.get(set_name, set()) - before.get(set_name, set())),
+            )
+        own = {k for part in table.parts.values() for k in part.objects}
+        assert set(table.sources) == own
+        current = new
+
+
+def test_session_without_a_table_plans_from_what_it_last_wrote(
+    cluster: Cluster, lock: Path
+) -> None:
+    """With generations, a session of a backend without a per-service table plans from
+    its record of the kernel: the plans are those a fresh read would give, also when it
+    started on a kernel that already held the cluster (a restarted agent)."""
+    kernel = FakeKernel(generations=True)
+    lbc.apply(cluster, "ir", kernel=kernel, lock_path=lock)
+    s = session(kernel, lock, "ir")
+    assert s.apply(cluster).plan.in_sync
+    smaller = cluster.model_copy(update={"services": cluster.services[1:]})
+    for version in [smaller, with_extra_endpoint(smaller, 4), cluster]:
+        expected = lbc.plan(version, "ir", kernel=kernel)
+        result = s.apply(version)
+        assert not result.read and result.plan == expected
+        assert kernel.objects == kernel.desired(lbc.compile(version, "ir")).objects
+
+
+def test_session_without_a_table_dry_run_forgets_the_change(cluster: Cluster, lock: Path) -> None:
+    kernel = FakeKernel(generations=True)
+    s = session(kernel, lock, "ir")
+    s.apply(cluster)
+    bigger = with_extra_endpoint(cluster)
+    assert s.apply(bigger, dry_run=True).plan.changes
+    assert s.apply(bigger).applied
+    assert kernel.objects == kernel.desired(lbc.compile(bigger, "ir")).objects
+
+
+@pytest.mark.parametrize("case", ["external-traffic-local", "internal-traffic-local"])
+@pytest.mark.parametrize("dry_run_first", [False, True])
+def test_session_removes_what_a_node_change_takes_away(
+    case: str, dry_run_first: bool, lock: Path
+) -> None:
+    """Renaming the node changes which endpoints are local: some objects go."""
+    cluster = lbc.load(ROOT / "golden" / case / "cluster.toml")
+    moved = cluster.model_copy(
+        update={"node": cluster.node.model_copy(update={"name": "elsewhere"})}
+    )
+    assert whole(cluster).keys() - whole(moved).keys()
+    kernel, s = started(cluster, lock)
+    if dry_run_first:
+        s.apply(moved, dry_run=True)
+        assert kernel.objects == whole(cluster)
+    before = dict(kernel.objects)
+    result = s.apply(moved)
+    assert kernel.objects == whole(moved)
+    expected = plan_between("nftables", State(before), State(whole(moved)))
+    assert result.plan.changes == expected.changes
+
+
+def test_session_lowers_no_service_equal_to_the_one_it_applied(
+    cluster: Cluster, lock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lbc watch` loads the file anew for each version: every service is a new object,
+    and only those not equal to the one applied are lowered again."""
+    kernel, s = started(cluster, lock)
+    lowered: list[str] = []
+
+    def counting(info: NodeInfo, svc: Service) -> Program:
+        lowered.append(svc.name)
+        return lower_service(info, svc)
+
+    monkeypatch.setattr("lbc.session.lower_service", counting)
+    again = lbc.validate(cluster.model_copy(deep=True))
+    assert all(a is not b for a, b in zip(again.services, cluster.services, strict=True))
+    assert s.apply(again).plan.in_sync and lowered == []
+    bigger = with_extra_endpoint(again, 2)
+    s.apply(bigger)
+    assert lowered == [bigger.services[2].name]
+    assert kernel.objects == whole(bigger)

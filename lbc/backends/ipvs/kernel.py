@@ -444,9 +444,11 @@ def plan_steps(
         name, _, value = lines[0].partition("=")
         values[name] = value
     for name, value in sorted(values.items()):
+        if not value:
+            # Read where there was no such parameter (ip_vs not loaded yet): nothing to
+            # set, nor to put back when a rollback returns to that snapshot.
+            continue
         old = live.sysctls.get(name)
-        if old is None and not value:
-            continue  # no such parameter (ip_vs not loaded), and none wanted
         if old != value or full:
             out.add(SysctlStep(name, value), *([SysctlStep(name, old)] if old is not None else []))
     rules_before = {k: v for k, v in before.items() if k.startswith(RULES)}
