@@ -146,6 +146,76 @@ def test_a_valid_file_still_loads() -> None:
     assert cluster.services[0].ports[0].protocol == "UDP"
 
 
+def test_one_name_in_two_namespaces_is_two_services() -> None:
+    cluster = lbc.loads(
+        VALID
+        + """
+[[services]]
+namespace = "other"
+name = "web"
+cluster_ips = ["10.0.0.2"]
+ports = [{ name = "http", port = 80 }]
+"""
+    )
+    assert [(s.namespace, s.name) for s in cluster.services] == [
+        ("default", "web"),
+        ("other", "web"),
+    ]
+
+
+def test_external_traffic_policy_local_applies_to_a_cluster_ip_services_external_ips() -> None:
+    cluster = lbc.loads(
+        VALID.replace(
+            'cluster_ips = ["10.0.0.1"]\n',
+            'cluster_ips = ["10.0.0.1"]\nexternal_ips = ["203.0.113.1"]\n'
+            'external_traffic_policy = "Local"\n',
+        )
+    )
+    (external,) = [f for f in lbc.lower(cluster).frontends if f.address == "203.0.113.1"]
+    assert external.masquerade is lbc.ir.Masquerade.NEVER
+
+
+def test_a_pod_cidr_that_only_holds_a_special_range_is_allowed() -> None:
+    # Refused only when all of it is special: 96.0.0.0/3 holds 127/8, fe00::/7 holds
+    # fe80::/10 and ff00::/8, and pods may still have their other addresses.
+    cluster = lbc.loads(
+        VALID.replace('name = "n"\n', 'name = "n"\npod_cidrs = ["96.0.0.0/3", "fe00::/7"]\n')
+    )
+    assert [str(c) for c in cluster.node.pod_cidrs] == ["96.0.0.0/3", "fe00::/7"]
+
+
+def test_one_port_number_in_two_protocols_is_no_conflict() -> None:
+    # A service port and a node port are each keyed by protocol and number.
+    cluster = lbc.loads(
+        """
+[node]
+name = "n"
+addresses = ["192.168.49.2"]
+[[services]]
+name = "dns"
+type = "NodePort"
+cluster_ips = ["10.0.0.1"]
+ports = [
+  { name = "udp", port = 53, protocol = "UDP", node_port = 30053 },
+  { name = "tcp", port = 53, protocol = "TCP", node_port = 30054 },
+]
+[[services]]
+name = "other"
+type = "NodePort"
+cluster_ips = ["10.0.0.2"]
+ports = [{ name = "tcp", port = 80, node_port = 30053 }]
+"""
+    )
+    node_ports = {
+        (f.proto, f.port, f.service) for f in lbc.lower(cluster).frontends if f.port > 30000
+    }
+    assert node_ports == {
+        ("udp", 30053, "default/dns:udp"),
+        ("tcp", 30054, "default/dns:tcp"),
+        ("tcp", 30053, "default/other:tcp"),
+    }
+
+
 @pytest.mark.parametrize("name", ["Web", "a b", 'a"b', "a'b", "a\\b", "-a", "a-", "a.b", "ä", ""])
 def test_names_that_could_break_a_rule_comment_are_refused(name: str) -> None:
     assert not re.match(DNS_LABEL, name)

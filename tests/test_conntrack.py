@@ -100,6 +100,7 @@ endpoints = [
   {{ ip = "10.244.2.2", node = "node-2", for_zones = ["zone-b"] }},
   {{ ip = "10.244.3.3", node = "node-2", ready = false, serving = true, terminating = true }},
   {{ ip = "10.244.4.4", ready = false, serving = false, terminating = true }},
+  {{ ip = "10.244.5.5", ready = false, serving = true }},
 ]
 """
 
@@ -113,6 +114,7 @@ def test_flows_to_serving_endpoints_stay_whatever_chose_new_flows() -> None:
             flow("10.0.0.10", 53, "10.244.1.1", 53),  # chosen
             flow("10.0.0.10", 53, "10.244.2.2", 53),  # another zone; remote under Local
             flow("10.0.0.10", 53, "10.244.3.3", 53),  # terminating, still serving
+            flow("10.0.0.10", 53, "10.244.5.5", 53),  # serving, neither ready nor terminating
         ]
         assert stale(p, flows) == []
         not_serving = [flow("10.0.0.10", 53, "10.244.4.4", 53)]

@@ -91,6 +91,45 @@ def test_serving_terminating_endpoints_are_the_fallback() -> None:
     assert pool.backends[0].terminating
 
 
+def test_serving_endpoints_neither_ready_nor_terminating_take_no_traffic() -> None:
+    # Not ready and not terminating: starting up or failing its probe, never a fallback.
+    p = program(svc(endpoints='{ ip = "10.244.1.1", ready = false, serving = true }'))
+    pool = p.pool_index()[frontend(p, Kind.CLUSTER_IP).pool]
+    assert not pool.backends and pool.when_empty is Empty.REJECT
+
+
+def test_a_terminating_endpoint_without_serving_is_not_the_fallback() -> None:
+    # A missing `serving` reads as `ready` (false here), unlike kube-proxy's "true".
+    p = program(svc(endpoints='{ ip = "10.244.1.1", ready = false, terminating = true }'))
+    pool = p.pool_index()[frontend(p, Kind.CLUSTER_IP).pool]
+    assert not pool.backends and pool.when_empty is Empty.REJECT
+
+
+def test_the_local_pool_falls_back_to_this_nodes_terminating_endpoints() -> None:
+    p = program(
+        svc(
+            'internal_traffic_policy = "Local"',
+            """
+        { ip = "10.244.1.1", node = "node-1", ready = false, serving = true, terminating = true },
+        { ip = "10.244.2.1", node = "node-2" },
+    """,
+        )
+    )
+    assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.1"]
+    # A ready endpoint here wins over a terminating one here, as cluster-wide.
+    p = program(
+        svc(
+            'internal_traffic_policy = "Local"',
+            """
+        { ip = "10.244.1.1", node = "node-1", ready = false, serving = true, terminating = true },
+        { ip = "10.244.1.2", node = "node-1" },
+        { ip = "10.244.2.1", node = "node-2" },
+    """,
+        )
+    )
+    assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.2"]
+
+
 def test_weight_zero_endpoints_take_no_new_connections() -> None:
     p = program(svc(endpoints='{ ip = "10.244.1.1", weight = 0 }, { ip = "10.244.1.2" }'))
     pool = p.pool_index()[frontend(p, Kind.CLUSTER_IP).pool]
@@ -103,6 +142,14 @@ def test_no_endpoints_rejects_everywhere() -> None:
     for f in p.frontends:
         assert p.pool_index()[f.pool].when_empty is Empty.REJECT
         assert not p.pool_index()[f.pool].backends
+
+
+@pytest.mark.parametrize("policy", ["internal_traffic_policy", "external_traffic_policy"])
+def test_a_local_pool_of_a_service_without_endpoints_rejects(policy: str) -> None:
+    # DROP is for a service whose endpoints are all elsewhere; none at all is REJECT.
+    p = program(svc(f'{policy} = "Local"'))
+    assert any(pool.local_only for pool in p.pools)
+    assert all(pool.when_empty is Empty.REJECT for pool in p.pools)
 
 
 def test_internal_traffic_policy_local_uses_only_local_endpoints_and_drops() -> None:
@@ -155,6 +202,20 @@ def test_node_ports_listen_on_node_addresses_of_the_family() -> None:
     p = program(svc(endpoints='{ ip = "10.244.1.1" }'))
     assert [(f.address, f.port) for f in p.frontends if f.kind is Kind.NODE_PORT] == [
         ("192.168.49.2", 30080)
+    ]
+
+
+def test_localhost_node_ports_are_ipv4_only() -> None:
+    p = program(
+        svc(endpoints='{ ip = "10.244.1.1" }, { ip = "fd00:244::1" }').replace(
+            '["10.0.0.10"]', '["10.0.0.10", "fd00:10::10"]'
+        ),
+        node=NODE + "localhost_node_ports = true\n",
+    )
+    assert [(f.family, f.address) for f in p.frontends if f.kind is Kind.NODE_PORT] == [
+        (4, "127.0.0.1"),
+        (4, "192.168.49.2"),
+        (6, "fd00:49::2"),
     ]
 
 
@@ -323,6 +384,14 @@ def test_zone_hints_count_only_when_every_ready_endpoint_has_them() -> None:
     assert hinted(eps) == ["10.244.1.1"]
 
 
+def test_node_hints_count_only_when_every_ready_endpoint_has_them() -> None:
+    eps = """
+        { ip = "10.244.1.1", for_nodes = ["node-1"] },
+        { ip = "10.244.1.2" },
+    """
+    assert hinted(eps) == ["10.244.1.1", "10.244.1.2"]
+
+
 def test_node_hints_come_first_and_fall_back_to_zone_hints() -> None:
     eps = """
         { ip = "10.244.1.1", for_nodes = ["node-1"], for_zones = ["zone-a"] },
@@ -347,6 +416,9 @@ def test_hints_never_narrow_the_local_pools() -> None:
     )
     assert addresses(p, frontend(p, Kind.NODE_PORT).pool) == ["10.244.1.1"]
     assert addresses(p, frontend(p, Kind.CLUSTER_IP).pool) == ["10.244.1.2"]
+    # The IR names the hints a pool followed: the local pool followed none.
+    hints = {pool.local_only: pool.hints for pool in p.pools}
+    assert hints == {False: "zone zone-a", True: ""}
 
 
 def test_hints_that_leave_only_weight_zero_endpoints_are_not_followed() -> None:

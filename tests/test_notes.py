@@ -52,6 +52,16 @@ CASES = {
         "zone-a",
         None,
     ),
+    "an-endpoint-without-hints-that-is-not-ready-and-none-for-this-zone": (
+        '{ ip = "10.244.1.7", ready = false }, { ip = "10.244.2.3", for_zones = ["zone-b"] }',
+        "zone-a",
+        "no ready endpoint is hinted for this zone, zone-a",
+    ),
+    "hints-only-on-an-endpoint-that-is-not-ready": (
+        '{ ip = "10.244.1.7", ready = false, for_zones = ["zone-b"] }, { ip = "10.244.2.3" }',
+        "zone-a",
+        None,
+    ),
     "a-node-without-a-zone": (
         '{ ip = "10.244.1.7", for_zones = ["zone-a"] }',
         None,
@@ -74,6 +84,11 @@ CASES = {
         '{ ip = "10.244.2.3", for_nodes = ["node-3"], for_zones = ["zone-b"] }',
         "zone-a",
         None,
+    ),
+    "only-node-hints-none-for-this-node": (
+        '{ ip = "10.244.1.7", for_nodes = ["node-2"] }',
+        "zone-a",
+        "no ready endpoint is hinted for this node, node-1",
     ),
     "neither-node-nor-zone-hints-followed": (
         '{ ip = "10.244.1.7", for_nodes = ["node-2"], for_zones = ["zone-b"] }',

@@ -58,6 +58,53 @@ def test_origin_can_be_overridden() -> None:
     assert {c.address for c in as_pod.choices} == {"10.244.1.7", "10.244.2.3"}
 
 
+def test_a_loopback_source_is_the_node_itself() -> None:
+    # Under externalTrafficPolicy Local the node reaches every endpoint, masqueraded.
+    p = program("external-traffic-local")
+    for source, destination in (("127.0.0.1", "198.51.100.20"), ("127.0.0.2", "198.51.100.20")):
+        result = trace(p, source, destination, 80)
+        assert result.origin is Origin.NODE, result.steps
+        assert {c.address for c in result.choices} == {"10.244.1.7", "10.244.2.3"}
+        assert all(c.masquerade for c in result.choices)
+
+
+def test_without_a_pod_cidr_cluster_ip_traffic_keeps_its_source() -> None:
+    # Off-cluster masquerade needs the pod CIDR to tell pods apart; the backends then
+    # mark nothing, and the IR says the same.
+    cluster = lbc.loads(
+        """
+[node]
+name = "node-1"
+addresses = ["192.168.49.2"]
+[[services]]
+name = "web"
+cluster_ips = ["10.0.1.10"]
+ports = [{ port = 80 }]
+endpoints = [{ ip = "10.244.1.7" }]
+"""
+    )
+    result = trace(cluster, "198.18.0.5", "10.0.1.10", 80)
+    assert result.origin is Origin.EXTERNAL
+    assert [(c.address, c.masquerade) for c in result.choices] == [("10.244.1.7", False)]
+
+
+def test_a_pool_of_weight_zero_endpoints_refuses_like_an_empty_one() -> None:
+    cluster = lbc.loads(
+        """
+[node]
+name = "node-1"
+pod_cidrs = ["10.244.0.0/16"]
+[[services]]
+name = "web"
+cluster_ips = ["10.0.1.10"]
+ports = [{ port = 80 }]
+endpoints = [{ ip = "10.244.1.7", weight = 0 }, { ip = "10.244.2.3", weight = 0 }]
+"""
+    )
+    result = trace(cluster, "10.244.9.9", "10.0.1.10", 80)
+    assert result.verdict is Verdict.REJECT and not result.choices, result.steps
+
+
 def test_explain_prints_the_path() -> None:
     result = CliRunner().invoke(
         main,
