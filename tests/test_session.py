@@ -124,6 +124,19 @@ def change(rng: random.Random, cluster: Cluster, spare: list[Service]) -> Cluste
     return cluster.model_copy(update={"services": services})
 
 
+def updates(current: Cluster, new: Cluster) -> dict[str, Part | None]:
+    """What `Table.update` takes to go from `current` to `new`: the part of each new or
+    changed service (by identity, as a session tells them), None for each one gone."""
+    info = node_info(new)
+    old_keys = {key(s): s for s in current.services}
+    new_keys = {key(s): s for s in new.services}
+    out: dict[str, Part | None] = {
+        k: part_of(lower_service(info, s)) for k, s in new_keys.items() if old_keys.get(k) is not s
+    }
+    out.update({k: None for k in old_keys.keys() - new_keys.keys()})
+    return out
+
+
 @pytest.mark.parametrize(("name", "cluster"), CASES, ids=IDS)
 def test_table_follows_any_sequence_of_changes(name: str, cluster: Cluster) -> None:
     """After every update the table equals the whole build, and the changes it returns
@@ -135,16 +148,7 @@ def test_table_follows_any_sequence_of_changes(name: str, cluster: Cluster) -> N
     for _ in range(25):
         before = dict(table.objects)
         new = change(rng, current, spare)
-        info = node_info(new)
-        old_keys = {key(s): s for s in current.services}
-        new_keys = {key(s): s for s in new.services}
-        updates = {
-            k: part_of(lower_service(info, s))
-            for k, s in new_keys.items()
-            if old_keys.get(k) is not s
-        }
-        updates.update({k: None for k in old_keys.keys() - new_keys.keys()})
-        changes = table.update(updates)
+        changes = table.update(updates(current, new))
         assert table.objects == whole(new)
         for c in changes:
             assert before.get(c.key, ()) == c.before
@@ -382,16 +386,7 @@ def test_table_tells_netlink_writers_each_element_and_object_it_changed(
     for _ in range(25):
         before = element_lines(table.objects)
         new = change(rng, current, spare)
-        info = node_info(new)
-        old_keys = {key(s): s for s in current.services}
-        new_keys = {key(s): s for s in new.services}
-        updates: dict[str, Part | None] = {
-            k: part_of(lower_service(info, s))
-            for k, s in new_keys.items()
-            if old_keys.get(k) is not s
-        }
-        updates.update({k: None for k in old_keys.keys() - new_keys.keys()})
-        table.update(updates)
+        table.update(updates(current, new))
         after = element_lines(table.objects)
         for set_name in before.keys() | after.keys():
             went = sorted(before.get(set_name, set()) - after.get(set_name, set()))
