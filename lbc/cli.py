@@ -50,6 +50,19 @@ def _fail(exc: LbcError) -> NoReturn:
     sys.exit(EXIT_KERNEL)
 
 
+EXIT_INTERRUPTED = 130  # SIGINT (128 + 2), as a shell reports it
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C during an apply or delete: the engine holds it back while it writes."""
+    click.echo(
+        "lbc: interrupted; a commit in progress was finished, never left half made "
+        "(`lbc verify` tells whether the kernel holds the new rules)",
+        err=True,
+    )
+    sys.exit(EXIT_INTERRUPTED)
+
+
 class _OutputError(Exception):
     """Standard output cannot be written (a full disk, a closed file; not a broken pipe)."""
 
@@ -469,6 +482,8 @@ def apply_cmd(
         )
     except LbcError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
     if dry_run:
         _show_plan(result.plan, "text")
     for warning in result.warnings:
@@ -578,6 +593,8 @@ def delete_cmd(
         )
     except LbcError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
     if dry_run:
         _show_plan(result.plan, "text")
     _echo(result.summary())

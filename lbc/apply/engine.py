@@ -1,5 +1,8 @@
 """The apply engine: lock, snapshot, plan, atomic commit, verify, roll back on failure.
 
+SIGINT and SIGTERM wait while a commit, its verification and any rollback run
+(`lbc.apply.shield`), so an interrupted apply leaves the old rules or the new ones.
+
 Verifying a commit: an adapter whose kernel numbers its ruleset generations (nftables
 does: every committed transaction in a network namespace advances the generation by
 one, and nothing else does) lets the engine verify without reading everything back.
@@ -22,6 +25,7 @@ from lbc.apply import memory
 from lbc.apply.adapter import KernelAdapter
 from lbc.apply.conntrack import Tracked
 from lbc.apply.lock import DEFAULT_LOCK, host_lock
+from lbc.apply.shield import shielded
 from lbc.apply.state import Change, Known, Plan, State, plan_between
 from lbc.backends.base import Artifact, Backend
 from lbc.collector import paused
@@ -205,20 +209,22 @@ class Engine:
             plan = plan_between(self.backend.name, live, desired, full)
         if (plan.in_sync and not full) or dry_run:
             return ApplyResult(plan, False, time.perf_counter() - start, before, read)
-        self._step(f"committing: {plan.summary()}")
-        self.kernel.commit(live, desired, plan)
-        after_generation = self.generation()
-        # How many transactions the commit was (nftables: one; iptables-nft: one per
-        # restored table).
-        sent = getattr(self.kernel, "transactions", 1)
-        if before is not None and after_generation == before + sent:
-            self._step("verified: the commit was the only change to the ruleset")
-        else:
-            self._step("reading back to verify")
-            after = self.kernel.snapshot()
-            drift = plan_between(self.backend.name, after, desired)
-            if not drift.in_sync:
-                self._roll_back(after, live, drift)
+        # From the first write to the verdict on it, SIGINT and SIGTERM wait (`shield`).
+        with shielded():
+            self._step(f"committing: {plan.summary()}")
+            self.kernel.commit(live, desired, plan)
+            after_generation = self.generation()
+            # How many transactions the commit was (nftables: one; iptables-nft: one
+            # per restored table).
+            sent = getattr(self.kernel, "transactions", 1)
+            if before is not None and after_generation == before + sent:
+                self._step("verified: the commit was the only change to the ruleset")
+            else:
+                self._step("reading back to verify")
+                after = self.kernel.snapshot()
+                drift = plan_between(self.backend.name, after, desired)
+                if not drift.in_sync:
+                    self._roll_back(after, live, drift)
         return ApplyResult(plan, True, time.perf_counter() - start, after_generation, read)
 
     def _roll_back(self, now: State, previous: State, drift: Plan) -> None:
