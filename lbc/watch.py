@@ -6,6 +6,11 @@ A loop around one `Session`, so each change costs what changed:
   changes (a tool that replaces it by renaming a new file over it, or writes it in
   place) and at each resync; a version whose text differs from the last one read is
   loaded and applied;
+- a file is read only once it has settled: its status is the same at two looks in a
+  row, or it was last written at least `interval` seconds ago. A file written in place
+  is then not caught half written while its writer is still at work (a prefix of a
+  cluster.toml can be valid, with services missing), and one that changes while it is
+  read is read again;
 - a version that cannot be read, is invalid, or that the backend cannot express is
   reported and skipped: the kernel keeps the rules of the last version applied;
 - a kernel error is reported, and the version is tried again at the next resync (or,
@@ -74,16 +79,21 @@ def watch(
     in_force: Cluster | None = None  # the version the kernel holds
     pending: Cluster | None = None  # a new version the kernel refused, to try again
     due = 0.0  # when the next resync is
+    looked: object = None  # the file's status at the last look
     while not stop.is_set():
         now = time.monotonic()
         resyncing = bool(resync) and now >= due
         status = _status(path)
+        settled = status == looked or _quiet(status, interval)
+        looked = status
         fresh: Cluster | None = None
         # A resync reads the file too: a change its status does not show (a rewrite in
         # place of the same size within the file system's timestamp tick) is not missed.
-        if status != seen or (resyncing and isinstance(status, tuple)):
-            seen = status
-            fresh, text = _load(path, text, report)
+        if settled and (status != seen or (resyncing and isinstance(status, tuple))):
+            read_text = _read(path, status, report)
+            if read_text is not _CHANGED:
+                seen = status
+                fresh, text = _load(path, text, read_text, report)
         wanted, new = fresh, True
         if wanted is None and resyncing:
             wanted, new = (pending, True) if pending is not None else (in_force, False)
@@ -96,6 +106,14 @@ def watch(
         stop.wait(interval)
 
 
+def _quiet(status: object, interval: float) -> bool:
+    """Whether the file of `status` was last written at least `interval` seconds ago."""
+    if not isinstance(status, tuple):
+        return False
+    mtime_ns: int = status[3]
+    return time.time_ns() - mtime_ns >= interval * 1e9
+
+
 def _status(path: Path) -> object:
     """What tells a changed file apart: its identity, size and times, or the error."""
     try:
@@ -105,15 +123,29 @@ def _status(path: Path) -> object:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _load(
-    path: Path, last: str | None, report: Callable[[Event], None]
-) -> tuple[Cluster | None, str | None]:
-    """The cluster of a new version of the file (None: unchanged or not valid), and the
-    text now read."""
+# `_read`'s answer for a file written to while it was read.
+_CHANGED = object()
+
+
+def _read(path: Path, status: object, report: Callable[[Event], None]) -> object:
+    """The text of the file (None: it cannot be read, which is reported), or `_CHANGED`
+    when its status is no longer `status` after the read: read again once it settles."""
     try:
         text = read(path)
     except LbcError as exc:
+        if _status(path) != status:
+            return _CHANGED
         report(Event(Outcome.SKIPPED, _kept(str(exc))))
+        return None
+    return text if _status(path) == status else _CHANGED
+
+
+def _load(
+    path: Path, last: str | None, text: object, report: Callable[[Event], None]
+) -> tuple[Cluster | None, str | None]:
+    """The cluster of a new version of the file (None: unchanged, unreadable or not
+    valid), and the text now read."""
+    if not isinstance(text, str):
         return None, None
     if text == last:
         return None, text

@@ -47,14 +47,16 @@ def replace(path: Path, text: str) -> None:
 class Watching:
     """`watch` running in a thread on `path`, its events collected."""
 
-    def __init__(self, path: Path, kernel: FakeKernel, lock: Path, resync: float) -> None:
+    def __init__(
+        self, path: Path, kernel: FakeKernel, lock: Path, resync: float, interval: float = 0.01
+    ) -> None:
         self.events: list[Event] = []
         self.stop = threading.Event()
         session = lbc.Session("nftables", kernel=kernel, lock_path=lock)
         self.thread = threading.Thread(
             target=watch,
             args=(path, session, self.events.append),
-            kwargs={"interval": 0.01, "resync": resync, "stop": self.stop},
+            kwargs={"interval": interval, "resync": resync, "stop": self.stop},
         )
         self.thread.start()
 
@@ -82,13 +84,13 @@ def watching(tmp_path: Path) -> Iterator[Start]:
     started: list[Watching] = []
 
     def start(
-        text: str | None = HOSTNAMES, resync: float = 0.0
+        text: str | None = HOSTNAMES, resync: float = 0.0, interval: float = 0.01
     ) -> tuple[Watching, FakeKernel, Path]:
         path = tmp_path / "cluster.toml"
         if text is not None:
             replace(path, text)
         kernel = FakeKernel(generations=True)
-        started.append(Watching(path, kernel, tmp_path / "lock", resync))
+        started.append(Watching(path, kernel, tmp_path / "lock", resync, interval))
         return started[-1], kernel, path
 
     yield start
@@ -206,12 +208,61 @@ def test_a_change_its_status_does_not_show_is_read_at_the_next_resync(
 ) -> None:
     """A rewrite in place of the same size within one timestamp tick leaves the file's
     status as it was: the resync reads the file anyway."""
-    monkeypatch.setattr(lbc.watch, "_status", lambda path: ("unchanging",))
+    # (device, inode, size, mtime, ctime) that never change
+    monkeypatch.setattr(lbc.watch, "_status", lambda path: (1, 1, 1, 0, 0))
     w, kernel, path = watching(resync=0.1)
     w.until(Outcome.APPLIED)
     path.write_text(ADDED)
     w.until(Outcome.APPLIED, 2)
     assert kernel.objects == whole(ADDED)
+
+
+def test_a_file_written_in_place_is_read_only_once_its_writer_is_done(
+    watching: Start,
+) -> None:
+    """A writer that rewrites the file line by line: its prefixes are often valid TOML
+    and sometimes a valid cluster with services missing. None of them is read, let
+    alone applied: the file is read once it has stopped changing for an interval."""
+    extra = "".join(
+        f'[[services]]\nname = "extra-{i}"\ncluster_ips = ["10.0.3.{i}"]\n'
+        f'ports = [{{ name = "web", port = 80, target_port = 8080 }}]\n'
+        f'endpoints = [{{ ip = "10.244.9.{i}" }}]\n'
+        for i in range(1, 11)
+    )
+    final = ADDED + extra
+    w, kernel, path = watching(interval=0.5)
+    w.until(Outcome.APPLIED)
+    with path.open("w") as f:  # truncated, then written a line every 20 ms (~1 s)
+        for line in final.splitlines(keepends=True):
+            f.write(line)
+            f.flush()
+            time.sleep(0.02)
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(final)
+    assert [e.outcome for e in w.events] == [Outcome.APPLIED, Outcome.APPLIED]
+
+
+def test_a_file_written_to_while_it_is_read_is_read_again(
+    watching: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What was read is dropped when the file's status changed during the read; the
+    next version is read once it settles."""
+    final = ADDED.replace('node = "node-4"', 'node = "node-4"\nweight = 3')
+
+    def read_then_written(path: Path) -> str:
+        text = path.read_text()
+        if text == ADDED:  # the writer goes on as the read ends
+            time.sleep(0.01)  # a later modification time, whatever the clock's tick
+            path.write_text(final)
+        return text
+
+    monkeypatch.setattr(lbc.watch, "read", read_then_written)
+    w, kernel, path = watching()
+    w.until(Outcome.APPLIED)
+    replace(path, ADDED)
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(final)
+    assert [e.outcome for e in w.events] == [Outcome.APPLIED, Outcome.APPLIED]
 
 
 def test_the_example_systemd_unit_runs_a_valid_watch_command() -> None:
