@@ -489,6 +489,43 @@ def test_nftables_drift_is_shown_and_repaired(node: netns.Netns, tmp_path: Path)
     assert lbc.verify(lbc.load(HOSTNAMES), "nftables", netns=node.name).in_sync
 
 
+def test_nftables_objects_another_writer_added_to_lbcs_table_are_drift(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    """A counter, a quota and a conntrack helper someone added inside `inet lbc`: lbc
+    makes no such objects, so `verify` names each one and `apply` removes them, in a
+    session as in a one-shot apply (the table is lbc's; other tables are not)."""
+    lock = tmp_path / "lock"
+    session = lbc.Session("nftables", netns=node.name, lock_path=lock)
+    session.apply(lbc.load(HOSTNAMES))
+    node.exec("nft", "add", "table", "inet", "someone-else")
+    node.exec("nft", "add", "counter", "inet", "someone-else", "kept")
+    script = (
+        "add counter inet lbc seen\n"
+        "add quota inet lbc budget { 25 mbytes }\n"
+        'add ct helper inet lbc ftp-21 { type "ftp" protocol tcp; }\n'
+    )
+    node.exec("nft", "-f", "/dev/stdin", input=script)
+    result = CliRunner().invoke(
+        main, ["verify", str(HOSTNAMES), "--netns", node.name, "-b", "nftables"]
+    )
+    assert result.exit_code == 1, result.output
+    for key in ("counter seen", "quota budget", "ct helper ftp-21"):
+        assert f"- remove {key}" in result.output
+    fixed = session.apply(lbc.load(HOSTNAMES))
+    assert fixed.plan.counts() == {"add": 0, "change": 0, "remove": 3}
+    listed = node.exec("nft", "list", "table", "inet", "lbc")
+    assert not re.search(r"counter seen|quota budget|ct helper", listed), listed
+    assert lbc.verify(lbc.load(HOSTNAMES), "nftables", netns=node.name).in_sync
+    assert "counter kept" in node.exec("nft", "list", "table", "inet", "someone-else")
+    # A one-shot apply removes them the same way.
+    node.exec("nft", "add", "counter", "inet", "lbc", "again")
+    again = lbc.apply(lbc.load(HOSTNAMES), "nftables", netns=node.name, lock_path=lock)
+    assert [(c.key, c.action.value) for c in again.plan.changes] == [("counter again", "remove")]
+    assert "counter again" not in node.exec("nft", "list", "table", "inet", "lbc")
+    node.exec("nft", "delete", "table", "inet", "someone-else")
+
+
 def test_full_resync_rewrites_everything(node: netns.Netns, tmp_path: Path) -> None:
     lock = tmp_path / "lock"
     recorder = Recording(node)

@@ -47,3 +47,24 @@ def test_the_helper_table_reads_back_as_desired(case: str, scratch: netns.Netns)
     desired = k.desired_state(artifact.data).objects
     wanted = {key: lines for key, lines in desired.items() if key in k.rules_objects(rules.text)}
     assert k.rules_objects(listing) == wanted
+
+
+def test_an_object_another_writer_added_to_the_helper_table_is_removed(
+    scratch: netns.Netns,
+) -> None:
+    """A counter someone added inside lbc's helper table is drift: the change from the
+    table as listed to the desired one replaces the table, which leaves it out."""
+    artifact = ARTIFACTS["hostnames"]
+    (rules,) = [op for op in artifact.data if isinstance(op, LoadRules)]
+    scratch.exec("nft", "-f", "-", input=rules.script())
+    scratch.exec("nft", "add", "counter", rules.family, rules.table, "seen")
+    listed = k.rules_objects(scratch.exec("nft", "list", "table", rules.family, rules.table))
+    desired = k.desired_state(artifact.data).objects
+    wanted = {key: lines for key, lines in desired.items() if key in k.rules_objects(rules.text)}
+    assert set(listed) - set(wanted) == {k.RULES + "counter seen"}
+    step = k.rules_change(listed, wanted)
+    assert step.verb == "replacing"
+    scratch.exec("nft", "-f", "-", input=step.script)
+    after = scratch.exec("nft", "list", "table", rules.family, rules.table)
+    assert "counter seen" not in after
+    assert k.rules_objects(after) == wanted

@@ -34,6 +34,9 @@ from lbc.errors import ApplyError
 TABLE = f"{n.FAMILY} {n.TABLE}"
 TABLE_FLAGS = "table flags"  # the live table's flags (lbc's own table has none)
 _BLOCK = re.compile(r"^\s*(chain|set|map) (\S+) \{\s*$")
+# Any other object of the table, as nft lists one (`counter c {`, `ct helper h {`,
+# `flowtable f {`): lbc makes none, so each is drift that a full replace removes.
+_OTHER_BLOCK = re.compile(r"^\t([a-z]+(?: [a-z]+)?) (\S+) \{\s*$")
 
 
 def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
@@ -47,7 +50,9 @@ def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
     as the `&` lbc writes, IPv6 addresses nft lists with a dotted IPv4 tail as lbc
     writes them (`::10.0.0.1` is `::a00:1`), and the table's flags (`flags dormant`:
     every hook off), which lbc never sets, are an object `table flags` that only a
-    full replace removes.
+    full replace removes. So is every object of another kind than chains, sets and
+    maps (a counter, a quota, a conntrack helper, a flowtable someone added to lbc's
+    table), keyed by its kind and name.
     """
     objects: dict[str, tuple[str, ...]] = {}
     lines = iter(text.splitlines())
@@ -56,6 +61,10 @@ def parse(text: str, listed: bool = False) -> dict[str, tuple[str, ...]]:
         if not m:
             if listed and line.startswith("\tflags "):
                 objects[TABLE_FLAGS] = (line.strip(),)
+            other = _OTHER_BLOCK.match(line) if listed else None
+            if other is not None:
+                kind, name = other.groups()
+                objects[f"{kind} {name}"] = tuple(_body(lines))
             continue
         kind, name = m.groups()
         body = list(_body(lines))
@@ -212,8 +221,8 @@ def incremental_script(live: State, desired: State, plan: Plan, table: str = TAB
     for change in plan.changes:
         kind, name = _name(change.key)
         old, new = before.get(change.key), after.get(change.key)
-        if kind == "table":
-            return None  # the table's own flags: only a new table has none
+        if kind not in ("chain", "set", "map"):
+            return None  # the table's own flags, another writer's counter: replace all
         if kind == "chain":
             if old is None:
                 new_chains.append(name)
