@@ -527,6 +527,7 @@ def watch_cmd(
     of the last one applied stay in force. Runs until SIGTERM or SIGINT; the rules stay
     in force after it stops (`lbc delete` removes them).
     """
+    stop = threading.Event()
     try:
         session = Session(
             backend,
@@ -534,10 +535,10 @@ def watch_cmd(
             lock_path=lock_file,
             lock_timeout=lock_timeout,
             clear_stale_udp=not keep_udp_flows,
+            cancel=stop,  # a stop ends a wait for another apply's lock at once
         )
     except LbcError as exc:
         _fail(exc)
-    stop = threading.Event()
 
     def finish(signum: int, frame: object) -> None:
         # From another thread: the handler runs in the main thread, which may be inside

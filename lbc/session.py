@@ -30,6 +30,7 @@ mutating its lists in place, or the session cannot see the change.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,13 @@ class Session:
         lock_timeout: float = 30.0,
         progress: Callable[[str], None] | None = None,
         clear_stale_udp: bool = True,
+        cancel: threading.Event | None = None,
     ) -> None:
         chosen = plugins.resolve(backend)
         adapter = kernel or chosen.kernel(netns)
-        self.engine = Engine(chosen, adapter, Path(lock_path), lock_timeout, progress)
+        self.engine = Engine(
+            chosen, adapter, Path(lock_path), lock_timeout, progress, cancel=cancel
+        )
         self.netns = netns
         # Stale UDP flows of the changed services are cleared after each apply, as
         # `lbc.apply` does for the whole cluster (not with a kernel of the caller's).

@@ -71,7 +71,8 @@ def watch(
     """Apply `path` through `session` whenever it changes, until `stop` is set.
 
     `resync` 0 turns the periodic re-apply off. An apply in progress always finishes
-    before the loop looks at `stop`.
+    before the loop looks at `stop`; a wait for the lock too, unless the session was
+    made with `stop` as its `cancel` (as `lbc watch` does).
     """
     stop = stop or threading.Event()
     seen: object = None  # the file's status when it was last read
@@ -99,7 +100,7 @@ def watch(
             wanted, new = (pending, True) if pending is not None else (in_force, False)
         if wanted is not None:
             due = now + resync
-            outcome = _apply(session, wanted, new, report)
+            outcome = _apply(session, wanted, new, report, stop)
             if outcome is Outcome.APPLIED:
                 in_force = wanted
             pending = wanted if outcome is Outcome.FAILED and new else None
@@ -157,14 +158,21 @@ def _load(
 
 
 def _apply(
-    session: Session, cluster: Cluster, new: bool, report: Callable[[Event], None]
+    session: Session,
+    cluster: Cluster,
+    new: bool,
+    report: Callable[[Event], None],
+    stop: threading.Event,
 ) -> Outcome:
     """Apply `cluster` (a new version, or the one in force again) and report it; a
     resync that finds nothing to do says nothing."""
     try:
         result = session.apply(cluster)
     except ApplyError as exc:
-        report(Event(Outcome.FAILED, f"{exc}; trying again at the next resync"))
+        # A stop cuts short a wait for the lock (when the session was given the stop
+        # event as its `cancel`): then there is no next time.
+        then = "" if stop.is_set() else "; trying again at the next resync"
+        report(Event(Outcome.FAILED, f"{exc}{then}"))
         return Outcome.FAILED
     except LbcError as exc:  # the backend cannot express this version
         report(Event(Outcome.SKIPPED, _kept(str(exc))))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import lbc
-from lbc.apply import FakeKernel
+from lbc.apply import FakeKernel, host_lock
 from lbc.backends.nftables.incremental import objects
 from lbc.backends.nftables.render import build
 from lbc.cli import main
@@ -263,6 +263,44 @@ def test_a_file_written_to_while_it_is_read_is_read_again(
     w.until(Outcome.APPLIED, 2)
     assert kernel.objects == whole(final)
     assert [e.outcome for e in w.events] == [Outcome.APPLIED, Outcome.APPLIED]
+
+
+def test_a_stop_ends_a_wait_for_another_applys_lock(tmp_path: Path) -> None:
+    """With the stop event as the session's `cancel` (as `lbc watch` makes it), a stop
+    while another apply holds the lock ends the loop at once, not after the lock
+    timeout, and the report does not promise another try."""
+    path, lock = tmp_path / "cluster.toml", tmp_path / "lock"
+    replace(path, HOSTNAMES)
+    stop, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with host_lock(lock):
+            held.set()
+            release.wait(60)
+
+    holding = threading.Thread(target=holder)
+    holding.start()
+    held.wait(5)
+    events: list[Event] = []
+    kernel = FakeKernel(generations=True)
+    session = lbc.Session("nftables", kernel=kernel, lock_path=lock, lock_timeout=60, cancel=stop)
+    loop = threading.Thread(
+        target=watch, args=(path, session, events.append), kwargs={"stop": stop, "interval": 0.01}
+    )
+    try:
+        loop.start()
+        time.sleep(0.3)  # the loop is waiting for the lock
+        stop.set()
+        loop.join(10)
+        assert not loop.is_alive()
+    finally:
+        release.set()
+        holding.join()
+    (event,) = events
+    assert event.outcome is Outcome.FAILED
+    assert "stopped while waiting for" in event.message
+    assert "trying again" not in event.message
+    assert kernel.commits == 0
 
 
 def test_the_example_systemd_unit_runs_a_valid_watch_command() -> None:

@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import lbc
+from lbc.apply import host_lock
 from tests import netns
 
 pytestmark = pytest.mark.netns
@@ -155,3 +157,28 @@ def test_a_namespace_deleted_and_made_again_gets_the_rules_at_the_next_resync(
             assert watcher.stop() == 0
         finally:
             watcher.stop()
+
+
+def test_sigterm_while_another_apply_holds_the_lock_stops_at_once(
+    seed: netns.Seed, tmp_path: Path
+) -> None:
+    """The first apply waits for a lock this test holds; SIGTERM ends the command within
+    moments (not after `--lock-timeout`), exit status 0, nothing written."""
+    path = tmp_path / "cluster.toml"
+    lock = tmp_path / "lock"
+    replace(path, config("hostnames-0uton"))
+    options = {"-b": "nftables", "--netns": seed.node.name, "--lock-file": str(lock)}
+    options |= {"--interval": "0.05", "--lock-timeout": "120"}
+    with host_lock(lock):
+        watcher = Watcher([str(path), *(word for pair in options.items() for word in pair)])
+        try:
+            watcher.expect("watching")
+            time.sleep(0.5)  # the first apply is waiting for the lock
+            started = time.monotonic()
+            assert watcher.stop() == 0
+            assert time.monotonic() - started < 10
+            assert "stopped while waiting for" in watcher.expect("stopped while waiting")
+            watcher.expect("stopped; the rules applied stay in force")
+        finally:
+            watcher.stop()
+    assert "inet lbc" not in seed.node.exec("nft", "list", "tables")

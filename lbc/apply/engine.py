@@ -16,6 +16,7 @@ with the plan, as it does for adapters without generations.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ class Engine:
     progress: Callable[[str], None] | None = None
     # Keep a record of what was written beside the lock file, for the next run.
     remember: bool = True
+    # Once set, a wait for the lock gives up (`ApplyError`, nothing changed).
+    cancel: threading.Event | None = None
 
     def __post_init__(self) -> None:
         # A path given as a string (untyped callers) works too.
@@ -127,7 +130,7 @@ class Engine:
         """
         start = time.perf_counter()
         self._step(f"waiting for the lock {self.lock_path}")
-        with host_lock(self.lock_path, self.lock_timeout):
+        with host_lock(self.lock_path, self.lock_timeout, self.cancel):
             desired = self.kernel.desired(artifact)
             result = self._remembered(desired, dry_run, start, full)
             return result if after is None or dry_run else after(result)
@@ -136,7 +139,7 @@ class Engine:
     def delete(self, dry_run: bool = False) -> ApplyResult:
         """Remove every object lbc owns, and nothing else."""
         start = time.perf_counter()
-        with host_lock(self.lock_path, self.lock_timeout):
+        with host_lock(self.lock_path, self.lock_timeout, self.cancel):
             return self._remembered(State({}), dry_run, start)
 
     def _record(self) -> Path | None:
@@ -182,7 +185,7 @@ class Engine:
         """
         start = time.perf_counter()
         self._step(f"waiting for the lock {self.lock_path}")
-        with host_lock(self.lock_path, self.lock_timeout):
+        with host_lock(self.lock_path, self.lock_timeout, self.cancel):
             result = self._converge(desired, dry_run, start, full, known, changes)
             return result if after is None or dry_run else after(result)
 
