@@ -242,6 +242,20 @@ def test_a_file_written_in_place_is_read_only_once_its_writer_is_done(
     assert [e.outcome for e in w.events] == [Outcome.APPLIED, Outcome.APPLIED]
 
 
+def test_a_file_dated_in_the_future_is_read_once_it_stops_changing(watching: Start) -> None:
+    """A modification time ahead of this host's clock (a file server's clock) never
+    looks quiet; the same status at two looks in a row is enough."""
+    w, kernel, path = watching()
+    w.until(Outcome.APPLIED)
+    tmp = path.with_name("dated-ahead")
+    tmp.write_text(ADDED)
+    ahead = time.time() + 3600
+    os.utime(tmp, (ahead, ahead))
+    os.replace(tmp, path)
+    w.until(Outcome.APPLIED, 2)
+    assert kernel.objects == whole(ADDED)
+
+
 def test_a_file_written_to_while_it_is_read_is_read_again(
     watching: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
