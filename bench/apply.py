@@ -13,7 +13,11 @@ For each size and backend, in throwaway network namespaces (root):
   one-shot `lbc.apply` does it;
 - `session change`: the same change through a `lbc.Session` that applied the cluster
   before (what a node agent runs): only the changed service is lowered and rendered,
-  the kernel is not read while its ruleset generation is the one the session left.
+  the kernel is not read while its ruleset generation is the one the session left;
+- `after another writer`: the same, each change right after another tool committed a
+  rule to a table of its own (`nft add rule ip another-tool ...`), which moves the
+  generation: an nftables session that followed the commits knows lbc's table was
+  left alone and still reads nothing; an iptables session reads the kernel again.
 Figures are wall-clock medians of `--repeat` runs; the machine is shared, so compare
 the ratios.
 """
@@ -107,7 +111,7 @@ def _measure(
     one_shot: bool,
 ) -> dict[str, float]:
     """The figures of `measure`; the lock file (and apply's records) live beside `lock`."""
-    tool, full, change, session_change = [], [], [], []
+    tool, full, change, session_change, foreign = [], [], [], [], []
     bigger = with_one_more_endpoint(cluster)
     for _ in range(repeat):
         with namespace() as ns:
@@ -122,12 +126,22 @@ def _measure(
             session.apply(bigger)  # warm: the first change pays for imports
             for version in (cluster, bigger) * 2:
                 session_change.append(timed(lambda: session.apply(version)))  # noqa: B023
+            another_tool(ns, "add table ip another-tool; add chain ip another-tool c")
+            for version in (cluster, bigger):
+                another_tool(ns, "add rule ip another-tool c counter")
+                foreign.append(timed(lambda: session.apply(version)))  # noqa: B023
     return {
         "tool": statistics.median(tool),
         "full": statistics.median(full),
         "change": statistics.median(change) if change else float("nan"),
         "session": statistics.median(session_change),
+        "foreign": statistics.median(foreign),
     }
+
+
+def another_tool(ns: str, script: str) -> None:
+    """Another writer's nft transaction in the namespace."""
+    subprocess.run(["ip", "netns", "exec", ns, "nft", script], check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(
         f"{'backend':<9} {'services':>8} {'tool alone':>11} {'full apply':>11} "
-        f"{'ratio':>6} {'1-endpoint change':>18} {'session change':>15}"
+        f"{'ratio':>6} {'1-endpoint change':>18} {'session change':>15} "
+        f"{'after another writer':>21}"
     )
     for backend in args.backend:
         for n in args.services:
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{backend:<9} {n:>8} {m['tool']:>10.3f}s {m['full']:>10.3f}s "
                 f"{m['full'] / m['tool']:>6.2f} {m['change'] * 1000:>16.1f}ms "
-                f"{m['session'] * 1000:>13.1f}ms",
+                f"{m['session'] * 1000:>13.1f}ms {m['foreign'] * 1000:>19.1f}ms",
                 flush=True,
             )
     return 0

@@ -17,8 +17,13 @@ generation the kernel was at afterwards, and keeps every service's lowered progr
 - while the kernel's generation is the one the session left, its record of the live
   state is used instead of a snapshot; after the commit, a generation advanced by
   exactly one proves the transaction was the only change (see `lbc.apply.engine`).
-  Anything else (another writer, an adapter without generations) falls back to
-  reading the kernel, so the result is the same as `lbc.apply`'s.
+  With nftables the session also follows the namespace's commits as the kernel
+  announces them (`backends.nftables.generation.Monitor`, what `nft monitor` reads):
+  transactions of other writers that left `inet lbc` alone (another tool's tables,
+  iptables-nft rules) do not make it read the table, before or after its commit.
+  Anything else (a change to lbc's table by another writer, an adapter without
+  generations, a dropped announcement) falls back to reading the kernel, so the
+  result is the same as `lbc.apply`'s.
 
     session = lbc.Session("nftables", netns="node-a")
     session.apply(cluster)            # the first apply: everything
@@ -278,6 +283,12 @@ class Session:
                 else:
                     self._live[change.key] = change.after
         self._known_generation = result.generation
+        # From the first apply on (not before: a first load's objects would flood it),
+        # follow the namespace's commits, so that other writers' transactions that
+        # leave lbc's objects alone cost no read of the kernel (nftables).
+        follow = getattr(self.engine.kernel, "follow", None)
+        if follow is not None and result.generation is not None:
+            follow()
 
     def _apply_table(
         self,

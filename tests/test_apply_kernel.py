@@ -23,6 +23,7 @@ from bench.gen import generate
 from lbc.apply import Plan, State
 from lbc.backends.base import Artifact
 from lbc.backends.iptables.kernel import LIST_FIRST_FROM, IptablesKernel, run_command
+from lbc.backends.nftables import generation
 from lbc.backends.nftables.kernel import NftablesKernel
 from lbc.cli import main
 from tests import netns
@@ -634,13 +635,93 @@ def test_nftables_session_reads_again_after_another_writer(
     session.apply(cluster)
     node.exec("nft", "add", "table", "ip", "another-tool")
     try:
+        # A new generation, but the session saw the transaction leave lbc's table alone.
         untouched = session.apply(cluster)
-        assert untouched.read and untouched.plan.in_sync, "a new generation: read, all in sync"
+        assert not untouched.read and untouched.plan.in_sync
         node.exec("nft", "flush", "chain", "inet", "lbc", "services")
         repaired = session.apply(cluster)
         assert repaired.read and [c.key for c in repaired.plan.changes] == ["chain services"]
         assert lbc.verify(cluster, "nftables", netns=node.name).in_sync
         assert "table ip another-tool" in node.exec("nft", "list", "tables")
+    finally:
+        node.exec("nft", "delete", "table", "ip", "another-tool")
+
+
+class ThenAnotherWriter(NftablesKernel):
+    """Commits, then runs `script` with nft as another writer would, before the engine
+    reads the generation to verify the commit."""
+
+    def __init__(self, ns: netns.Netns, script: str) -> None:
+        super().__init__(ns.name)
+        self.ns, self.script = ns, script
+
+    def commit(self, live: State, desired: State, plan: Plan) -> None:
+        super().commit(live, desired, plan)
+        if self.script:
+            self.ns.exec("nft", "-f", "-", input=self.script)
+
+
+def test_nftables_session_skips_reads_for_other_writers_that_leave_lbc_alone(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    """A session follows the namespace's commits: transactions of other tools, before
+    an apply or between its commit and its check, cost no read of lbc's table; one
+    that touches the table does, and is repaired."""
+    kernel = ThenAnotherWriter(node, "")
+    steps: list[str] = []
+    session = lbc.Session(
+        "nftables", kernel=kernel, lock_path=tmp_path / "lock", progress=steps.append
+    )
+    first = config([("10.244.1.7", 1)], extra=3)
+    second = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=3)
+    try:
+        session.apply(first)
+        node.exec(
+            "nft", "-f", "-", input="add table ip another-tool\nadd chain ip another-tool c\n"
+        )
+        kernel.script = "add rule ip another-tool c counter\n"  # after the next commit
+        steps.clear()
+        changed = session.apply(second)
+        assert not changed.read, steps
+        assert not any(s.startswith("reading") for s in steps), steps
+        assert "verified: the other changes to the ruleset left lbc's alone" in steps
+        assert lbc.verify(second, "nftables", netns=node.name).in_sync
+
+        kernel.script = "add counter inet lbc someone-elses\n"  # touches lbc's table
+        steps.clear()
+        with pytest.raises(lbc.ApplyError, match="rolled back"):
+            session.apply(first)
+        assert "reading back to verify" in steps
+        kernel.script = ""
+        repaired = session.apply(first)
+        assert repaired.read
+        assert lbc.verify(first, "nftables", netns=node.name).in_sync
+    finally:
+        node.exec("nft", "delete", "table", "ip", "another-tool")
+
+
+def test_nftables_session_reads_when_commit_announcements_were_dropped(
+    node: netns.Netns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue too small for another writer's transaction: the kernel drops
+    announcements, and the session can vouch for nothing, so it reads; it follows
+    again from then on."""
+    monkeypatch.setattr(generation, "MONITOR_BUFFER", 4096)
+    session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
+    cluster = config([("10.244.1.7", 1)], extra=3)
+    session.apply(cluster)
+    elements = ", ".join(f"10.1.{i // 250}.{i % 250}" for i in range(2000))
+    script = (
+        "add table ip another-tool\n"
+        f"add set ip another-tool s {{ type ipv4_addr; elements = {{ {elements} }}; }}\n"
+    )
+    try:
+        node.exec("nft", "-f", "-", input=script)
+        flooded = session.apply(cluster)
+        assert flooded.read and flooded.plan.in_sync
+        node.exec("nft", "add", "chain", "ip", "another-tool", "c")
+        calm = session.apply(cluster)
+        assert not calm.read and calm.plan.in_sync
     finally:
         node.exec("nft", "delete", "table", "ip", "another-tool")
 

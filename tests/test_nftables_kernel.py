@@ -19,6 +19,8 @@ import pytest
 
 import lbc
 from lbc.backends.nftables import kernel as nft_kernel
+from lbc.backends.nftables.generation import Generations
+from lbc.backends.nftables.netlink import NFPROTO_INET
 from tests import netns
 from tests.configs import ANY_SOURCE_AND_DOTTED_TAILS, worst_case_config
 from tests.golden import GOLDEN
@@ -201,6 +203,32 @@ def test_a_session_follows_its_namespace_when_it_is_made_again(
     smaller = cluster.model_copy(update={"services": [fewer]})
     assert session.apply(smaller).read
     assert lbc.verify(smaller, "nftables", netns=scratch.name).in_sync
+
+
+def test_following_commits_tells_which_left_lbcs_table_alone(scratch: netns.Netns) -> None:
+    """`Generations.follow`: the commits after it are known, each as touching
+    `inet lbc` or not; a table of the same name in another family is not lbc's."""
+    generations = Generations(scratch.name)
+    try:
+        generations.follow(NFPROTO_INET, "lbc")
+        start = generations.read()
+        scratch.exec("nft", "add", "table", "ip", "lbc")  # another family's `lbc`
+        scratch.exec("nft", "add", "table", "inet", "another-tool")
+        assert generations.read() == start + 2
+        assert generations.quiet(start, start + 2)
+        assert not generations.quiet(start, start + 2, own=1)
+        assert not generations.quiet(start - 1, start + 2), "before following: unknown"
+        assert not generations.quiet(start, start + 3), "not committed yet: unknown"
+        scratch.exec("nft", "add", "table", "inet", "lbc")
+        scratch.exec("nft", "add", "counter", "inet", "lbc", "c")
+        assert not generations.quiet(start + 2, start + 4)
+        assert generations.quiet(start + 2, start + 4, own=2)
+        assert generations.quiet(start + 3, start + 4, own=1)
+    finally:
+        generations.unfollow()
+        scratch.exec("nft", "delete", "table", "ip", "lbc")
+        scratch.exec("nft", "delete", "table", "inet", "another-tool")
+        scratch.exec("nft", "delete", "table", "inet", "lbc")
 
 
 def json_form(case: str) -> str:

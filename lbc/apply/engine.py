@@ -103,6 +103,13 @@ class Engine:
         reader = getattr(self.kernel, "generation", None)
         return None if reader is None else reader()
 
+    def _quiet(self, since: int, until: int, own: int = 0) -> bool:
+        """Whether the adapter knows that the transactions after generation `since` up to
+        `until` left lbc's objects alone, but for `own` of its own (nftables, while a
+        session follows the namespace's commits)."""
+        asker = getattr(self.kernel, "quiet", None)
+        return asker is not None and bool(asker(since, until, own))
+
     @paused
     def plan(self, artifact: Artifact) -> Plan:
         """What apply would change (reads the kernel, writes nothing)."""
@@ -199,7 +206,11 @@ class Engine:
         changes: tuple[Change, ...] | None = None,
     ) -> ApplyResult:
         before = self.generation()
-        read = known is None or before is None or known.generation != before
+        read = (
+            known is None
+            or before is None
+            or (known.generation != before and not self._quiet(known.generation, before))
+        )
         if read:
             self._step(f"reading {self.backend.name} state from the kernel")
             live = self.kernel.snapshot()
@@ -222,6 +233,12 @@ class Engine:
             sent = getattr(self.kernel, "transactions", 1)
             if before is not None and after_generation == before + sent:
                 self._step("verified: the commit was the only change to the ruleset")
+            elif (
+                before is not None
+                and after_generation is not None
+                and self._quiet(before, after_generation, sent)
+            ):
+                self._step("verified: the other changes to the ruleset left lbc's alone")
             else:
                 self._step("reading back to verify")
                 after = self.kernel.snapshot()

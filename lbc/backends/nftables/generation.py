@@ -85,6 +85,7 @@ class Generations:
         self.netns = netns
         self._reader: GenerationReader | None = None
         self._inode = 0  # the namespace the reader was opened in
+        self._monitor: Monitor | None = None
 
     def _open(self) -> GenerationReader:
         if self._reader is None:
@@ -107,7 +108,33 @@ class Generations:
         if not same:
             self._reader.close()
             self._reader = None
+            self.unfollow()
         return not same
+
+    def follow(self, family: int, table: str) -> None:
+        """Follow the commits in the namespace from now on (`Monitor`), unless already
+        following without a loss; `quiet` then answers for later generations."""
+        if self._monitor is not None and not self._monitor.lost:
+            return
+        self.unfollow()
+        try:
+            with inside(self.netns):
+                monitor = Monitor(family, table)
+            # Subscribed first, then the generation: every commit after it is seen.
+            monitor.start = self._open().read()
+        except OSError:
+            return  # no monitor: every question gets "not known"
+        self._monitor = monitor
+
+    def unfollow(self) -> None:
+        """Stop following commits."""
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+
+    def quiet(self, since: int, until: int, own: int = 0) -> bool:
+        """`Monitor.quiet`; False when not following."""
+        return self._monitor is not None and self._monitor.quiet(since, until, own)
 
     def read(self) -> int:
         """The generation now; `ApplyError` when it cannot be read."""
@@ -123,3 +150,119 @@ class Generations:
         except OSError:
             return None
         return None if cookie is None else f"netns-{cookie}"
+
+
+NFNLGRP_NFTABLES = 7  # the multicast group of committed nftables changes
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33
+NFT_MSG_NEWGEN = 15
+# Every nftables object message names its table in attribute 1 (NFTA_TABLE_NAME,
+# NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE,
+# NFTA_OBJ_TABLE, NFTA_FLOWTABLE_TABLE).
+NFTA_ANY_TABLE = 1
+MONITOR_BUFFER = 16 << 20  # bytes the kernel may queue for the monitor (then: read)
+
+
+class Monitor:
+    """The transactions committed in a namespace, as the kernel announces them.
+
+    Subscribed to NFNLGRP_NFTABLES (what `nft monitor` reads): for every committed
+    transaction the kernel sends a message per object it changed, each naming its
+    table, then NFT_MSG_NEWGEN with the new generation. Transactions are committed one
+    at a time, so the messages of two never mix.
+    Made in the namespace it follows; `start` is the generation after which every
+    commit is known (set by the owner right after subscribing). If the kernel drops a
+    message (the queue full), nothing after `start` can be vouched for: the owner
+    makes a new monitor.
+    """
+
+    def __init__(self, family: int, table: str, buffer: int | None = None) -> None:
+        buffer = buffer or MONITOR_BUFFER
+        self.family = family
+        self.table = table.encode() + b"\0"
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER
+        )
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, buffer)
+            except OSError:  # without CAP_NET_ADMIN: as much as rmem_max allows
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.start: int | None = None
+        self.lost = False  # a message was dropped: nothing can be vouched for
+        self._commits: dict[int, bool] = {}  # generation: whether it touched the table
+        self._touching = False  # the transaction being announced touched the table
+
+    def _drain(self) -> None:
+        while not self.lost:
+            try:
+                data = self._sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:  # ENOBUFS: the kernel dropped messages
+                self.lost = True
+                return
+            self._read(data)
+
+    def _read(self, data: bytes) -> None:
+        offset = 0
+        while offset + HEADER.size <= len(data):
+            length, kind, _, _, _ = HEADER.unpack_from(data, offset)
+            if length < HEADER.size:
+                return
+            if kind >> 8 == NFNL_SUBSYS_NFTABLES:
+                family = data[offset + HEADER.size]
+                attributes = data[offset + HEADER.size + _NFGEN.size : offset + length]
+                if kind & 0xFF == NFT_MSG_NEWGEN:
+                    generation = _attributes(attributes).get(NFTA_GEN_ID)
+                    if generation is not None:
+                        number = int(struct.unpack(">I", generation[:4])[0])
+                        self._commits[number] = self._touching
+                    self._touching = False
+                elif (
+                    family == self.family
+                    and _attributes(attributes).get(NFTA_ANY_TABLE) == self.table
+                ):
+                    self._touching = True
+            offset += (length + 3) & ~3
+
+    def quiet(self, since: int, until: int, own: int = 0) -> bool:
+        """Whether every transaction after generation `since` up to `until` is known, and
+        exactly `own` of them touched the table: the caller's own commits, when it made
+        `own` transactions in that span under the host lock, so that every other one
+        left the table alone. Forgets the transactions up to `since`."""
+        self._drain()
+        if self.lost or self.start is None or since < self.start or own < 0:
+            return False
+        for number in [n for n in self._commits if n <= since]:
+            del self._commits[number]
+        touched = 0
+        for number in range(since + 1, until + 1):
+            if number not in self._commits:
+                return False
+            touched += self._commits[number]
+        return touched == own
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+
+def _attributes(data: bytes) -> dict[int, bytes]:
+    """The top-level netlink attributes of `data`, by type."""
+    found: dict[int, bytes] = {}
+    offset = 0
+    while offset + _ATTR.size <= len(data):
+        size, kind = _ATTR.unpack_from(data, offset)
+        if size < _ATTR.size:
+            break
+        found[kind & 0x3FFF] = data[offset + _ATTR.size : offset + size]
+        offset += (size + 3) & ~3
+    return found

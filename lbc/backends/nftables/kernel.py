@@ -28,7 +28,14 @@ from lbc.backends.nftables.bulk import RulesetState
 from lbc.backends.nftables.expr import Ruleset
 from lbc.backends.nftables.generation import Generations
 from lbc.backends.nftables.incremental import ELEMENT, TableState, objects
-from lbc.backends.nftables.netlink import Batch, BatchError, Unencodable, Writer, batch_for
+from lbc.backends.nftables.netlink import (
+    NFPROTO_INET,
+    Batch,
+    BatchError,
+    Unencodable,
+    Writer,
+    batch_for,
+)
 from lbc.errors import ApplyError
 
 TABLE = f"{n.FAMILY} {n.TABLE}"
@@ -325,6 +332,17 @@ class NftablesKernel:
                 self._writer = None
             return None
         return self._generations.read()
+
+    def follow(self) -> None:
+        """Follow the namespace's commits from now on, so that `quiet` can tell other
+        writers' transactions that left lbc's table alone (a long-lived session)."""
+        if self._kernel:
+            self._generations.follow(NFPROTO_INET, n.TABLE)
+
+    def quiet(self, since: int, until: int, own: int = 0) -> bool:
+        """Whether the transactions after generation `since` up to `until` are known to
+        have left lbc's table alone, but for `own` of this process's (`follow`)."""
+        return self._kernel and self._generations.quiet(since, until, own)
 
     def _libnftables(self, script: str) -> str:
         try:
