@@ -17,10 +17,11 @@ generation the kernel was at afterwards, and keeps every service's lowered progr
 - while the kernel's generation is the one the session left, its record of the live
   state is used instead of a snapshot; after the commit, a generation advanced by
   exactly one proves the transaction was the only change (see `lbc.apply.engine`).
-  With nftables the session also follows the namespace's commits as the kernel
-  announces them (`backends.nftables.generation.Monitor`, what `nft monitor` reads):
-  transactions of other writers that left `inet lbc` alone (another tool's tables,
-  iptables-nft rules) do not make it read the table, before or after its commit.
+  With nftables and iptables-nft the session also follows the namespace's commits as
+  the kernel announces them (`backends.nftables.generation.Monitor`, what `nft
+  monitor` reads): transactions of other writers that left lbc's objects alone
+  (another tool's tables or chains) do not make it read the kernel, before or after
+  its commit.
   Anything else (a change to lbc's table by another writer, an adapter without
   generations, a dropped announcement) falls back to reading the kernel, so the
   result is the same as `lbc.apply`'s.

@@ -700,6 +700,45 @@ def test_nftables_session_skips_reads_for_other_writers_that_leave_lbc_alone(
         node.exec("nft", "delete", "table", "ip", "another-tool")
 
 
+def test_iptables_session_skips_reads_for_other_writers_that_leave_lbc_alone(
+    node: netns.Netns, tmp_path: Path
+) -> None:
+    """iptables-nft shares its tables with other tools: a session following the
+    commits tells another tool's chain in the nat table (and another nft table) from
+    lbc's chains and the built-in chains that hold lbc's jumps."""
+    steps: list[str] = []
+    session = lbc.Session(
+        "iptables", netns=node.name, lock_path=tmp_path / "lock", progress=steps.append
+    )
+    first = config([("10.244.1.7", 1)], extra=3)
+    second = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=3)
+    try:
+        session.apply(first)
+        node.exec("iptables", "-t", "nat", "-N", "ANOTHER-TOOL")
+        node.exec("iptables", "-t", "nat", "-A", "ANOTHER-TOOL", "-j", "RETURN")
+        node.exec("nft", "add", "table", "ip", "another-tool")
+        steps.clear()
+        changed = session.apply(second)
+        assert not changed.read, steps
+        assert not any(s.startswith("reading") for s in steps), steps
+        assert lbc.verify(second, "iptables", netns=node.name).in_sync
+
+        # A rule in a built-in chain, where lbc's jumps are: read, and nothing to do.
+        node.exec("iptables", "-t", "nat", "-A", "PREROUTING", "-m", "comment", "--comment", "x")
+        touched = session.apply(second)
+        assert touched.read and touched.plan.in_sync
+        node.exec("iptables", "-t", "nat", "-F", "LBC-SERVICES")
+        repaired = session.apply(first)
+        assert repaired.read
+        assert lbc.verify(first, "iptables", netns=node.name).in_sync
+    finally:
+        node.exec("iptables", "-t", "nat", "-F", "ANOTHER-TOOL")
+        node.exec("iptables", "-t", "nat", "-X", "ANOTHER-TOOL")
+        comment = ["-m", "comment", "--comment", "x"]
+        node.exec("iptables", "-t", "nat", "-D", "PREROUTING", *comment, check=False)
+        node.exec("nft", "delete", "table", "ip", "another-tool")
+
+
 def test_nftables_session_reads_when_commit_announcements_were_dropped(
     node: netns.Netns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 import lbc
 from lbc.backends.nftables import kernel as nft_kernel
-from lbc.backends.nftables.generation import Generations
+from lbc.backends.nftables.generation import Generations, in_table
 from lbc.backends.nftables.netlink import NFPROTO_INET
 from tests import netns
 from tests.configs import ANY_SOURCE_AND_DOTTED_TAILS, worst_case_config
@@ -210,7 +210,7 @@ def test_following_commits_tells_which_left_lbcs_table_alone(scratch: netns.Netn
     `inet lbc` or not; a table of the same name in another family is not lbc's."""
     generations = Generations(scratch.name)
     try:
-        generations.follow(NFPROTO_INET, "lbc")
+        generations.follow(in_table(NFPROTO_INET, "lbc"))
         start = generations.read()
         scratch.exec("nft", "add", "table", "ip", "lbc")  # another family's `lbc`
         scratch.exec("nft", "add", "table", "inet", "another-tool")

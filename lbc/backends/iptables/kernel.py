@@ -21,10 +21,14 @@ from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
 from lbc.backends.iptables import names as n
 from lbc.backends.iptables.render import Documents
-from lbc.backends.nftables.generation import Generations
+from lbc.backends.nftables.generation import Generations, in_chains
 from lbc.errors import ApplyError
 
 TABLES = ("filter", "nat")
+# The built-in chains lbc's jumps are in (any change to them counts as lbc's), and the
+# nf_tables families of iptables and ip6tables (NFPROTO_IPV4, NFPROTO_IPV6).
+BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+NF_FAMILIES = (2, 10)
 # From this many chains written in one table, a restore starts with `-S` (see
 # `_restore_documents`; measured with bench/iptables_restore.py).
 LIST_FIRST_FROM = 2000
@@ -200,6 +204,19 @@ class IptablesKernel:
             self._entered = False
             return None
         return self._generations.read()
+
+    def follow(self) -> None:
+        """Follow the namespace's commits from now on (a long-lived session), so that
+        `quiet` can tell other writers' transactions that left lbc's chains alone: a
+        rule of another tool's chain in the same table is not lbc's; one in a built-in
+        chain, where lbc's jumps are, counts as lbc's."""
+        if self.generation() is not None:
+            self._generations.follow(in_chains(NF_FAMILIES, TABLES, n.PREFIX, BUILTIN_CHAINS))
+
+    def quiet(self, since: int, until: int, own: int = 0) -> bool:
+        """Whether the transactions after generation `since` up to `until` are known to
+        have left lbc's chains alone, but for `own` of this process's (`follow`)."""
+        return self._generations.quiet(since, until, own)
 
     def identity(self) -> str | None:
         """The network namespace's cookie, when generations apply (see `generation`)."""

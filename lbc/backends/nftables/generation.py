@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from lbc.apply.netns import NamespaceError, inside
 from lbc.errors import ApplyError
@@ -111,7 +112,7 @@ class Generations:
             self.unfollow()
         return not same
 
-    def follow(self, family: int, table: str) -> None:
+    def follow(self, touches: Touches) -> None:
         """Follow the commits in the namespace from now on (`Monitor`), unless already
         following without a loss; `quiet` then answers for later generations."""
         if self._monitor is not None and not self._monitor.lost:
@@ -119,7 +120,7 @@ class Generations:
         self.unfollow()
         try:
             with inside(self.netns):
-                monitor = Monitor(family, table)
+                monitor = Monitor(touches)
             # Subscribed first, then the generation: every commit after it is seen.
             monitor.start = self._open().read()
         except OSError:
@@ -159,8 +160,50 @@ SO_RCVBUFFORCE = 33
 NFT_MSG_NEWGEN = 15
 # Every nftables object message names its table in attribute 1 (NFTA_TABLE_NAME,
 # NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE,
-# NFTA_OBJ_TABLE, NFTA_FLOWTABLE_TABLE).
+# NFTA_OBJ_TABLE, NFTA_FLOWTABLE_TABLE); a chain's message names the chain in
+# attribute 3 (NFTA_CHAIN_NAME), a rule's its chain in attribute 2 (NFTA_RULE_CHAIN).
 NFTA_ANY_TABLE = 1
+NFTA_RULE_CHAIN = 2
+NFTA_CHAIN_NAME = 3
+NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_DESTROYCHAIN = 3, 5, 27
+NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DESTROYRULE = 6, 8, 28
+# Whether an announced object message (family, message type, attributes) is of the
+# objects a monitor follows.
+Touches = Callable[[int, int, dict[int, bytes]], bool]
+
+
+def in_table(family: int, table: str) -> Touches:
+    """Any object of one table (nftables: `inet lbc`, all of it lbc's)."""
+    name = table.encode() + b"\0"
+
+    def touches(got: int, kind: int, attributes: dict[int, bytes]) -> bool:
+        return got == family and attributes.get(NFTA_ANY_TABLE) == name
+
+    return touches
+
+
+def in_chains(
+    families: tuple[int, ...], tables: tuple[str, ...], prefix: str, shared: tuple[str, ...]
+) -> Touches:
+    """Chains named `prefix...` and the `shared` chains of some tables, and anything of
+    those tables that is not a chain or a rule (iptables-nft: lbc's `LBC-` chains and
+    its jumps from the built-in chains, in tables other tools use too)."""
+    names = {t.encode() + b"\0" for t in tables}
+    start = prefix.encode()
+    chains = {c.encode() + b"\0" for c in shared}
+
+    def touches(family: int, kind: int, attributes: dict[int, bytes]) -> bool:
+        if family not in families or attributes.get(NFTA_ANY_TABLE) not in names:
+            return False
+        if kind in (NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_DESTROYCHAIN):
+            chain = attributes.get(NFTA_CHAIN_NAME)
+        elif kind in (NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DESTROYRULE):
+            chain = attributes.get(NFTA_RULE_CHAIN)
+        else:
+            return True  # the table itself, a set: not told apart
+        return chain is None or chain.startswith(start) or chain in chains
+
+    return touches
 MONITOR_BUFFER = 16 << 20  # bytes the kernel may queue for the monitor (then: read)
 
 
@@ -177,10 +220,9 @@ class Monitor:
     makes a new monitor.
     """
 
-    def __init__(self, family: int, table: str, buffer: int | None = None) -> None:
+    def __init__(self, touches: Touches, buffer: int | None = None) -> None:
         buffer = buffer or MONITOR_BUFFER
-        self.family = family
-        self.table = table.encode() + b"\0"
+        self.touches = touches
         sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER
         )
@@ -226,9 +268,8 @@ class Monitor:
                         number = int(struct.unpack(">I", generation[:4])[0])
                         self._commits[number] = self._touching
                     self._touching = False
-                elif (
-                    family == self.family
-                    and _attributes(attributes).get(NFTA_ANY_TABLE) == self.table
+                elif not self._touching and self.touches(
+                    family, kind & 0xFF, _attributes(attributes)
                 ):
                     self._touching = True
             offset += (length + 3) & ~3

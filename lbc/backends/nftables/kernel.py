@@ -26,7 +26,7 @@ from lbc.backends.nftables import bulk
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.bulk import RulesetState
 from lbc.backends.nftables.expr import Ruleset
-from lbc.backends.nftables.generation import Generations
+from lbc.backends.nftables.generation import Generations, in_table
 from lbc.backends.nftables.incremental import ELEMENT, TableState, objects
 from lbc.backends.nftables.netlink import (
     NFPROTO_INET,
@@ -337,7 +337,7 @@ class NftablesKernel:
         """Follow the namespace's commits from now on, so that `quiet` can tell other
         writers' transactions that left lbc's table alone (a long-lived session)."""
         if self._kernel:
-            self._generations.follow(NFPROTO_INET, n.TABLE)
+            self._generations.follow(in_table(NFPROTO_INET, n.TABLE))
 
     def quiet(self, since: int, until: int, own: int = 0) -> bool:
         """Whether the transactions after generation `since` up to `until` are known to
