@@ -121,10 +121,14 @@ class Generations:
         try:
             with inside(self.netns):
                 monitor = Monitor(touches)
+        except (OSError, NamespaceError):
+            return  # no monitor: every question gets "not known"
+        try:
             # Subscribed first, then the generation: every commit after it is seen.
             monitor.start = self._open().read()
-        except OSError:
-            return  # no monitor: every question gets "not known"
+        except (OSError, NamespaceError):
+            monitor.close()
+            return
         self._monitor = monitor
 
     def unfollow(self) -> None:
