@@ -112,6 +112,7 @@ def test_an_argument_of_the_wrong_kind_is_a_usage_error(call: Any, message: str)
     with pytest.raises(lbc.UsageError, match=message) as exc:
         call()
     assert isinstance(exc.value, lbc.LbcError) and isinstance(exc.value, TypeError)
+    assert isinstance(exc.value, ValueError)
 
 
 def test_deep_nesting_is_a_config_error_not_a_recursion_error() -> None:
@@ -184,10 +185,65 @@ def test_errors_survive_pickling_for_process_pools() -> None:
     with pytest.raises(lbc.UnsupportedError) as unsupported:
         lbc.compile(lbc.load(ROOT / "golden" / "scheduler-rr" / "cluster.toml"), "iptables")
     with pytest.raises(lbc.ConfigError) as config:
-        lbc.loads("[node]\nname = 'n'\nx = 1\n", filename="f.toml")
+        lbc.loads("[node]\nname = 'n'\nx = 1\ny = 2\n", filename="f.toml")
+    assert len(config.value.problems) == 2
     for exc in (unsupported.value, config.value):
         again = pickle.loads(pickle.dumps(exc))
         assert type(again) is type(exc) and str(again) == str(exc)
-        assert copy.copy(exc).args == exc.args
+        assert copy.copy(exc).args == exc.args == (str(exc),)
     assert pickle.loads(pickle.dumps(unsupported.value)).items == unsupported.value.items
     assert pickle.loads(pickle.dumps(config.value)).problems == config.value.problems
+
+
+TWO_SCHEDULERS = """\
+[node]
+name = "n"
+[[services]]
+name = "a"
+scheduler = "rr"
+cluster_ips = ["10.0.0.1"]
+ports = [{ name = "http", port = 80 }]
+[[services]]
+name = "b"
+scheduler = "lc"
+cluster_ips = ["10.0.0.2"]
+ports = [{ name = "dns", port = 53, protocol = "UDP" }]
+"""
+
+
+def test_unsupported_error_names_the_backend_and_every_thing_it_cannot_express() -> None:
+    with pytest.raises(lbc.UnsupportedError) as exc:
+        lbc.compile(lbc.loads(TWO_SCHEDULERS), "iptables")
+    assert exc.value.backend == "iptables"
+    assert str(exc.value) == (
+        "backend 'iptables' cannot express 2 thing(s):\n"
+        "  default/a:http/tcp ipv4: rr: scheduler rr\n"
+        "  default/b:dns/udp ipv4: lc: scheduler lc"
+    )
+
+
+def test_every_error_lbc_raises_is_an_lbc_error() -> None:
+    raised = [
+        lbc.ConfigError,
+        lbc.UnsupportedError,
+        lbc.UsageError,
+        lbc.PluginError,
+        lbc.ApplyError,
+    ]
+    assert all(issubclass(cls, lbc.LbcError) for cls in raised)
+
+
+def test_a_problem_is_an_immutable_hashable_value() -> None:
+    problem = lbc.Problem("f.toml", "node.name", 2, "missing required key 'name'")
+    assert {problem, lbc.Problem("f.toml", "node.name", 2, "missing required key 'name'")} == {
+        problem
+    }
+    with pytest.raises(AttributeError):
+        problem.line = 3  # type: ignore[misc]
+
+
+def test_diff_labels_the_old_and_the_new_side() -> None:
+    old = lbc.load(EXAMPLE)
+    new = lbc.load(ROOT / "golden" / "weighted" / "cluster.toml")
+    text = lbc.diff(old, new, "ir", old_name="before.toml", new_name="after.toml")
+    assert text.startswith("--- before.toml\n+++ after.toml\n")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from click.testing import CliRunner
 
 import lbc
 from lbc.apply import Action, Engine, FakeKernel, State, host_lock
+from lbc.apply.conntrack import udp_frontends
 from lbc.apply.state import changes, plan_between
+from lbc.backends.ir_text import IrBackend
 from lbc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,3 +366,57 @@ def test_a_commit_of_several_transactions_is_verified_by_as_many_generations(loc
     engine = Engine(lbc.backends()["ir"], kernel, lock)
     result = engine.converge(State({"a": ("1",)}))
     assert result.applied and kernel.snapshots == 1, "verified by generation, not read back"
+
+
+def test_delete_takes_the_lock_at_its_lock_path(lock: Path) -> None:
+    with (
+        host_lock(lock),
+        pytest.raises(lbc.ApplyError, match=f"another lbc apply holds {lock}"),
+    ):
+        lbc.delete("ir", kernel=FakeKernel(), lock_path=lock, lock_timeout=0.1)
+
+
+def test_an_apply_to_a_callers_kernel_clears_no_conntrack_entries(
+    lock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The conntrack table is the host's (or the namespace's), not the caller's kernel.
+    cleared: list[object] = []
+    monkeypatch.setattr("lbc.api.after_apply", lambda *args, **kw: cleared.append(args))
+    assert apply(ROOT / "golden" / "udp-sctp" / "cluster.toml", FakeKernel(), lock).applied
+    assert cleared == []
+
+
+def test_frontends_whose_stale_flows_were_not_cleared_are_tried_again_next_apply(
+    lock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With lbc's own kernel, each apply clears the flows of the UDP frontends that went
+    # away since the last; when that fails, the next apply still knows them.
+    kernel = FakeKernel()
+
+    class OwnKernel(IrBackend):
+        def kernel(self, netns: str | None = None) -> FakeKernel:
+            return kernel
+
+    record = tmp_path / "served"
+    monkeypatch.setattr("lbc.api.served_record", lambda lock_path, netns: record)
+    gone: list[set[object]] = []
+    fail = [False, True, False]
+
+    def after_apply(
+        result: lbc.ApplyResult,
+        program: object,
+        netns: object,
+        stale: Iterable[object],
+        **kw: object,
+    ) -> lbc.ApplyResult:
+        gone.append(set(stale))
+        failed = ("conntrack: cannot clear",) if fail[len(gone) - 1] else ()
+        return dataclasses.replace(result, warnings=failed)
+
+    monkeypatch.setattr("lbc.api.after_apply", after_apply)
+    udp = lbc.load(ROOT / "golden" / "udp-sctp" / "cluster.toml")
+    for cluster in (udp, lbc.load(HOSTNAMES), lbc.load(HOSTNAMES)):
+        lbc.apply(cluster, OwnKernel(), lock_path=lock)
+    udp_places = udp_frontends([lbc.lower(udp)])
+    assert udp_places
+    assert gone == [set(), udp_places, udp_places]

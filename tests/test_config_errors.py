@@ -15,6 +15,7 @@ import ipaddress
 import json
 import random
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,6 +116,32 @@ def test_loads_names_the_string_when_no_filename_is_given() -> None:
     )
 
 
+def test_an_unknown_key_in_the_wrong_case_gets_a_suggestion() -> None:
+    text = VALID + 'endpoints = [{ IP = "10.0.0.9" }]\n'
+    assert problems_of(text) == (
+        lbc.Problem(
+            "<string>", "services[0].endpoints[0].IP", 7, "unknown key 'IP'; did you mean 'ip'?"
+        ),
+    )
+
+
+def test_a_service_with_a_bad_namespace_is_not_compared_as_one_in_default() -> None:
+    # Its namespace is unknown: it is no duplicate of default/web.
+    text = (
+        VALID
+        + """\
+[[services]]
+namespace = "Other_NS"
+name = "web"
+cluster_ips = ["10.0.0.2"]
+ports = [{ name = "http", port = 80 }]
+"""
+    )
+    (problem,) = problems_of(text)
+    assert (problem.line, problem.path) == (8, "services[1].namespace")
+    assert problem.message.startswith("namespace 'Other_NS' is not a DNS label")
+
+
 def test_unknown_key_without_a_close_match_gets_no_suggestion() -> None:
     with pytest.raises(lbc.ConfigError) as info:
         lbc.loads('[node]\nname = "n"\ncolour = "blue"\n')
@@ -138,7 +165,28 @@ def test_a_directory_is_a_config_error(tmp_path: Path) -> None:
 
 def test_a_path_given_as_a_one_line_string_is_read() -> None:
     (problem,) = problems_of(str(BAD / "port-zero.toml"))
-    assert problem.path == "services[0].ports[0].port"
+    assert (problem.file, problem.path) == (
+        str(BAD / "port-zero.toml"),
+        "services[0].ports[0].port",
+    )
+
+
+def test_a_string_of_several_lines_is_text_even_without_an_equals_sign() -> None:
+    assert problems_of("[node]\n") == (
+        lbc.Problem("<string>", "node.name", 1, "missing required key 'name'"),
+    )
+
+
+def test_an_existing_file_whose_name_holds_an_equals_sign_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "a=b.toml"
+    path.write_text(VALID, encoding="utf-8")
+    assert lbc.load(str(path)) == lbc.loads(VALID)
+
+
+def test_a_path_with_a_nul_character_is_named_visibly() -> None:
+    assert problems_of("a\0b") == (
+        lbc.Problem("'a\\x00b'", "", None, "not a path: embedded null byte"),
+    )
 
 
 def test_a_valid_file_still_loads() -> None:
@@ -308,6 +356,19 @@ def test_a_negative_integer_too_long_for_python_is_a_config_error() -> None:
             "node.masquerade_mark",
             3,
             "integer too large (4500 digits; a TOML integer fits in 64 bits)",
+        ),
+    )
+
+
+def test_an_integer_one_digit_over_pythons_limit_is_located() -> None:
+    digits = sys.get_int_max_str_digits() + 1
+    text = '[node]\nname = "n"\nmasquerade_mark = ' + "4" * digits + "\n"
+    assert problems_of(text) == (
+        lbc.Problem(
+            "<string>",
+            "node.masquerade_mark",
+            3,
+            f"integer too large ({digits} digits; a TOML integer fits in 64 bits)",
         ),
     )
 

@@ -114,6 +114,21 @@ name = "@13"
 [fruits.varieties.detail]
 size = 15
 """,
+    "bare-keys-with-hyphens": """\
+for-zones = 1
+[a-b]
+c-d = 3
+"e-f".g-h = 4
+[[x-y]]
+z = 6
+""",
+    "comments-after-bare-values": """\
+a = 1  # a comment, with ] and }
+b = 2#,]
+t = { c = 3 }  # ,
+d = [ 4 ] # ]
+e = 5
+""",
 }
 
 # Booleans, floats and date-times cannot state their line, so they get a test of their own.
@@ -288,6 +303,8 @@ def test_format_path() -> None:
     # Keys that are not bare TOML keys are quoted so the path reads unambiguously.
     assert format_path(("services", 0, "a b")) == "services[0].'a b'"
     assert format_path(("x.y",)) == "'x.y'"
+    assert format_path(("node", "")) == "node.''"
+    assert format_path(("for-zones",)) == "for-zones"
 
 
 def test_module_example() -> None:

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 import tomli
 
+from lbc.compiler import prevalidate as prevalidate_module
 from lbc.compiler.load import loads
 from lbc.compiler.model import Cluster, Endpoint
-from lbc.compiler.prevalidate import _ENABLED, _Endpoints, prevalidate
+from lbc.compiler.prevalidate import _ENABLED, _Endpoints, _works, prevalidate
 
 VALID: list[dict[str, Any]] = [
     {"ip": "10.0.0.1"},
@@ -45,6 +46,7 @@ INVALID: list[object] = [
     {"ip": "10.0.0.1", "node": ["n"]},
     {"ip": "10.0.0.1", "zone": "-a"},
     {"ip": "10.0.0.1", "zone": "a" * 64},
+    {"ip": "10.0.0.1", "zone": "a\n"},
     {"ip": "10.0.0.1", "weight": -1},
     {"ip": "10.0.0.1", "weight": 65536},
     {"ip": "10.0.0.1", "weight": True},
@@ -58,8 +60,10 @@ INVALID: list[object] = [
     {"ip": "10.0.0.1", "for_zones": ["a" * 64]},
     {"ip": "10.0.0.1", "for_zones": ["-a"]},
     {"ip": "10.0.0.1", "for_zones": [1]},
+    {"ip": "10.0.0.1", "for_zones": ["a\n"]},
     {"ip": "10.0.0.1", "for_nodes": ["Node"]},
     {"ip": "10.0.0.1", "for_nodes": [""]},
+    {"ip": "10.0.0.1", "for_nodes": ["a" * 254]},
     {"ip": "10.0.0.1", "for_nodes": ("n",)},
     # Zone ids: the schema refuses them (the fast path reads IPv4 only by itself).
     {"ip": "fd00::1%eth0"},
@@ -68,6 +72,22 @@ INVALID: list[object] = [
 
 def test_the_fast_path_is_on() -> None:
     assert _ENABLED
+
+
+def test_the_fast_path_turns_itself_off_when_it_disagrees_with_pydantic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _works()
+    with monkeypatch.context() as changed:
+        changed.setitem(prevalidate_module._DEFAULTS, "terminating", True)
+        assert not _works()
+    with monkeypatch.context() as changed:
+        changed.setattr(prevalidate_module, "_pton", _unexpected)
+        assert not _works()
+
+
+def _unexpected(*_: object) -> bytes:
+    raise TypeError("internals changed")
 
 
 @pytest.mark.parametrize("raw", VALID, ids=lambda raw: str(raw))

@@ -46,3 +46,11 @@ def test_ci_runs_the_readme_test_command() -> None:
         "python3 -m venv .venv && .venv/bin/pip install . && "
         ".venv/bin/lbc compile examples/hostnames.toml --backend iptables"
     ) in README
+
+
+def test_the_bad_input_corpus_is_counted_right() -> None:
+    """Every count of tests/bad/ the README gives is the number of files there."""
+    files = len(list((ROOT / "tests" / "bad").glob("*.toml")))
+    counts = re.findall(r"(\d+) broken files|the (\d+)-file bad-input corpus", README)
+    assert len(counts) == 2, counts
+    assert {int(a or b) for a, b in counts} == {files}

@@ -208,6 +208,8 @@ def in_chains(
         return chain is None or chain.startswith(start) or chain in chains
 
     return touches
+
+
 MONITOR_BUFFER = 16 << 20  # bytes the kernel may queue for the monitor (then: read)
 
 
