@@ -285,31 +285,21 @@ def test_a_stop_ends_a_wait_for_another_applys_lock(tmp_path: Path) -> None:
     timeout, and the report does not promise another try."""
     path, lock = tmp_path / "cluster.toml", tmp_path / "lock"
     replace(path, HOSTNAMES)
-    stop, held, release = threading.Event(), threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with host_lock(lock):
-            held.set()
-            release.wait(60)
-
-    holding = threading.Thread(target=holder)
-    holding.start()
-    held.wait(5)
+    stop = threading.Event()
     events: list[Event] = []
     kernel = FakeKernel(generations=True)
     session = lbc.Session("nftables", kernel=kernel, lock_path=lock, lock_timeout=60, cancel=stop)
     loop = threading.Thread(
         target=watch, args=(path, session, events.append), kwargs={"stop": stop, "interval": 0.01}
     )
-    try:
+    with host_lock(lock):
         loop.start()
-        time.sleep(0.3)  # the loop is waiting for the lock
-        stop.set()
-        loop.join(10)
+        try:
+            time.sleep(0.3)  # the loop is waiting for the lock
+        finally:
+            stop.set()
+            loop.join(10)
         assert not loop.is_alive()
-    finally:
-        release.set()
-        holding.join()
     (event,) = events
     assert event.outcome is Outcome.FAILED
     assert "stopped while waiting for" in event.message
