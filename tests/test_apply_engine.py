@@ -268,6 +268,39 @@ def test_a_plan_sets_shared_settings_the_desired_state_names_and_never_removes_o
     assert plan_between("x", live, State(live.objects, shared={"s3": ("s3=1",)})).in_sync
 
 
+def test_a_plan_sets_shared_settings_a_live_state_does_not_have_yet() -> None:
+    """A kernel that reports none of the settings (a fresh node): each one desired is
+    added."""
+    desired = State({"b": ("1",)}, shared={"s1": ("s1=1",), "s2": ("s2=1",)})
+    assert len(desired) == 1, "a state's size counts the objects lbc owns"
+    plan = plan_between("x", State({"b": ("1",)}), desired)
+    assert [(c.key, c.action, c.after) for c in plan.changes] == [
+        ("s1", Action.ADD, ("s1=1",)),
+        ("s2", Action.ADD, ("s2=1",)),
+    ]
+
+
+def test_a_plans_summary_and_json_count_and_show_each_action_apart() -> None:
+    """Three objects added, two changed, one removed: each count in its own place, and
+    each change with its lines before and after."""
+    live = State({"c1": ("old",), "c2": ("old",), "r": ("gone",)})
+    desired = State({"a1": ("x",), "a2": ("x",), "a3": ("x",), "c1": ("new",), "c2": ("new",)})
+    plan = plan_between("x", live, desired)
+    assert plan.summary() == "3 to add, 2 to change, 1 to remove"
+    doc = plan.to_json()
+    assert doc["in_sync"] is False and doc["counts"] == {"add": 3, "change": 2, "remove": 1}
+    by_object = {c["object"]: c for c in doc["changes"]}
+    assert by_object["c1"] == {
+        "object": "c1",
+        "action": "change",
+        "before": ["old"],
+        "after": ["new"],
+    }
+    assert (by_object["r"]["before"], by_object["r"]["after"]) == (["gone"], [])
+    assert (by_object["a1"]["before"], by_object["a1"]["after"]) == ([], ["x"])
+    assert plan_between("x", live, live).to_json()["in_sync"] is True
+
+
 @pytest.mark.parametrize("where", ["directory", "under-a-file"])
 def test_a_lock_file_that_cannot_be_opened_is_an_apply_error(tmp_path: Path, where: str) -> None:
     plain = tmp_path / "plain"

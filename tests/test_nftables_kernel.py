@@ -192,7 +192,7 @@ def test_a_session_follows_its_namespace_when_it_is_made_again(
 ) -> None:
     """`ip netns del` and `ip netns add` of the same name: the session's sockets still
     hold the old namespace, whose generation never moves; the next apply must go to
-    the namespace the name stands for now."""
+    the namespace the name stands for now, and later ones trust its generation."""
     cluster = lbc.load(GOLDEN / "hostnames" / "cluster.toml")
     session = lbc.Session("nftables", netns=scratch.name, lock_path=tmp_path / "lock")
     session.apply(cluster)
@@ -203,6 +203,26 @@ def test_a_session_follows_its_namespace_when_it_is_made_again(
     smaller = cluster.model_copy(update={"services": [fewer]})
     assert session.apply(smaller).read
     assert lbc.verify(smaller, "nftables", netns=scratch.name).in_sync
+    again = session.apply(cluster)
+    assert not again.read, "the new namespace's generation vouches for what it wrote"
+    assert lbc.verify(cluster, "nftables", netns=scratch.name).in_sync
+
+
+def test_a_session_whose_namespace_is_gone_writes_nowhere(
+    scratch: netns.Netns, tmp_path: Path
+) -> None:
+    """`ip netns del` alone: the session's sockets still hold the old namespace, but
+    the name stands for none, so the next apply fails and writes nothing."""
+    cluster = lbc.load(GOLDEN / "hostnames" / "cluster.toml")
+    session = lbc.Session("nftables", netns=scratch.name, lock_path=tmp_path / "lock")
+    session.apply(cluster)
+    kernel = session.engine.kernel
+    netns.run(["ip", "netns", "del", scratch.name])
+    (svc,) = cluster.services
+    fewer = svc.model_copy(update={"endpoints": svc.endpoints[:1]})
+    with pytest.raises(lbc.ApplyError, match=scratch.name):
+        session.apply(cluster.model_copy(update={"services": [fewer]}))
+    assert getattr(kernel, "netlink_commits", 0) == 0
 
 
 def test_following_commits_tells_which_left_lbcs_table_alone(scratch: netns.Netns) -> None:

@@ -4,11 +4,13 @@ Unit tests decode the encoder's attributes and check the expression sequence of 
 rule form (the dependencies nft adds once per rule, the byte-aligned prefix loads);
 kernel tests change tables through a session (the netlink path) and compare, chain
 by chain, the kernel's bytecode (`nft --debug=netlink list`) with that of the same
-table loaded whole by `nft -f`: equal bytecode is equal behaviour.
+table loaded whole by `nft -f`: equal bytecode is equal behaviour. The reader of the
+ruleset generation is checked against the replies the kernel sends.
 """
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 import struct
@@ -19,12 +21,13 @@ import pytest
 
 import lbc
 from lbc.apply.netns import inside
-from lbc.backends.nftables import netlink
+from lbc.backends.nftables import generation, netlink
 from lbc.backends.nftables.expr import (
     BinOp,
     Concat,
     Dnat,
     Element,
+    Fib,
     Mangle,
     Match,
     Meta,
@@ -44,6 +47,7 @@ from lbc.compiler.model import Cluster
 from tests import netns
 from tests.test_session import change, nftables_cases
 
+ROOT = Path(__file__).resolve().parent.parent
 MARK = Mangle(_MARK, BinOp("|", _MARK, Value(0x4000, hex=True)))
 
 
@@ -130,6 +134,105 @@ def test_an_element_with_a_verdict_carries_it() -> None:
     assert b"service-x\0" in body and bytes([10, 0, 1, 1]) in body
 
 
+# --- the ruleset generation ----------------------------------------------------------
+class Answers:
+    """A stand-in netlink socket: keeps what is sent, answers with canned replies."""
+
+    def __init__(self, *replies: bytes) -> None:
+        self.sent: list[bytes] = []
+        self.replies = list(replies)
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.replies.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def generation_reply(sequence: int, value: int) -> bytes:
+    """NFT_MSG_NEWGEN as the kernel sends it (`nf_tables_fill_gen_info`): nfgenmsg, then
+    NFTA_GEN_ID (big-endian) and NFTA_GEN_PROC_PID."""
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+    body += struct.pack("=HH", 8, 1) + struct.pack(">I", value)
+    body += struct.pack("=HH", 8, 2) + struct.pack(">I", 4242)
+    header = struct.pack("=IHHII", 16 + len(body), (10 << 8) | 15, 0, sequence, 0)
+    return header + body
+
+
+def reader_answering(*replies: bytes) -> tuple[generation.GenerationReader, Answers]:
+    reader = generation.GenerationReader()
+    reader.close()
+    answers = Answers(*replies)
+    reader._sock = answers  # type: ignore[assignment]
+    return reader, answers
+
+
+def test_the_generation_is_read_from_the_answer_to_this_request() -> None:
+    """An answer to an earlier request (one that timed out) is skipped."""
+    reader, answers = reader_answering(generation_reply(1, 7), generation_reply(2, 0x01000002))
+    reader._sequence = 1
+    assert reader.read() == 0x01000002
+    ((length, kind, _, sequence, _),) = [struct.unpack_from("=IHHII", m) for m in answers.sent]
+    assert (length, kind, sequence) == (20, (10 << 8) | 16, 2)  # NFT_MSG_GETGEN, nfgenmsg
+
+
+def test_a_refused_generation_request_is_an_os_error_with_the_kernels_reason() -> None:
+    refusal = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -errno.EPERM)
+    reader, _ = reader_answering(refusal + struct.pack("=IHHII", 20, 0xA10, 1, 1, 0))
+    with pytest.raises(OSError) as refused:
+        reader.read()
+    assert refused.value.errno == errno.EPERM
+
+
+def test_a_generation_reply_with_a_malformed_attribute_is_an_error_not_a_hang() -> None:
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0) + struct.pack("=HH", 0, 5) + bytes(8)
+    malformed = struct.pack("=IHHII", 16 + len(body), (10 << 8) | 15, 0, 1, 0) + body
+    reader, _ = reader_answering(malformed)
+    with pytest.raises(OSError, match="no NFTA_GEN_ID"):
+        reader.read()
+
+
+def test_commit_announcements_are_read_per_transaction() -> None:
+    """`Monitor`'s reading of what the kernel announces (`nft monitor`'s messages):
+    object messages, then NEWGEN; which touched the followed table; and a malformed
+    attribute ends the message's attributes instead of looping."""
+    monitor = generation.Monitor(generation.in_table(1, "lbc"))
+    monitor.close()
+
+    class Drained:
+        def recv(self, size: int) -> bytes:
+            raise BlockingIOError
+
+    monitor._sock = Drained()  # type: ignore[assignment]
+
+    def message(kind: int, family: int, *attributes: tuple[int, bytes]) -> bytes:
+        body = struct.pack("=BBH", family, 0, 0)
+        for number, value in attributes:
+            body += struct.pack("=HH", 4 + len(value), number) + value
+            body += bytes(-len(value) % 4)
+        return struct.pack("=IHHII", 16 + len(body), (10 << 8) | kind, 0, 0, 0) + body
+
+    def newgen(number: int) -> bytes:
+        return message(15, 0, (1, struct.pack(">I", number)))
+
+    rule_in_lbc = message(6, 1, (1, b"lbc\0"), (2, b"services\0"))
+    rule_elsewhere = message(6, 1, (1, b"other\0"), (2, b"c\0"))
+    ip_lbc = message(0, 2, (1, b"lbc\0"))  # table `ip lbc`: another family
+    # A rule message whose first attribute claims a size of 0, then lbc's table name.
+    broken = message(6, 1, (0, b""), (1, b"lbc\0"))
+    broken = broken[:16] + struct.pack("=BBH", 1, 0, 0) + struct.pack("=HH", 0, 7) + broken[24:]
+    monitor._read(rule_elsewhere + ip_lbc + newgen(11) + rule_in_lbc + newgen(12))
+    monitor._read(broken + newgen(13))
+    monitor.start = 10
+    assert monitor._commits == {11: False, 12: True, 13: False}
+    assert monitor.quiet(10, 11) and not monitor.quiet(11, 12) and monitor.quiet(11, 13, own=1)
+    assert not monitor.quiet(12, 14), "generation 14 was never announced"
+
+
 # --- on the kernel ----------------------------------------------------------------------
 def bytecode(ns: netns.Netns) -> dict[str, list[str]]:
     """Each chain's rules as the kernel holds them, and each set's elements (sorted):
@@ -189,6 +292,65 @@ def test_session_changes_hold_the_bytecode_nft_makes(
     print(f"  {name}: {getattr(kernel, 'netlink_commits', 0)} of 8 changes by netlink")
 
 
+# Every rule form the encoder writes, also those the rendered tables do not hold yet
+# (transport-header ports, negated lookups, prefixes off a byte boundary).
+PROBES = [
+    Rule(
+        (
+            Match(Payload("ip", "daddr"), Value("10.0.1.1")),
+            Match(Payload("tcp", "dport"), Value(80)),
+            Match(Payload("ip", "saddr"), Prefix("10.244.0.0", 16), op="!="),
+            MARK,
+        ),
+        comment="pool head",
+    ),
+    Rule((Match(Meta("l4proto"), Value("udp")), Match(Payload("udp", "dport"), Value(53)))),
+    Rule((Match(Payload("sctp", "dport"), Value(9), op="!="), Verdict("return"))),
+    Rule((Match(Payload("ip", "saddr"), Prefix("10.128.0.0", 9)), Verdict("goto", "target"))),
+    Rule((Match(Payload("ip6", "daddr"), Prefix("fd00:10::", 33)), Verdict("jump", "target"))),
+    Rule((Match(Payload("ip6", "saddr"), Value("fd00::1"), op="!="), Verdict("drop"))),
+    Rule((Match(Payload("ip", "saddr"), SetRef("known4"), op="!="), Verdict("accept"))),
+    Rule((Match(Payload("ip", "saddr"), SetRef("known4")), Verdict("goto", "target"))),
+    Rule((SetUpdate("known4", Payload("ip", "saddr")), Verdict("goto", "target"))),
+    Rule((Match(Numgen(6), Value(1), op="<"), Verdict("goto", "target"))),
+    Rule((Match(Fib("saddr", "type"), Value("local")), MARK)),
+    Rule((Match(Meta("l4proto"), Value("tcp")), Dnat("ip", "10.244.1.7", 8080))),
+    Rule((Match(Meta("l4proto"), Value("udp")), Dnat("ip6", "fd00::7", 53))),
+]
+PROBE_TABLE = """table inet lbc {
+	set known4 { type ipv4_addr; size 65535; flags dynamic,timeout; timeout 3h; }
+	chain target { }
+}
+"""
+
+
+@pytest.mark.netns
+def test_each_rule_form_holds_the_bytecode_nft_makes_of_its_text(
+    pair: tuple[netns.Netns, netns.Netns],
+) -> None:
+    """Each rule the encoder can write, sent by netlink into one namespace, is the
+    bytecode nft makes of the rule's text in the other."""
+    ours, theirs = pair
+    for ns in pair:
+        ns.exec("nft", "-f", "-", input=PROBE_TABLE)
+    batch = netlink.Batch("lbc")
+    batch.add_chain("probe")
+    batch.add_rules("probe", PROBES)
+    with inside(ours.name):
+        writer = netlink.Writer()
+    try:
+        writer.send(batch)
+    finally:
+        writer.close()
+    script = "add chain inet lbc probe\n" + "".join(
+        f"add rule inet lbc probe {rule.text()}\n" for rule in PROBES
+    )
+    theirs.exec("nft", "-f", "-", input=script)
+    held = bytecode(ours)
+    assert len(held["probe"]) == len(PROBES)
+    assert held == bytecode(theirs)
+
+
 @pytest.mark.netns
 def test_most_changes_of_a_large_cluster_go_by_netlink(
     pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
@@ -243,6 +405,58 @@ def test_a_session_repairs_elements_it_did_not_make(
     assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
 
 
+@pytest.mark.netns
+def test_a_session_repairs_drift_in_a_map_its_own_change_also_touches(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    """Another writer's element in a shared map, and a version that changes that map
+    too: the plan is the kernel's listing against the version, and the commit takes
+    the element out along with the version's own change."""
+    ours, _ = pair
+    cluster = CASES[-1][1]
+    fewer = cluster.model_copy(update={"services": cluster.services[1:]})
+    session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
+    session.apply(fewer)
+    chain = next(line.split()[1] for line in lbc.compile(fewer, "nftables").text().splitlines()
+                 if line.startswith("\tchain service-"))  # fmt: skip
+    ours.exec("nft", "add", "element", "inet", "lbc", "service-ips4",
+              f"{{ 10.99.99.99 . tcp . 80 : goto {chain} }}")  # fmt: skip
+    result = session.apply(cluster)
+    assert result.read and "map service-ips4" in [c.key for c in result.plan.changes]
+    assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
+    assert "10.99.99.99" not in ours.exec("nft", "list", "map", "inet", "lbc", "service-ips4")
+
+
+def with_source_range(source_range: str) -> Cluster:
+    """The load-balancer golden case and a second LoadBalancer service admitting
+    `source_range`: a /32 is a plain address among the interval set's elements."""
+    one = (ROOT / "golden" / "load-balancer" / "cluster.toml").read_text()
+    return lbc.loads(
+        one + '[[services]]\nname = "other"\ntype = "LoadBalancer"\n'
+        'cluster_ips = ["10.0.1.182"]\nload_balancer_ips = ["198.51.100.11"]\n'
+        f'load_balancer_source_ranges = ["{source_range}"]\n'
+        "ports = [{ port = 443, target_port = 8443, node_port = 30444 }]\n"
+        'endpoints = [{ ip = "10.244.1.7" }]\n'
+    )
+
+
+@pytest.mark.netns
+def test_a_change_to_an_interval_set_holds_the_bytecode_nft_makes(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    """Each element of an interval set has a range end, which the netlink writer does
+    not encode: a session's change to one, even of plain addresses, holds the bytecode
+    nft makes of the whole table."""
+    ours, whole = pair
+    session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
+    session.apply(with_source_range("203.0.113.7/32"))
+    changed = with_source_range("203.0.113.8/32")
+    result = session.apply(changed)
+    assert [c.key for c in result.plan.changes] == ["set firewall-allow4"]
+    load_whole(whole, changed)
+    assert bytecode(ours) == bytecode(whole)
+
+
 def sticky_services(count: int, endpoints: int) -> Cluster:
     """`count` ClientIP services of `endpoints` endpoints each: many small objects."""
     services = "".join(
@@ -254,6 +468,24 @@ def sticky_services(count: int, endpoints: int) -> Cluster:
     )
     node = '[node]\nname = "n"\naddresses = ["192.168.49.2"]\npod_cidrs = ["10.244.0.0/16"]\n'
     return lbc.loads(node + services)
+
+
+@pytest.mark.netns
+def test_a_change_too_large_for_one_netlink_batch_goes_through_libnftables(
+    pair: tuple[netns.Netns, netns.Netns], tmp_path: Path
+) -> None:
+    """39 services with affinity added at once: more bytes than the writer's socket
+    sends in one batch, so libnftables carries the change, and it lands whole."""
+    ours, _ = pair
+    cluster = sticky_services(40, 3)
+    one = cluster.model_copy(update={"services": cluster.services[:1]})
+    session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
+    session.apply(one)
+    kernel = session.engine.kernel
+    before = getattr(kernel, "netlink_commits", 0)
+    assert session.apply(cluster).applied
+    assert getattr(kernel, "netlink_commits", 0) == before
+    assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
 
 
 class StockWriter(netlink.Writer):

@@ -139,8 +139,8 @@ def updates(current: Cluster, new: Cluster) -> dict[str, Part | None]:
 
 @pytest.mark.parametrize(("name", "cluster"), CASES, ids=IDS)
 def test_table_follows_any_sequence_of_changes(name: str, cluster: Cluster) -> None:
-    """After every update the table equals the whole build, and the changes it returns
-    turn the previous objects into the new ones."""
+    """After every update the table equals the whole build, and the changes it returns,
+    in key order, turn the previous objects into the new ones."""
     rng = random.Random(name)
     table = table_of(cluster)
     spare: list[Service] = []
@@ -150,6 +150,7 @@ def test_table_follows_any_sequence_of_changes(name: str, cluster: Cluster) -> N
         new = change(rng, current, spare)
         changes = table.update(updates(current, new))
         assert table.objects == whole(new)
+        assert [c.key for c in changes] == sorted(c.key for c in changes), "in key order"
         for c in changes:
             assert before.get(c.key, ()) == c.before
             if c.action is Action.REMOVE:

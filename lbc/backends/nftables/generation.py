@@ -72,6 +72,8 @@ def _generation(attributes: bytes) -> int:
     offset = 0
     while offset + _ATTR.size <= len(attributes):
         size, kind = _ATTR.unpack_from(attributes, offset)
+        if size < _ATTR.size:
+            break  # malformed: no attribute is shorter than its header
         if kind & 0x3FFF == NFTA_GEN_ID:
             (value,) = struct.unpack_from(">I", attributes, offset + _ATTR.size)
             return int(value)
