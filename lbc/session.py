@@ -144,6 +144,17 @@ class Session:
             self._hold(saved)
         return result
 
+    def listen(self) -> None:
+        """Read the kernel's commit announcements that arrived since the last call
+        (nftables and iptables-nft, once the session has applied; cheap when there are
+        none). The session follows other writers' commits to know when lbc's objects
+        were left alone; a caller that applies seldom and calls this often (`lbc watch`
+        does, at every look at its file) keeps a burst of those commits from
+        overflowing the queue, which would cost the next apply a read of the kernel."""
+        listen = getattr(self.engine.kernel, "listen", None)
+        if listen is not None:
+            listen()
+
     def _held(self) -> _Held:
         """What the session knows of the last applied cluster."""
         return self._node, self._services, self._order, self._table

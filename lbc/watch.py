@@ -104,6 +104,7 @@ def watch(
             if outcome is Outcome.APPLIED:
                 in_force = wanted
             pending = wanted if outcome is Outcome.FAILED and new else None
+        session.listen()  # keep up with other writers' commits between applies
         stop.wait(interval)
 
 

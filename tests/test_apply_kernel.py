@@ -765,6 +765,31 @@ def test_nftables_session_reads_when_commit_announcements_were_dropped(
         node.exec("nft", "delete", "table", "ip", "another-tool")
 
 
+def test_nftables_session_that_listens_between_applies_keeps_up_with_a_burst(
+    node: netns.Netns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Session.listen` (which `lbc watch` calls at every look at its file) reads the
+    announcements as they come, so a burst of another writer's commits that a small
+    queue could not hold until the next apply costs that apply no read."""
+    monkeypatch.setattr(generation, "MONITOR_BUFFER", 16384)
+    session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
+    cluster = config([("10.244.1.7", 1)], extra=3)
+    session.apply(cluster)
+    node.exec("nft", "add", "table", "ip", "another-tool")
+    try:
+        for i in range(40):
+            node.exec("nft", "add", "chain", "ip", "another-tool", f"heard-{i}")
+            session.listen()
+        heard = session.apply(cluster)
+        assert not heard.read and heard.plan.in_sync
+        for i in range(40):  # the same burst, not listened to before the apply
+            node.exec("nft", "add", "chain", "ip", "another-tool", f"unheard-{i}")
+        unheard = session.apply(cluster)
+        assert unheard.read and unheard.plan.in_sync
+    finally:
+        node.exec("nft", "delete", "table", "ip", "another-tool")
+
+
 def test_one_shot_applies_remember_the_ruleset_between_runs(
     node: netns.Netns, tmp_path: Path
 ) -> None:

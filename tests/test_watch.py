@@ -307,6 +307,37 @@ def test_a_stop_ends_a_wait_for_another_applys_lock(tmp_path: Path) -> None:
     assert kernel.commits == 0
 
 
+def test_the_loop_listens_to_the_kernels_announcements_at_every_look(tmp_path: Path) -> None:
+    """Between applies the loop reads the commit announcements of other writers
+    (`Session.listen`) each time it looks at the file, applying or not."""
+
+    class Listening(FakeKernel):
+        def __init__(self) -> None:
+            super().__init__(generations=True)
+            self.listened = 0
+
+        def listen(self) -> None:
+            self.listened += 1
+
+    path = tmp_path / "cluster.toml"
+    replace(path, HOSTNAMES)
+    kernel = Listening()
+    session = lbc.Session("nftables", kernel=kernel, lock_path=tmp_path / "lock")
+    stop = threading.Event()
+    events: list[Event] = []
+    loop = threading.Thread(
+        target=watch, args=(path, session, events.append), kwargs={"stop": stop, "interval": 0.01}
+    )
+    loop.start()
+    try:
+        until(lambda: kernel.listened >= 5)
+    finally:
+        stop.set()
+        loop.join(WAIT)
+    assert [e.outcome for e in events] == [Outcome.APPLIED]
+    assert kernel.commits == 1
+
+
 def test_the_example_systemd_unit_runs_a_valid_watch_command() -> None:
     """examples/lbc-watch.service: its ExecStart is an `lbc watch` command line that
     parses, with the options it names."""

@@ -139,6 +139,11 @@ class Generations:
             self._monitor.close()
             self._monitor = None
 
+    def listen(self) -> None:
+        """Read the commit announcements queued so far, if following."""
+        if self._monitor is not None:
+            self._monitor.drain()
+
     def quiet(self, since: int, until: int, own: int = 0) -> bool:
         """`Monitor.quiet`; False when not following."""
         return self._monitor is not None and self._monitor.quiet(since, until, own)
@@ -250,7 +255,8 @@ class Monitor:
         self._commits: dict[int, bool] = {}  # generation: whether it touched the table
         self._touching = False  # the transaction being announced touched the table
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Read the announcements queued so far (none waits: the socket does not block)."""
         while not self.lost:
             try:
                 data = self._sock.recv(1 << 20)
@@ -287,7 +293,7 @@ class Monitor:
         exactly `own` of them touched the table: the caller's own commits, when it made
         `own` transactions in that span under the host lock, so that every other one
         left the table alone. Forgets the transactions up to `since`."""
-        self._drain()
+        self.drain()
         if self.lost or self.start is None or since < self.start or own < 0:
             return False
         for number in [n for n in self._commits if n <= since]:

@@ -339,6 +339,12 @@ class NftablesKernel:
         if self._kernel:
             self._generations.follow(in_table(NFPROTO_INET, n.TABLE))
 
+    def listen(self) -> None:
+        """Read the commit announcements that arrived since the last call (`follow`):
+        a caller that applies seldom calls it often, so a burst of other writers'
+        commits between two applies cannot overflow the queue."""
+        self._generations.listen()
+
     def quiet(self, since: int, until: int, own: int = 0) -> bool:
         """Whether the transactions after generation `since` up to `until` are known to
         have left lbc's table alone, but for `own` of this process's (`follow`)."""
