@@ -396,13 +396,19 @@ def test_a_session_repairs_elements_it_did_not_make(
     cluster = CASES[-1][1]
     session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
     session.apply(cluster)
-    chain = next(line.split()[1] for line in lbc.compile(cluster, "nftables").text().splitlines()
-                 if line.startswith("\tchain service-"))  # fmt: skip
-    ours.exec("nft", "add", "element", "inet", "lbc", "service-ips4",
-              f"{{ 10.99.99.99 . tcp . 80 : goto {chain} }}")  # fmt: skip
+    add_foreign_dispatch_element(ours, cluster)
     result = session.apply(cluster)
     assert result.read and [c.key for c in result.plan.changes] == ["map service-ips4"]
     assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync
+
+
+def add_foreign_dispatch_element(ns: netns.Netns, applied: lbc.Cluster) -> None:
+    """Another tool's element in lbc's dispatch map, to the first service chain of the
+    cluster applied."""
+    text = lbc.compile(applied, "nftables").text()
+    chain = next(x.split()[1] for x in text.splitlines() if x.startswith("\tchain service-"))
+    element = f"{{ 10.99.99.99 . tcp . 80 : goto {chain} }}"
+    ns.exec("nft", "add", "element", "inet", "lbc", "service-ips4", element)
 
 
 @pytest.mark.netns
@@ -417,10 +423,7 @@ def test_a_session_repairs_drift_in_a_map_its_own_change_also_touches(
     fewer = cluster.model_copy(update={"services": cluster.services[1:]})
     session = lbc.Session("nftables", netns=ours.name, lock_path=tmp_path / "lock")
     session.apply(fewer)
-    chain = next(line.split()[1] for line in lbc.compile(fewer, "nftables").text().splitlines()
-                 if line.startswith("\tchain service-"))  # fmt: skip
-    ours.exec("nft", "add", "element", "inet", "lbc", "service-ips4",
-              f"{{ 10.99.99.99 . tcp . 80 : goto {chain} }}")  # fmt: skip
+    add_foreign_dispatch_element(ours, fewer)
     result = session.apply(cluster)
     assert result.read and "map service-ips4" in [c.key for c in result.plan.changes]
     assert lbc.verify(cluster, "nftables", netns=ours.name).in_sync

@@ -21,7 +21,7 @@ from lbc.apply.state import Plan, State, plan_between
 from lbc.backends.base import Artifact
 from lbc.backends.iptables import names as n
 from lbc.backends.iptables.render import Documents
-from lbc.backends.nftables.generation import Generations, in_chains
+from lbc.backends.nftables.generation import Following, Generations, Touches, in_chains
 from lbc.errors import ApplyError
 
 TABLES = ("filter", "nat")
@@ -158,7 +158,7 @@ def creation_order(written: dict[str, tuple[str, ...]], key_head: str) -> list[s
     return order
 
 
-class IptablesKernel:
+class IptablesKernel(Following):
     """Snapshot and commit lbc's iptables chains in the host or a named network namespace."""
 
     def __init__(self, netns: str | None = None, runner: Runner = run_command) -> None:
@@ -205,24 +205,13 @@ class IptablesKernel:
             return None
         return self._generations.read()
 
-    def follow(self) -> None:
-        """Follow the namespace's commits from now on (a long-lived session), so that
-        `quiet` can tell other writers' transactions that left lbc's chains alone: a
-        rule of another tool's chain in the same table is not lbc's; one in a built-in
-        chain, where lbc's jumps are, counts as lbc's."""
-        if self.generation() is not None:
-            self._generations.follow(in_chains(NF_FAMILIES, TABLES, n.PREFIX, BUILTIN_CHAINS))
-
-    def listen(self) -> None:
-        """Read the commit announcements that arrived since the last call (`follow`):
-        a caller that applies seldom calls it often, so a burst of other writers'
-        commits between two applies cannot overflow the queue."""
-        self._generations.listen()
-
-    def quiet(self, since: int, until: int, own: int = 0) -> bool:
-        """Whether the transactions after generation `since` up to `until` are known to
-        have left lbc's chains alone, but for `own` of this process's (`follow`)."""
-        return self._generations.quiet(since, until, own)
+    def _followed(self) -> Touches | None:
+        """lbc's chains, for `follow`: a rule of another tool's chain in the same table
+        is not lbc's; one in a built-in chain, where lbc's jumps are, counts as lbc's.
+        Nothing with iptables-legacy, which has no generations."""
+        if self.generation() is None:
+            return None
+        return in_chains(NF_FAMILIES, TABLES, n.PREFIX, BUILTIN_CHAINS)
 
     def identity(self) -> str | None:
         """The network namespace's cookie, when generations apply (see `generation`)."""

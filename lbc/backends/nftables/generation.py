@@ -321,3 +321,31 @@ def _attributes(data: bytes) -> dict[int, bytes]:
         found[kind & 0x3FFF] = data[offset + _ATTR.size : offset + size]
         offset += (size + 3) & ~3
     return found
+
+
+class Following:
+    """`follow`, `listen` and `quiet` for a kernel adapter that keeps `_generations`
+    and says in `_followed` which announced objects are lbc's (None: none can be)."""
+
+    _generations: Generations
+
+    def _followed(self) -> Touches | None:
+        raise NotImplementedError
+
+    def follow(self) -> None:
+        """Follow the namespace's commits from now on (a long-lived session), so that
+        `quiet` can tell other writers' transactions that left lbc's objects alone."""
+        touches = self._followed()
+        if touches is not None:
+            self._generations.follow(touches)
+
+    def listen(self) -> None:
+        """Read the commit announcements that arrived since the last call (`follow`):
+        a caller that applies seldom calls it often, so a burst of other writers'
+        commits between two applies cannot overflow the queue."""
+        self._generations.listen()
+
+    def quiet(self, since: int, until: int, own: int = 0) -> bool:
+        """Whether the transactions after generation `since` up to `until` are known to
+        have left lbc's objects alone, but for `own` of this process's (`follow`)."""
+        return self._generations.quiet(since, until, own)

@@ -26,7 +26,7 @@ from lbc.backends.nftables import bulk
 from lbc.backends.nftables import names as n
 from lbc.backends.nftables.bulk import RulesetState
 from lbc.backends.nftables.expr import Ruleset
-from lbc.backends.nftables.generation import Generations, in_table
+from lbc.backends.nftables.generation import Following, Generations, Touches, in_table
 from lbc.backends.nftables.incremental import ELEMENT, TableState, objects
 from lbc.backends.nftables.netlink import (
     NFPROTO_INET,
@@ -299,7 +299,7 @@ def _one_ahead(
         yield future.result()
 
 
-class NftablesKernel:
+class NftablesKernel(Following):
     """Snapshot and commit `table inet lbc` in the host or a named network namespace."""
 
     def __init__(self, netns: str | None = None, runner: Runner | None = None) -> None:
@@ -333,22 +333,9 @@ class NftablesKernel:
             return None
         return self._generations.read()
 
-    def follow(self) -> None:
-        """Follow the namespace's commits from now on, so that `quiet` can tell other
-        writers' transactions that left lbc's table alone (a long-lived session)."""
-        if self._kernel:
-            self._generations.follow(in_table(NFPROTO_INET, n.TABLE))
-
-    def listen(self) -> None:
-        """Read the commit announcements that arrived since the last call (`follow`):
-        a caller that applies seldom calls it often, so a burst of other writers'
-        commits between two applies cannot overflow the queue."""
-        self._generations.listen()
-
-    def quiet(self, since: int, until: int, own: int = 0) -> bool:
-        """Whether the transactions after generation `since` up to `until` are known to
-        have left lbc's table alone, but for `own` of this process's (`follow`)."""
-        return self._kernel and self._generations.quiet(since, until, own)
+    def _followed(self) -> Touches | None:
+        """Anything in `inet lbc`, for `follow` (nothing with a stand-in runner)."""
+        return in_table(NFPROTO_INET, n.TABLE) if self._kernel else None
 
     def _libnftables(self, script: str) -> str:
         try:
