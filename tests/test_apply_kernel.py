@@ -790,6 +790,26 @@ def test_nftables_session_that_listens_between_applies_keeps_up_with_a_burst(
         node.exec("nft", "delete", "table", "ip", "another-tool")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sessions_own_large_change_costs_the_next_apply_no_read(
+    backend: str, node: netns.Netns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large change of the session's own (hundreds of services: more announcements
+    than a small queue holds) does not leave it unable to vouch for the next commits:
+    another tool's commit after it still costs no read."""
+    monkeypatch.setattr(generation, "MONITOR_BUFFER", 16384)
+    session = lbc.Session(backend, netns=node.name, lock_path=tmp_path / "lock")
+    session.apply(config([("10.244.1.7", 1)], extra=3))
+    large = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=250)
+    session.apply(large)
+    node.exec("nft", "add", "table", "ip", "another-tool")
+    try:
+        after = session.apply(large)
+        assert not after.read and after.plan.in_sync
+    finally:
+        node.exec("nft", "delete", "table", "ip", "another-tool")
+
+
 def test_one_shot_applies_remember_the_ruleset_between_runs(
     node: netns.Netns, tmp_path: Path
 ) -> None:

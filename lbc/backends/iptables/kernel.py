@@ -28,6 +28,9 @@ TABLES = ("filter", "nat")
 # The built-in chains lbc's jumps are in (any change to them counts as lbc's), and the
 # nf_tables families of iptables and ip6tables (NFPROTO_IPV4, NFPROTO_IPV6).
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+# A commit writing more rules than this stops a session's following first (a few MiB of
+# announcements at most, well within its queue).
+FOLLOWED_RULES = 10_000
 NF_FAMILIES = (2, 10)
 # From this many chains written in one table, a restore starts with `-S` (see
 # `_restore_documents`; measured with bench/iptables_restore.py).
@@ -246,6 +249,11 @@ class IptablesKernel(Following):
         if plan.full:
             touched |= {k for k in desired.objects if not k.endswith(" jumps")}
         written = desired.objects.values() if plan.full else (c.after for c in plan.changes)
+        moved = sum(len(c.before) + len(c.after) for c in plan.changes)
+        if plan.full or moved > FOLLOWED_RULES:
+            # The kernel announces every rule written and removed: more than a
+            # follower's queue may hold. Stop following; a session follows afresh after.
+            self._generations.unfollow()
         if any(LOCALHOST_MATCH in rule for rules in written for rule in rules):
             # Node ports on 127.0.0.1: the kernel must route DNATed loopback traffic out
             # (kube-proxy sets the same). A shared setting: lbc turns it on, never off,

@@ -117,8 +117,10 @@ class Generations:
     def follow(self, touches: Touches) -> None:
         """Follow the commits in the namespace from now on (`Monitor`), unless already
         following without a loss; `quiet` then answers for later generations."""
-        if self._monitor is not None and not self._monitor.lost:
-            return
+        if self._monitor is not None:
+            self._monitor.drain()  # so that a loss since the last look shows now
+            if not self._monitor.lost:
+                return
         self.unfollow()
         try:
             with inside(self.netns):

@@ -422,17 +422,15 @@ class NftablesKernel(Following):
     def commit(self, live: State, desired: State, plan: Plan) -> None:
         """Into an empty ruleset, the bulk load; otherwise one transaction: lbc's netlink
         batch for a session's change, else libnftables, incremental when it can be,
-        else the whole table."""
+        else the whole table.
+
+        Any commit but the netlink batch (at most `MAX_BATCH` bytes) may announce more
+        objects than a follower's queue holds (a table's load or deletion: one message
+        per object), so it stops following first; a session follows afresh after it.
+        """
         self.transactions = 1
-        if not desired.objects:
-            self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
-            return
-        if not live.objects and self._kernel:
-            load = bulk.load_of(desired, n.TABLE)
-            if load is not None:
-                self._load(load, desired)
-                return
-        if live.objects and not plan.full and isinstance(desired, TableState) and self._kernel:
+        incremental = desired.objects and live.objects and not plan.full
+        if incremental and isinstance(desired, TableState) and self._kernel:
             try:
                 assert desired.table is not None
                 batch = batch_for(plan, desired.table, n.TABLE)
@@ -440,6 +438,15 @@ class NftablesKernel(Following):
                 pass
             else:
                 self._send(batch)
+                return
+        self._generations.unfollow()
+        if not desired.objects:
+            self.runner(f"add table {TABLE}\ndelete table {TABLE}\n")
+            return
+        if not live.objects and self._kernel:
+            load = bulk.load_of(desired, n.TABLE)
+            if load is not None:
+                self._load(load, desired)
                 return
         script = None
         if live.objects and not plan.full:
