@@ -12,6 +12,7 @@ import re
 import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -627,14 +628,24 @@ def test_session_changes_leave_the_whole_ruleset_in_the_kernel(
         assert answered == {by_address[a] for a, _ in endpoints}
 
 
+@contextmanager
+def another_tools_table(ns: netns.Netns) -> Iterator[None]:
+    """Another tool's nft table (`ip another-tool`) for the block: each commit of it moves
+    the generation without touching lbc's objects."""
+    ns.exec("nft", "add", "table", "ip", "another-tool")
+    try:
+        yield
+    finally:
+        ns.exec("nft", "delete", "table", "ip", "another-tool")
+
+
 def test_nftables_session_reads_again_after_another_writer(
     node: netns.Netns, tmp_path: Path
 ) -> None:
     session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
     cluster = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=3)
     session.apply(cluster)
-    node.exec("nft", "add", "table", "ip", "another-tool")
-    try:
+    with another_tools_table(node):
         # A new generation, but the session saw the transaction leave lbc's table alone.
         untouched = session.apply(cluster)
         assert not untouched.read and untouched.plan.in_sync
@@ -643,8 +654,6 @@ def test_nftables_session_reads_again_after_another_writer(
         assert repaired.read and [c.key for c in repaired.plan.changes] == ["chain services"]
         assert lbc.verify(cluster, "nftables", netns=node.name).in_sync
         assert "table ip another-tool" in node.exec("nft", "list", "tables")
-    finally:
-        node.exec("nft", "delete", "table", "ip", "another-tool")
 
 
 class ThenAnotherWriter(NftablesKernel):
@@ -775,8 +784,7 @@ def test_nftables_session_that_listens_between_applies_keeps_up_with_a_burst(
     session = lbc.Session("nftables", netns=node.name, lock_path=tmp_path / "lock")
     cluster = config([("10.244.1.7", 1)], extra=3)
     session.apply(cluster)
-    node.exec("nft", "add", "table", "ip", "another-tool")
-    try:
+    with another_tools_table(node):
         for i in range(40):
             node.exec("nft", "add", "chain", "ip", "another-tool", f"heard-{i}")
             session.listen()
@@ -786,8 +794,6 @@ def test_nftables_session_that_listens_between_applies_keeps_up_with_a_burst(
             node.exec("nft", "add", "chain", "ip", "another-tool", f"unheard-{i}")
         unheard = session.apply(cluster)
         assert unheard.read and unheard.plan.in_sync
-    finally:
-        node.exec("nft", "delete", "table", "ip", "another-tool")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -802,12 +808,9 @@ def test_a_sessions_own_large_change_costs_the_next_apply_no_read(
     session.apply(config([("10.244.1.7", 1)], extra=3))
     large = config([("10.244.1.7", 1), ("10.244.2.3", 1)], extra=250)
     session.apply(large)
-    node.exec("nft", "add", "table", "ip", "another-tool")
-    try:
+    with another_tools_table(node):
         after = session.apply(large)
         assert not after.read and after.plan.in_sync
-    finally:
-        node.exec("nft", "delete", "table", "ip", "another-tool")
 
 
 def test_one_shot_applies_remember_the_ruleset_between_runs(
@@ -825,13 +828,10 @@ def test_one_shot_applies_remember_the_ruleset_between_runs(
     second = lbc.apply(big, "nftables", netns=node.name, lock_path=lock)
     assert second.applied and not second.read, "planned from the record"
     assert lbc.verify(big, "nftables", netns=node.name).in_sync
-    node.exec("nft", "add", "table", "ip", "another-tool")
-    try:
+    with another_tools_table(node):
         third = lbc.apply(small, "nftables", netns=node.name, lock_path=lock)
         assert third.read, "another writer: the record no longer holds"
         assert lbc.verify(small, "nftables", netns=node.name).in_sync
-    finally:
-        node.exec("nft", "delete", "table", "ip", "another-tool")
     record.write_text('{"generation": "garbled"')
     fourth = lbc.apply(big, "nftables", netns=node.name, lock_path=lock)
     assert fourth.read and lbc.verify(big, "nftables", netns=node.name).in_sync
