@@ -105,8 +105,8 @@ class Engine:
 
     def _quiet(self, since: int, until: int, own: int = 0) -> bool:
         """Whether the adapter knows that the transactions after generation `since` up to
-        `until` left lbc's objects alone, but for `own` of its own (nftables, while a
-        session follows the namespace's commits)."""
+        `until` left lbc's objects alone, but for `own` of its own (nftables and
+        iptables-nft, while a session follows the namespace's commits)."""
         asker = getattr(self.kernel, "quiet", None)
         return asker is not None and bool(asker(since, until, own))
 
