@@ -1044,17 +1044,20 @@ def test_service_lines_with_flags_and_netmask_round_trip() -> None:
     assert "flags" not in plain.to_json() and "netmask" not in plain.to_json()
 
 
+def remove_a_destination_once(net: FakeNetlink, step: Step) -> None:
+    """Another writer, once: as the commit adds 10.244.3.6, 10.244.1.7 is removed from
+    the hostnames service, so the read-back differs and the engine rolls back."""
+    if isinstance(step, DestStep) and step.dest.address == "10.244.3.6":
+        net.after_step = None
+        del net.services[(Proto.TCP, VIP, 80)][1]["10.244.1.7:9376"]
+
+
 def test_a_rollback_after_a_read_back_mismatch_restores_the_sysctls(setup: Setup) -> None:
     names = ("net.ipv4.vs.expire_nodest_conn", "net.ipv4.vs.expire_quiescent_template")
     setup.net.sysctls.update(dict.fromkeys(names, "0"))
     before = setup.net.records()
 
-    def sabotage(net: FakeNetlink, step: Step) -> None:  # another writer, once
-        if isinstance(step, DestStep) and step.dest.address == "10.244.3.6":
-            net.after_step = None
-            del net.services[(Proto.TCP, VIP, 80)][1]["10.244.1.7:9376"]
-
-    setup.net.after_step = sabotage
+    setup.net.after_step = remove_a_destination_once
     with pytest.raises(ApplyError, match="rolled back to the previous state"):
         setup.apply(hostnames(*THREE))
     assert setup.net.sysctls == {CONNTRACK: "0", **dict.fromkeys(names, "0")}
@@ -1072,9 +1075,7 @@ def test_a_rollback_leaves_a_parameter_that_did_not_exist_before_the_commit(
 
     def load_then_sabotage(net: FakeNetlink, step: Step) -> None:
         net.sysctls.setdefault(name, "0")  # the module, loaded by the first write
-        if isinstance(step, DestStep) and step.dest.address == "10.244.3.6":
-            net.after_step = None
-            del net.services[(Proto.TCP, VIP, 80)][1]["10.244.1.7:9376"]
+        remove_a_destination_once(net, step)
 
     setup.net.after_step = load_then_sabotage
     with pytest.raises(ApplyError, match="rolled back to the previous state"):
